@@ -1,0 +1,6 @@
+"""Algorithm core: pure functions on tensors, registered by name (see ``registries``).
+
+Importing this package imports every implementation module so the registries are complete.
+"""
+from megatron_skpo.algo import registries  # noqa: F401
+from megatron_skpo.algo import advantages, aggregation, kl, losses, metrics, tis, tracker  # noqa: F401

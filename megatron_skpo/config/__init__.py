@@ -1,0 +1,92 @@
+"""One typed config tree: ``SKPOConfig``-style root with a section per component.
+
+``load_config(recipe, overrides)`` reads a YAML recipe, applies dotted CLI overrides
+(``algo.group_size=16``) and validates everything, naming the bad field on error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from megatron_skpo.config.algo import AlgoConfig
+from megatron_skpo.config.base import ConfigError, apply_override, describe, doc, from_dict, to_dict
+from megatron_skpo.config.data import DataConfig, DatasetConfig, RewardConfig
+from megatron_skpo.config.model import ModelConfig, ParallelConfig
+from megatron_skpo.config.rollout import RolloutConfig
+from megatron_skpo.config.train import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
+
+
+@dataclass
+class Config:
+    """Root of the config tree."""
+
+    model: ModelConfig = doc(factory=ModelConfig, help="policy model")
+    parallel: ParallelConfig = doc(factory=ParallelConfig, help="tensor/pipeline parallelism")
+    rollout: RolloutConfig = doc(factory=RolloutConfig, help="generation")
+    algo: AlgoConfig = doc(factory=AlgoConfig, help="RL algorithm")
+    optim: OptimConfig = doc(factory=OptimConfig, help="optimizer and schedule")
+    train: TrainConfig = doc(factory=TrainConfig, help="outer loop")
+    data: DataConfig = doc(factory=DataConfig, help="problems and prompts")
+    reward: RewardConfig = doc(factory=RewardConfig, help="verifiable reward")
+    checkpoint: CheckpointConfig = doc(factory=CheckpointConfig, help="checkpointing")
+    logging: LoggingConfig = doc(factory=LoggingConfig, help="metrics")
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """``'algo.group_size=16'`` -> ``('algo.group_size', 16)``; values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value (e.g. algo.group_size=16)")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(recipe: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Read a YAML recipe (or the defaults), apply overrides, validate, return the typed tree."""
+    data: dict = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path}: no such file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {path}: top level must be a mapping of sections")
+    for item in overrides:
+        key, value = parse_override(item)
+        apply_override(data, key, value, Config)
+    cfg = from_dict(Config, data)
+    validate_cross(cfg)
+    return cfg
+
+
+def validate_cross(cfg: Config) -> None:
+    """Checks that span sections or need the algorithm registries."""
+    from megatron_skpo.algo import registries  # late import: the maths does not depend on config
+
+    algo = cfg.algo
+    for path, name, reg in (
+        ("algo.advantage", algo.advantage, registries.ADVANTAGES),
+        ("algo.policy_loss", algo.policy_loss, registries.POLICY_LOSSES),
+        ("algo.skpo.upstream_loss", algo.skpo.upstream_loss, registries.POLICY_LOSSES),
+        ("algo.skpo.downstream_loss", algo.skpo.downstream_loss, registries.POLICY_LOSSES),
+    ):
+        if name not in reg:
+            raise ConfigError(f"{path}: got {name!r}; allowed values: {', '.join(reg.names())}")
+    if cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens <= 0:
+        raise ConfigError("rollout: max_prompt_tokens + max_response_tokens must be > 0")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+__all__ = [
+    "Config", "ConfigError", "load_config", "dump_config", "describe", "to_dict", "from_dict",
+    "AlgoConfig", "DataConfig", "DatasetConfig", "RewardConfig", "ModelConfig", "ParallelConfig",
+    "RolloutConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "LoggingConfig",
+]

@@ -1,0 +1,151 @@
+"""Algorithm section of the config tree: estimator, loss and SKPO-specific knobs.
+
+Names (``advantage``, ``policy_loss``, ``loss_agg_mode``, ``kl.estimator``, ...) are looked up in the
+registries of ``megatron_skpo.algo``; validation here checks them against those registries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from megatron_skpo.config.base import check, check_choice, doc
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+@dataclass
+class ClipConfig:
+    """Importance-ratio clipping (clip-higher: eps_high > eps_low)."""
+
+    eps_low: float = doc(0.2, "lower clip: ratio >= 1 - eps_low")
+    eps_high: float = doc(0.28, "upper clip: ratio <= 1 + eps_high (DAPO clip-higher)")
+    dual_clip_c: Optional[float] = doc(None, "dual-clip bound c (> 1) for negative advantages; null = off")
+
+    def __post_init__(self):
+        check(0 <= self.eps_low < 1, "eps_low", "must be in [0, 1)")
+        check(self.eps_high >= 0, "eps_high", "must be >= 0")
+        check(self.dual_clip_c is None or self.dual_clip_c > 1, "dual_clip_c", "must be > 1 or null")
+
+
+@dataclass
+class KLConfig:
+    """KL penalty to a reference policy (beta = 0 in the paper)."""
+
+    coef: float = doc(0.0, "beta; 0 = off (no reference forward pass)")
+    estimator: Literal["k1", "k2", "k3"] = doc("k3", "Schulman's k1/k2/k3 estimators")
+
+    def __post_init__(self):
+        check(self.coef >= 0, "coef", "must be >= 0")
+
+
+@dataclass
+class TISConfig:
+    """Truncated importance sampling for sampler-vs-trainer log-prob mismatch."""
+
+    enabled: bool = doc(False, "weight the loss by min(pi_old_trainer / pi_sampler, cap)")
+    cap: float = doc(2.0, "truncation C")
+
+    def __post_init__(self):
+        check(self.cap > 0, "cap", "must be > 0")
+
+
+@dataclass
+class TrackerConfig:
+    """SPO's KL-adaptive value tracker (also drives SKPO's length tracker)."""
+
+    rho_min: float = doc(0.875, "lower clip of the forgetting factor rho")
+    rho_max: float = doc(0.96, "upper clip of the forgetting factor rho")
+    tau_half: float = doc(8.0, "KL half-life: rho = 2^(-D/tau_half)")
+    priority_floor: float = doc(0.05, "prioritised sampling weight = sqrt(v(1-v)) + floor")
+
+    def __post_init__(self):
+        check(0 < self.rho_min <= self.rho_max <= 1, "rho_min/rho_max", "need 0 < rho_min <= rho_max <= 1")
+        check(self.tau_half > 0, "tau_half", "must be > 0")
+        check(self.priority_floor >= 0, "priority_floor", "must be >= 0")
+
+
+@dataclass
+class SKPOConfig:
+    """SKPO: upstream segment, Monte Carlo score, skip-connected downstream group."""
+
+    split_min_frac: float = doc(1 / 6, "t_q ~ U[min_frac * L_q, max_frac * L_q]")
+    split_max_frac: float = doc(1 / 2, "see split_min_frac")
+    split_mode: Literal["uniform", "fixed_alternating"] = doc(
+        "uniform", "uniform = the paper; fixed_alternating = ablation alternating min/max fraction")
+    init_length: float = doc(1024.0, "initial running response length L_q")
+    length_source: Literal["segment_plus_downstream", "downstream"] = doc(
+        "segment_plus_downstream", "(ours) what the length tracker observes")
+    selection: Literal["median", "min", "max", "random", "minmax_alternating"] = doc(
+        "median", "segment chosen by mean NLL; others are ablations")
+    skip_mode: Literal["skip", "hard_prefix"] = doc(
+        "skip", "skip = [segment, problem] prompt; hard_prefix = the 'w/o skip' ablation")
+    skip_template: str = doc(
+        "Partial reasoning:\n{segment}\n\nProblem:\n{problem}",
+        "(ours) user-turn template of the skip prompt; must contain {segment} and {problem}")
+    upstream_reward: Literal["mc", "own_completion"] = doc(
+        "mc", "mc = mean downstream reward; own_completion = 'w/o MC' ablation")
+    upstream_loss: str = doc("ppo_clip", "policy loss of the upstream phase (registry name)")
+    downstream_loss: str = doc("cispo", "policy loss of the downstream phase (registry name)")
+    w_up: float = doc(0.5, "weight of the upstream loss J_I")
+    w_down: float = doc(0.5, "weight of the downstream loss J_II")
+    upstream_agg_mode: str = doc("seq-mean-token-mean", "J_I averages over each segment's tokens")
+    downstream_agg_mode: str = doc("token-mean", "J_II averages over all downstream tokens")
+
+    def __post_init__(self):
+        check(0 < self.split_min_frac <= self.split_max_frac <= 1, "split_min_frac/split_max_frac",
+              "need 0 < min <= max <= 1")
+        check(self.init_length >= 1, "init_length", "must be >= 1")
+        for key in ("{segment}", "{problem}"):
+            check(key in self.skip_template, "skip_template", f"must contain {key}")
+        check(self.w_up >= 0 and self.w_down >= 0, "w_up/w_down", "must be >= 0")
+        check_choice("upstream_agg_mode", self.upstream_agg_mode, AGG_MODES)
+        check_choice("downstream_agg_mode", self.downstream_agg_mode, AGG_MODES)
+
+
+@dataclass
+class DenseMCConfig:
+    """Token-level Monte Carlo values (VinePPO-style; the baseline the paper shows failing)."""
+
+    num_rollouts: int = doc(8, "K continuations per position")
+    num_positions: int = doc(8, "evenly spaced positions per response")
+    mode: Literal["group_norm", "vine"] = doc(
+        "group_norm", "group_norm = normalise MC values within the group per position (the paper's); "
+        "vine = VinePPO's V(t+1) - V(t)")
+
+    def __post_init__(self):
+        check(self.num_rollouts >= 1, "num_rollouts", "must be >= 1")
+        check(self.num_positions >= 1, "num_positions", "must be >= 1")
+
+
+@dataclass
+class AlgoConfig:
+    """The RL algorithm. ``name`` selects the sampler family; the rest are the maths' knobs."""
+
+    name: Literal["skpo", "grpo", "dr_grpo", "dapo", "cispo", "gspo", "spo", "rloo", "reinforce_pp", "dense_mc"] = doc(
+        "skpo", "algorithm family (decides the rollout sampler)")
+    group_size: int = doc(8, "G: responses per prompt (downstream group for SKPO)")
+    advantage: str = doc("grpo", "advantage estimator (registry name); SKPO's downstream uses it too")
+    policy_loss: str = doc("cispo", "policy loss (registry name) for non-SKPO algorithms")
+    loss_agg_mode: str = doc("token-mean", f"one of {', '.join(AGG_MODES)}")
+    norm_length: int = doc(3072, "constant denominator of seq-mean-token-sum-norm (Dr.GRPO)")
+    adv_eps: float = doc(1e-6, "epsilon in (R - mean) / (std + eps)")
+    std_unbiased: bool = doc(True, "group std with Bessel's correction (torch.std default, as verl/TRL)")
+    batch_norm_advantages: bool = doc(False, "also normalise advantages over the batch (paper appendix C)")
+    dynamic_sampling: bool = doc(False, "drop groups whose rewards are all equal (DAPO)")
+    overlong_filter: bool = doc(False, "mask truncated responses out of the loss (DAPO)")
+    entropy_coef: float = doc(0.0, "entropy bonus coefficient")
+    clip: ClipConfig = doc(factory=ClipConfig, help="ratio clipping")
+    gspo_eps_low: float = doc(3e-4, "GSPO's sequence-ratio clip (much tighter than token PPO)")
+    gspo_eps_high: float = doc(4e-4, "GSPO's sequence-ratio upper clip")
+    kl: KLConfig = doc(factory=KLConfig, help="KL penalty")
+    tis: TISConfig = doc(factory=TISConfig, help="truncated importance sampling")
+    tracker: TrackerConfig = doc(factory=TrackerConfig, help="SPO value tracker")
+    skpo: SKPOConfig = doc(factory=SKPOConfig, help="SKPO")
+    dense_mc: DenseMCConfig = doc(factory=DenseMCConfig, help="dense Monte Carlo baseline")
+
+    def __post_init__(self):
+        check(self.group_size >= 1, "algo.group_size", "must be >= 1")
+        check_choice("algo.loss_agg_mode", self.loss_agg_mode, AGG_MODES)
+        check(self.norm_length > 0, "algo.norm_length", "must be > 0")
+        check(self.adv_eps >= 0, "algo.adv_eps", "must be >= 0")
+        check(not (self.name == "skpo" and self.group_size < 2), "algo.group_size", "SKPO needs G >= 2")

@@ -1,0 +1,53 @@
+"""Data, reward and evaluation sections of the config tree."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from megatron_skpo.config.base import check, doc
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset: a built-in recipe name or a JSONL/Parquet file with a field mapping."""
+
+    name: Optional[str] = doc(None, "built-in recipe (gsm8k_train, math500, mawps_easy, ...) or null for a file")
+    path: Optional[str] = doc(None, "JSONL or Parquet file (used when name is null)")
+    prompt_field: str = doc("problem", "field holding the problem text (dotted for nested, e.g. prompt.0.content)")
+    answer_field: str = doc("answer", "field holding the gold answer (e.g. reward_model.ground_truth)")
+    limit: Optional[int] = doc(None, "keep the first N rows after validation")
+
+    def __post_init__(self):
+        check(self.name is not None or self.path is not None, "name/path", "set a recipe name or a file path")
+        check(self.limit is None or self.limit > 0, "limit", "must be > 0 or null")
+
+
+@dataclass
+class DataConfig:
+    """Training and held-out problems and how prompts are rendered."""
+
+    train: DatasetConfig = doc(factory=lambda: DatasetConfig(name="math_train"), help="training problems")
+    eval: Optional[DatasetConfig] = doc(None, "held-out problems evaluated before/after training")
+    prompt_template: str = doc(
+        "qwen_math", "named template (qwen_math, fewshot_plain, raw) or a format string with {problem}")
+    use_chat_template: bool = doc(True, "render through the tokenizer's chat template")
+    invalid_policy: Literal["error", "skip"] = doc("error", "bad rows: fail naming file and row, or skip and count")
+    shuffle_seed: int = doc(0, "seed of the deterministic, resumable sampling order")
+
+
+@dataclass
+class RewardConfig:
+    """Verifiable reward."""
+
+    kind: Literal["math", "code"] = doc("math", "math = answer equivalence via math-verify; code = tests in a sandbox")
+    correct: float = doc(1.0, "reward of a correct answer (SKPO: +1)")
+    incorrect: float = doc(-1.0, "reward of a wrong answer (SKPO: -1; 0 for 0/1 rewards)")
+    format_penalty: float = doc(0.0, "added when no final answer can be extracted")
+    answer_fallbacks: list[str] = doc(
+        factory=lambda: ["boxed", "the_answer_is"], help="extraction order: boxed, the_answer_is, last_number")
+    timeout_s: float = doc(5.0, "hard per-item grading timeout (timeouts score as incorrect)")
+    workers: int = doc(2, "grading worker processes")
+
+    def __post_init__(self):
+        check(self.timeout_s > 0, "reward.timeout_s", "must be > 0")
+        check(self.workers >= 1, "reward.workers", "must be >= 1")

@@ -1,0 +1,74 @@
+"""Optimizer, schedule, checkpointing and logging sections of the config tree."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from megatron_skpo.config.base import check, doc
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up (the paper: lr 1e-6, 10 warm-up steps, then constant)."""
+
+    lr: float = doc(1e-6, "peak learning rate")
+    min_lr: float = doc(0.0, "floor for decaying schedules")
+    schedule: Literal["constant", "cosine", "linear"] = doc("constant", "shape after warm-up")
+    warmup_steps: int = doc(10, "linear warm-up length in optimizer steps")
+    weight_decay: float = doc(0.1, "AdamW weight decay")
+    beta1: float = doc(0.9, "AdamW beta1")
+    beta2: float = doc(0.999, "AdamW beta2")
+    adam_eps: float = doc(1e-8, "AdamW epsilon")
+    grad_clip: float = doc(1.0, "global gradient-norm clip; 0 = off")
+
+    def __post_init__(self):
+        check(self.lr > 0, "optim.lr", "must be > 0")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """The outer loop."""
+
+    steps: int = doc(500, "RL steps (one rollout batch each)")
+    prompts_per_step: int = doc(128, "prompts sampled per step")
+    mini_batch_prompts: int = doc(32, "prompts per PPO mini-batch (prompts_per_step / this = updates per step)")
+    seed: int = doc(1234, "global seed (data order, sampling, dropout)")
+    prompt_sampling: Literal["uniform", "prioritized"] = doc(
+        "uniform", "uniform, or SPO-prioritised by tracked success probability")
+
+    def __post_init__(self):
+        check(self.steps >= 0, "train.steps", "must be >= 0")
+        check(self.prompts_per_step > 0, "train.prompts_per_step", "must be > 0")
+        check(self.mini_batch_prompts > 0, "train.mini_batch_prompts", "must be > 0")
+        check(self.prompts_per_step % self.mini_batch_prompts == 0, "train.mini_batch_prompts",
+              f"must divide train.prompts_per_step ({self.prompts_per_step})")
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic checkpoints (temporary dir, rename, then the ``latest`` pointer)."""
+
+    dir: Optional[str] = doc(None, "checkpoint directory; null = <logging.dir>/checkpoints")
+    save_interval: int = doc(50, "save every N steps; 0 = only at the end")
+    keep_last: int = doc(3, "keep the newest K checkpoints")
+    resume: bool = doc(True, "resume from <dir>/latest when it exists")
+    export_hf: Optional[str] = doc(None, "write the final HF checkpoint here")
+
+    def __post_init__(self):
+        check(self.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
+        check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics sinks."""
+
+    dir: str = doc("runs/default", "run directory (resolved config, metrics.jsonl, TensorBoard)")
+    jsonl: bool = doc(True, "write metrics.jsonl")
+    tensorboard: bool = doc(True, "write TensorBoard events")
+    wandb: bool = doc(False, "log to Weights & Biases if installed")
+    wandb_project: str = doc("megatron-skpo", "W&B project")
+    progress: bool = doc(True, "show a progress bar with ETA")

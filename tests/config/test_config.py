@@ -1,0 +1,94 @@
+"""The config tree: strict building, overrides, validation messages, recipes and the CLI."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_skpo.config import Config, ConfigError, dump_config, load_config, to_dict
+from megatron_skpo.config.base import describe, from_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_paper_settings():
+    cfg = load_config()
+    assert cfg.algo.name == "skpo" and cfg.algo.group_size == 8
+    assert (cfg.algo.clip.eps_low, cfg.algo.clip.eps_high) == (0.2, 0.28)
+    assert (cfg.algo.skpo.w_up, cfg.algo.skpo.w_down) == (0.5, 0.5)
+    assert cfg.algo.kl.coef == 0.0 and cfg.algo.entropy_coef == 0.0
+    assert (cfg.algo.tracker.rho_min, cfg.algo.tracker.rho_max, cfg.algo.tracker.tau_half) == (0.875, 0.96, 8.0)
+    assert cfg.optim.lr == 1e-6 and cfg.optim.warmup_steps == 10 and cfg.optim.weight_decay == 0.1
+    assert cfg.train.prompts_per_step // cfg.train.mini_batch_prompts == 4
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_loads_and_round_trips(recipe):
+    cfg = load_config(recipe)
+    again = from_dict(Config, yaml.safe_load(dump_config(cfg)))
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(None, ["algo.group_size=16", "optim.lr=2e-6", "algo.clip.dual_clip_c=3",
+                             "model.fp8=null", "algo.skpo.selection=min"])
+    assert cfg.algo.group_size == 16 and cfg.optim.lr == 2e-6
+    assert cfg.algo.clip.dual_clip_c == 3.0 and cfg.model.fp8 is None
+    assert cfg.algo.skpo.selection == "min"
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["algo.group_sise=4"], "algo.group_sise: unknown key"),
+    (["algo.clip.eps_hi=0.3"], "algo.clip.eps_hi: unknown key"),
+    (["algo.group_size=four"], "algo.group_size: expected an integer"),
+    (["algo.skpo.selection=mean"], "algo.skpo.selection: got 'mean'; allowed values: 'median'"),
+    (["algo.advantage=gae"], "algo.advantage: got 'gae'; allowed values:"),
+    (["algo.policy_loss=dpo"], "algo.policy_loss: got 'dpo'"),
+    (["train.mini_batch_prompts=48"], "train.mini_batch_prompts: must divide"),
+    (["algo.skpo.skip_template=no placeholders"], "skip_template: must contain {segment}"),
+    (["algo.clip.eps_low=1.5"], "eps_low: must be in [0, 1)"),
+    (["algo.group_size"], "expected key=value"),
+    (["rollout.temperature=0"], "rollout.temperature: must be > 0"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_values_name_the_field(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value)
+
+
+def test_unknown_key_in_recipe_is_an_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algo:\n  name: grpo\n  groupsize: 4\n")
+    with pytest.raises(ConfigError, match=r"algo\.groupsize: unknown key"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_help_lists_every_field_with_its_help():
+    lines = describe(Config)
+    text = "\n".join(lines)
+    assert "group_size: 8  # G: responses per prompt" in text
+    assert all("#" in line for line in lines)
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "megatron_skpo.cli.train", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_cli_help_dry_run_and_errors():
+    out = _cli("--help")
+    assert out.returncode == 0 and "tau_half: 8.0" in out.stdout
+    out = _cli("configs/skpo.yaml", "--dry-run", "algo.group_size=4")
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["algo"]["group_size"] == 4
+    out = _cli("configs/skpo.yaml", "--dry-run", "algo.nope=1")
+    assert out.returncode == 2 and "algo.nope: unknown key" in out.stderr
+    out = _cli("configs/skpo.yaml", "--dry-run", "algo.loss_agg_mode=mean")
+    assert out.returncode == 2 and "algo.loss_agg_mode: got 'mean'" in out.stderr
