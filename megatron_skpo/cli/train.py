@@ -49,8 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.logging.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(text)
-    from megatron_skpo.trainer import train  # heavy imports only when training
-
+    try:
+        from megatron_skpo.trainer import train  # heavy imports only when training
+    except ModuleNotFoundError as e:
+        if e.name != "megatron_skpo.trainer":
+            raise
+        print("skpo-train: the RL training loop is not part of this release yet; "
+              "use --dry-run to validate a recipe", file=sys.stderr)
+        return 3
     return train(cfg)
 
 
