@@ -131,6 +131,8 @@ class AlgoConfig:
     adv_eps: float = doc(1e-6, "epsilon in (R - mean) / (std + eps)")
     std_unbiased: bool = doc(True, "group std with Bessel's correction (torch.std default, as verl/TRL)")
     batch_norm_advantages: bool = doc(False, "also normalise advantages over the batch (paper appendix C)")
+    batch_norm_level: Literal["token", "sequence"] = doc(
+        "token", "batch statistics over every valid token, or over sequences (each response counts once)")
     dynamic_sampling: bool = doc(False, "drop groups whose rewards are all equal (DAPO)")
     overlong_filter: bool = doc(False, "mask truncated responses out of the loss (DAPO)")
     entropy_coef: float = doc(0.0, "entropy bonus coefficient")

@@ -76,6 +76,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         check(isinstance(value, int) and not isinstance(value, bool), path, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string: accept it as a number
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
         check(isinstance(value, (int, float)) and not isinstance(value, bool), path, f"expected a number, got {value!r}")
         return float(value)
     if tp is str:

@@ -20,6 +20,8 @@ class DatasetConfig:
     def __post_init__(self):
         check(self.name is not None or self.path is not None, "name/path", "set a recipe name or a file path")
         check(self.limit is None or self.limit > 0, "limit", "must be > 0 or null")
+        check(self.path is None or str(self.path).endswith((".jsonl", ".json", ".parquet")), "path",
+              f"got {self.path!r}; expected a .jsonl or .parquet file")
 
 
 @dataclass
@@ -31,7 +33,8 @@ class DataConfig:
     prompt_template: str = doc(
         "qwen_math", "named template (qwen_math, fewshot_plain, raw) or a format string with {problem}")
     use_chat_template: bool = doc(True, "render through the tokenizer's chat template")
-    invalid_policy: Literal["error", "skip"] = doc("error", "bad rows: fail naming file and row, or skip and count")
+    invalid_policy: Literal["error", "skip"] = doc(
+        "skip", "bad rows: fail naming file and row, or skip and count (MATH train has 2 rows without a usable \\boxed{})")
     shuffle_seed: int = doc(0, "seed of the deterministic, resumable sampling order")
 
 
@@ -47,7 +50,15 @@ class RewardConfig:
         factory=lambda: ["boxed", "the_answer_is"], help="extraction order: boxed, the_answer_is, last_number")
     timeout_s: float = doc(5.0, "hard per-item grading timeout (timeouts score as incorrect)")
     workers: int = doc(2, "grading worker processes")
+    memory_mb: int = doc(4096, "address-space limit of each grading worker (0 = none)")
 
     def __post_init__(self):
+        from megatron_skpo.rewards.extract import EXTRACTORS  # light: regexes and the registry only
+
+        for i, name in enumerate(self.answer_fallbacks):
+            check(name in EXTRACTORS, f"reward.answer_fallbacks[{i}]",
+                  f"got {name!r}; allowed values: {', '.join(EXTRACTORS.names())}")
+        check(len(self.answer_fallbacks) > 0, "reward.answer_fallbacks", "needs at least one extractor")
+        check(self.memory_mb >= 0, "reward.memory_mb", "must be >= 0")
         check(self.timeout_s > 0, "reward.timeout_s", "must be > 0")
         check(self.workers >= 1, "reward.workers", "must be >= 1")

@@ -92,3 +92,12 @@ def test_cli_help_dry_run_and_errors():
     assert out.returncode == 2 and "algo.nope: unknown key" in out.stderr
     out = _cli("configs/skpo.yaml", "--dry-run", "algo.loss_agg_mode=mean")
     assert out.returncode == 2 and "algo.loss_agg_mode: got 'mean'" in out.stderr
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 reads 1e-6 as a string; users write it that way in recipes and overrides.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr: 3e-6\n")
+    assert load_config(recipe).optim.lr == 3e-6
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'fast'"):
+        load_config(None, ["optim.lr=fast"])
