@@ -44,7 +44,7 @@ setup(
             "skpo-train=megatron_skpo.cli.train:main",
             "skpo-bench=megatron_skpo.cli.bench:main",
             "skpo-eval=megatron_skpo.cli.eval:main",
-            "skpo-plot=megatron_skpo.cli.plot:main",
+            "skpo-analyze=megatron_skpo.cli.analyze:main",
             "skpo-convert=checkpoint_convert.cli:main",
         ]
     },

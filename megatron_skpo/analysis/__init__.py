@@ -1,0 +1,1 @@
+"""Analyses the paper uses (SKPO.md section 7), as tools."""

@@ -1,0 +1,91 @@
+"""Sign-consistency diagnostic of Monte Carlo token advantages (SKPO.md sections 1 and 7).
+
+For a group of G responses, the "true" advantage of response i at some position is its success
+probability p_i normalised within the group: A*_i = (p_i - mean_G p) / std_G p. Dense MC estimates
+p_i from K continuations, p^_i = Binomial(K, p_i) / K, and normalises the same way; GRPO instead
+broadcasts the normalised outcome reward (r_i = +-1 drawn with p_i) to every token. The paper's
+claim: with practical K (8..64) the signs of MC advantages are often wrong for balanced groups, and
+MC's mean absolute error to A* only beats GRPO's broadcast at K in the thousands.
+
+This module is the synthetic version: known p_i, simulated draws. ``diagnose`` returns per-K sign
+accuracy, the probability that all G signs are right, and the MAE of MC and of GRPO to A*.
+Both estimates use the same group normalisation (``(x - mean) / (std + eps)``, Bessel-corrected std,
+a constant group -> 0) as ``megatron_skpo.algo.advantages.grpo``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def group_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """(x - mean) / (std + eps) along the last dim [..., G]; a constant group gives exactly 0."""
+    centred = x - x.mean(dim=-1, keepdim=True)
+    std = x.std(dim=-1, keepdim=True, unbiased=True)
+    constant = (x.amax(dim=-1, keepdim=True) == x.amin(dim=-1, keepdim=True))
+    return torch.where(constant, torch.zeros_like(x), centred / (std + eps))
+
+
+def mc_advantages(p: Tensor, k: int, trials: int, generator: torch.Generator, eps: float = 1e-6) -> Tensor:
+    """[trials, G] group-normalised MC value estimates from K Bernoulli(p_i) continuations each."""
+    counts = torch.binomial(torch.full((trials, p.numel()), float(k), dtype=torch.float64),
+                            p.to(torch.float64).expand(trials, -1).contiguous(), generator=generator)
+    return group_normalize(counts / k, eps)
+
+
+def grpo_advantages(p: Tensor, trials: int, generator: torch.Generator, eps: float = 1e-6) -> Tensor:
+    """[trials, G] GRPO's broadcast advantage: group-normalised outcome rewards r_i = +-1 ~ p_i."""
+    wins = torch.bernoulli(p.to(torch.float64).expand(trials, -1).contiguous(), generator=generator)
+    return group_normalize(2 * wins - 1, eps)
+
+
+def sign_agreement(est: Tensor, true: Tensor) -> tuple[Tensor, Tensor]:
+    """(fraction of signs right over all entries, fraction of trials with every sign right).
+
+    est: [trials, G]; true: [G]. Entries whose true advantage is 0 are excluded (no sign to get).
+    An estimate of exactly 0 counts as wrong where the truth has a sign.
+    """
+    valid = true != 0
+    right = (torch.sign(est) == torch.sign(true)) | ~valid
+    per_entry = right[:, valid].to(torch.float64).mean() if bool(valid.any()) else torch.tensor(1.0)
+    return per_entry, right.all(dim=-1).to(torch.float64).mean()
+
+
+@dataclass
+class DiagnosticRow:
+    """One K of the diagnostic; accuracies in [0, 1], errors in advantage units."""
+
+    k: int
+    sign_accuracy: float  # MC: fraction of (trial, response) signs that match A*
+    all_signs_right: float  # MC: fraction of trials where all G signs match
+    mc_mae: float  # MC: mean |A^ - A*|
+    grpo_sign_accuracy: float  # GRPO broadcast: same metrics for reference
+    grpo_mae: float
+
+
+def diagnose(p: Tensor, ks: list[int], trials: int = 4000, seed: int = 0, eps: float = 1e-6) -> list[DiagnosticRow]:
+    """Run the synthetic diagnostic for success probabilities p [G] at each K in ``ks``."""
+    if p.dim() != 1 or p.numel() < 2:
+        raise ValueError(f"diagnose: p must be [G] with G >= 2, got shape {tuple(p.shape)}")
+    if bool(((p < 0) | (p > 1)).any()):
+        raise ValueError("diagnose: success probabilities must lie in [0, 1]")
+    gen = torch.Generator().manual_seed(seed)
+    true = group_normalize(p.to(torch.float64), eps)
+    grpo = grpo_advantages(p, trials, gen, eps)
+    grpo_acc, _ = sign_agreement(grpo, true)
+    grpo_mae = float((grpo - true).abs().mean())
+    rows = []
+    for k in ks:
+        mc = mc_advantages(p, k, trials, gen, eps)
+        acc, all_right = sign_agreement(mc, true)
+        rows.append(DiagnosticRow(k, float(acc), float(all_right), float((mc - true).abs().mean()),
+                                  float(grpo_acc), grpo_mae))
+    return rows
+
+
+def balanced_group(g: int = 8, spread: float = 0.1) -> Tensor:
+    """A balanced group (half above, half below 0.5): p_i = 0.5 +- spread * (rank offsets)."""
+    offsets = torch.linspace(-1.0, 1.0, g, dtype=torch.float64)
+    return (0.5 + spread * offsets).clamp(0.0, 1.0)
