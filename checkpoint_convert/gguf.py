@@ -59,7 +59,7 @@ def gguf_to_hf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "bfloat1
     loaded = AutoModelForCausalLM.from_pretrained(**src, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(**src)
     config = _plain_config(loaded.config)
-    config.torch_dtype = dtype
+    config.dtype = dtype
     state = {k: v.to(DTYPES[dtype]) for k, v in loaded.state_dict().items()}
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config)

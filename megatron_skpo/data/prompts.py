@@ -1,0 +1,98 @@
+"""Prompt rendering: a named template, then (optionally) the tokenizer's chat template.
+
+Named templates:
+- ``qwen_math``: the problem followed by Qwen2.5-Math's chain-of-thought instruction "Please
+  reason step by step, and put your final answer within \\boxed{}." (we put it in the user turn,
+  as SimpleRL-Zoo and Dr. GRPO do, rather than in a system turn);
+- ``fewshot_plain``: four plain-text Question/Answer shots ending in "The answer is N.", then
+  ``Question: {problem}\\nAnswer:``; a completion prompt, never wrapped in a chat template (the
+  format ../shared/PLATFORM.md found learnable for SmolLM2-135M on CPU); grade it with the
+  ``the_answer_is`` / ``last_number`` extractors;
+- ``raw``: the problem text unchanged.
+Any other string containing ``{problem}`` is used as a format string.
+
+Problems whose prompt is already a list of chat messages (dapo-math-17k) are rendered with the
+chat template as they are; the named template does not apply to them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from megatron_skpo.data.loaders import DataError, Problem
+
+QWEN_MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+FEWSHOT_PLAIN_SHOTS = (
+    "Question: Tom has 3 apples. He buys 5 more apples. How many apples does Tom have now?\n"
+    "Answer: 3 + 5 = 8. The answer is 8.\n\n"
+    "Question: There are 9 birds on a tree. 4 birds fly away. How many birds are left on the tree?\n"
+    "Answer: 9 - 4 = 5. The answer is 5.\n\n"
+    "Question: Sara has 3 bags with 4 marbles in each bag. How many marbles does Sara have?\n"
+    "Answer: 3 * 4 = 12. The answer is 12.\n\n"
+    "Question: 12 cookies are shared equally among 3 children. How many cookies does each child get?\n"
+    "Answer: 12 / 3 = 4. The answer is 4.\n\n"
+)
+
+
+@dataclass(frozen=True)
+class Template:
+    text: str  # format string with {problem}
+    chat: bool  # may be wrapped in the tokenizer's chat template
+    stop: tuple[str, ...] = ()  # generation stop strings (few-shot: do not write the next question)
+    extractors: tuple[str, ...] = ("boxed", "the_answer_is")  # answer extraction that fits the format
+
+
+TEMPLATES = {
+    "qwen_math": Template("{problem}\n" + QWEN_MATH_INSTRUCTION, chat=True),
+    "fewshot_plain": Template(FEWSHOT_PLAIN_SHOTS + "Question: {problem}\nAnswer:", chat=False,
+                              stop=("\nQuestion:", "\n\n"), extractors=("the_answer_is", "last_number")),
+    "raw": Template("{problem}", chat=True),
+}
+
+
+def get_template(name_or_format: str) -> Template:
+    if name_or_format in TEMPLATES:
+        return TEMPLATES[name_or_format]
+    if "{problem}" in name_or_format:
+        return Template(name_or_format, chat=True)
+    raise ValueError(f"prompt_template: got {name_or_format!r}; use one of {', '.join(TEMPLATES)} "
+                     "or a format string containing {problem}")
+
+
+def render(problem: Problem, template: str = "qwen_math", tokenizer: Any = None,
+           use_chat_template: bool = True) -> str:
+    """Prompt text of ``problem``; the chat template applies when asked for and allowed."""
+    tpl = get_template(template)
+    if isinstance(problem.prompt, list):
+        messages = problem.prompt
+    else:
+        text = tpl.text.replace("{problem}", problem.prompt)  # not str.format: LaTeX is full of braces
+        if not (use_chat_template and tpl.chat):
+            return text
+        messages = [{"role": "user", "content": text}]
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{problem.uid}: a chat template is needed but the tokenizer has none "
+                         "(set use_chat_template: false or use a completion template)")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_all(problems: Sequence[Problem], template: str, tokenizer: Any, use_chat_template: bool,
+               max_tokens: Optional[int] = None, policy: str = "error") -> tuple[list[Problem], list[str], int]:
+    """Render every problem; those over ``max_tokens`` raise a DataError (file, row) or are skipped.
+
+    Returns the kept problems, their prompts, and how many were skipped for length.
+    """
+    kept, prompts, skipped = [], [], 0
+    for p in problems:
+        text = render(p, template, tokenizer, use_chat_template)
+        if max_tokens is not None and tokenizer is not None:
+            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if n > max_tokens:
+                if policy == "error":
+                    raise DataError(p.source, p.row, f"prompt has {n} tokens > limit {max_tokens}", "too_long")
+                skipped += 1
+                continue
+        kept.append(p)
+        prompts.append(text)
+    return kept, prompts, skipped

@@ -1,0 +1,46 @@
+"""Verifiable rewards: math answer equivalence (math-verify in a worker pool) and code tests.
+
+Public API:
+- :func:`math_reward` ``(response, gold) -> float``: +1 correct, -1 otherwise, graded in a shared
+  worker pool with a hard 5 s timeout per call (started on first use, closed at exit);
+- :class:`RewardPool` ``.score(responses, golds) -> (rewards, RewardStats)`` for batches;
+- :func:`extract_answer`, :class:`RewardSpec` (``pm1`` / ``zero_one`` / format penalty);
+- :mod:`megatron_skpo.rewards.code_sandbox` for program-by-tests rewards.
+"""
+from __future__ import annotations
+
+import atexit
+import threading
+from typing import Optional
+
+from megatron_skpo.rewards.extract import EXTRACTORS, extract_answer, normalize_answer
+from megatron_skpo.rewards.grader import Grade, RewardSpec, grade_math, reward_of
+from megatron_skpo.rewards.pool import RewardPool, RewardStats
+
+__all__ = [
+    "EXTRACTORS", "Grade", "RewardPool", "RewardSpec", "RewardStats", "extract_answer",
+    "grade_math", "math_reward", "normalize_answer", "reward_of",
+]
+
+_default: Optional[RewardPool] = None
+_lock = threading.RLock()
+
+
+def _default_pool() -> RewardPool:
+    global _default
+    with _lock:
+        if _default is None:
+            _default = RewardPool(workers=1, timeout_s=5.0)
+            atexit.register(_default.close)
+        return _default
+
+
+def math_reward(response: str, gold: str) -> float:
+    """+1.0 if the final answer of ``response`` equals ``gold`` (math-verify), else -1.0.
+
+    Timeouts (5 s) and parser crashes score -1.0 and never raise. For batches and counts of
+    timeouts use :class:`RewardPool` directly.
+    """
+    with _lock:  # one shared worker: calls from several threads take turns
+        rewards, _ = _default_pool().score([response], [gold])
+    return rewards[0]

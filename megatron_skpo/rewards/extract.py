@@ -1,0 +1,125 @@
+"""Final-answer extraction from a model response, and the normalisation we apply before math-verify.
+
+Extraction is ours, not math-verify's: math-verify's ``parse`` on a whole response matches the
+first or any LaTeX expression it likes, while RLVR convention (DAPO, SKPO) grades the *last*
+``\\boxed{}``. Extractors are registered by name and tried in the configured order:
+
+- ``boxed``: the last ``\\boxed{...}`` / ``\\fbox{...}`` with balanced nested braces (or
+  ``\\boxed 5``); an unbalanced last box falls back to the previous balanced one.
+- ``the_answer_is``: the text after the last "the (final) answer is" up to the end of its line.
+- ``last_number``: the last integer, decimal or a/b fraction in the response.
+
+All scans are linear in the response length, so 1 MB of text costs milliseconds.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional, Sequence
+
+from megatron_skpo.registry import Registry
+
+EXTRACTORS: Registry[Callable[[str], Optional[str]]] = Registry("answer extractor")
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)\b")
+_ANSWER_IS_RE = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*:?\s*", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
+# Longest answer we hand to math-verify: a real final answer is short; a 100 KB "answer" is noise
+# that would only burn the grading timeout.
+MAX_ANSWER_CHARS = 1000
+
+
+def _braced(text: str, start: int) -> Optional[str]:
+    """Content of the brace group opening at ``text[start] == '{'``; None if unbalanced."""
+    depth = 0
+    for i in range(start, len(text)):
+        c = text[i]
+        if c == "{" and text[i - 1] != "\\":
+            depth += 1
+        elif c == "}" and text[i - 1] != "\\":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i]
+    return None
+
+
+@EXTRACTORS.register("boxed")
+def last_boxed(text: str) -> Optional[str]:
+    """Content of the last balanced ``\\boxed{...}`` (or ``\\boxed x``) in ``text``."""
+    for m in reversed(list(_BOX_RE.finditer(text))):
+        j = m.end()
+        while j < len(text) and text[j] == " ":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            inner = _braced(text, j)
+            if inner is not None:
+                return inner.strip()
+        elif j > m.end():  # "\boxed 5": the token up to the next space or $
+            token = re.match(r"[^\s$]+", text[j:])
+            if token:
+                return token.group(0)
+    return None
+
+
+@EXTRACTORS.register("the_answer_is")
+def answer_is(text: str) -> Optional[str]:
+    """Text after the last "the answer is", up to the end of its sentence, without $ and period."""
+    last = None
+    for last in _ANSWER_IS_RE.finditer(text):
+        pass
+    if last is None:
+        return None
+    ans = text[last.end() :].split("\n", 1)[0]
+    # End of sentence: a period/;/!/? before a space or the end (not the point of 3.5), or a comma
+    # that starts a clause ("18, so she ...").
+    ans = re.split(r"[.;!?](?=\s|$)|,\s+(?=[A-Za-z])", ans, maxsplit=1)[0]
+    ans = ans.strip().strip("$ *").strip()
+    return ans or None
+
+
+@EXTRACTORS.register("last_number")
+def last_number(text: str) -> Optional[str]:
+    """The last number (integer, decimal with optional thousands commas, or a/b) in ``text``."""
+    last = None
+    for last in _NUMBER_RE.finditer(text):
+        pass
+    return last.group(0) if last else None
+
+
+def extract_answer(text: str, order: Sequence[str] = ("boxed", "the_answer_is")) -> Optional[str]:
+    """First non-empty answer among the extractors in ``order``; None when none applies."""
+    for name in order:
+        ans = EXTRACTORS.get(name)(text)
+        if ans:
+            return ans[:MAX_ANSWER_CHARS] if len(ans) > MAX_ANSWER_CHARS else ans
+    return None
+
+
+_TEXT_WRAP_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
+_MC_RE = re.compile(r"^\(?([A-E])\)?$")
+_NUMBER_WORDS_RE = re.compile(r"^(-?\d[\d,]*(?:\.\d+)?)\s+[A-Za-z][A-Za-z ]*$")
+_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+          "fifteen sixteen seventeen eighteen nineteen twenty").split()
+NUMBER_WORDS = {w: str(i) for i, w in enumerate(_WORDS)}
+
+
+def normalize_answer(ans: str) -> str:
+    """Fix the forms math-verify grades wrongly, before it parses them (cases in tests/rewards/).
+
+    - a trailing sentence period or comma (``2.``): math-verify reads ``2.`` as an unparsable string;
+    - ``1{,}000`` -> ``1,000`` (math-verify reads thousands commas itself);
+    - ``\\text{(B)}``, ``(B)`` -> ``B``: multiple-choice letters;
+    - a number word up to twenty (``six``) -> ``6``: math-verify reads ``six`` as s*i*x;
+    - a plain number followed by words (``12 dollars``) -> ``12``: math-verify reads the words as
+      a product of symbols, 12*d*o*l*l*a*r*s.
+    """
+    a = ans.strip().replace("{,}", ",")
+    a = re.sub(r"(?<=[^.])[.,;]+$", "", a).strip()
+    plain = _TEXT_WRAP_RE.sub(r"\1", a).strip()
+    mc = _MC_RE.match(plain)
+    if mc:
+        return mc.group(1)
+    word = NUMBER_WORDS.get(plain.lower().strip())
+    if word is not None:
+        return word
+    unit = _NUMBER_WORDS_RE.match(a)
+    return unit.group(1) if unit else a

@@ -1,0 +1,92 @@
+"""In-process math grading: extract -> normalise -> math-verify, and the grade -> reward map.
+
+``grade_math`` is what a worker process of :class:`~megatron_skpo.rewards.pool.RewardPool` runs in
+its main thread. It has no timeout of its own (math-verify's ``signal.alarm`` timeouts are turned
+off): the pool enforces one hard wall-clock limit per item by killing the worker, which also
+covers sympy stuck in C code where an alarm would never fire. Call it directly only on trusted
+input; :func:`megatron_skpo.rewards.math_reward` is the safe entry point.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+from megatron_skpo.rewards.extract import extract_answer, normalize_answer
+
+Status = Literal["correct", "incorrect", "no_answer", "timeout", "error"]
+STATUSES: tuple[Status, ...] = ("correct", "incorrect", "no_answer", "timeout", "error")
+
+
+@dataclass(frozen=True)
+class Grade:
+    """Outcome of grading one response."""
+
+    status: Status
+    answer: Optional[str] = None  # the extracted final answer (None when nothing was extracted)
+    detail: str = ""  # exception text for status "error"
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """Reward values per outcome. SKPO uses +1/-1; ``zero_one`` is the 0/1 variant."""
+
+    correct: float = 1.0
+    incorrect: float = -1.0
+    format_penalty: float = 0.0  # added to ``incorrect`` when no final answer was extracted
+
+    @classmethod
+    def preset(cls, name: str, format_penalty: float = 0.0) -> "RewardSpec":
+        presets = {"pm1": (1.0, -1.0), "zero_one": (1.0, 0.0)}
+        if name not in presets:
+            raise ValueError(f"reward preset: got {name!r}; allowed values: {', '.join(presets)}")
+        return cls(*presets[name], format_penalty=format_penalty)
+
+
+def reward_of(status: Status, spec: RewardSpec) -> float:
+    """Reward of one graded item: timeouts and parser errors score as incorrect."""
+    if status == "correct":
+        return spec.correct
+    if status == "no_answer":
+        return spec.incorrect + spec.format_penalty
+    return spec.incorrect
+
+
+def _mv_parse(expr: str):
+    from math_verify import parse
+
+    # Wrapping in \boxed{} makes math-verify take the whole string as one LaTeX answer.
+    return parse("\\boxed{" + expr + "}", parsing_timeout=None)
+
+
+def answers_match(gold: str, pred: str) -> bool:
+    """math-verify equivalence of two bare answers (gold first; it is not symmetric)."""
+    from math_verify import verify
+
+    gold, pred = normalize_answer(gold), normalize_answer(pred)
+    g, p = _mv_parse(gold), _mv_parse(pred)
+    if verify(g, p, timeout_seconds=None):
+        return True
+    if "%" in gold + pred:  # the percent sign is optional (MATH convention): 12.5\% == 12.5
+        unpercent = lambda s: s.replace("\\%", "").replace("%", "").strip()  # noqa: E731
+        if verify(_mv_parse(unpercent(gold)), _mv_parse(unpercent(pred)), timeout_seconds=None):
+            return True
+    # Neither side parsed as maths (words such as "Tuesday"): compare the normalised text.
+    return not g and not p and _plain(gold) == _plain(pred)
+
+
+def _plain(s: str) -> str:
+    import re
+
+    s = re.sub(r"\\(?:text|mathrm|textbf)\s*\{([^{}]*)\}", r"\1", normalize_answer(s))
+    return re.sub(r"\s+", " ", s).strip().lower()
+
+
+def grade_math(response: str, gold: str, extractors: Sequence[str] = ("boxed", "the_answer_is")) -> Grade:
+    """Grade ``response`` against ``gold``; never raises (errors become status "error")."""
+    try:
+        pred = extract_answer(response, extractors)
+        if pred is None:
+            return Grade("no_answer")
+        return Grade("correct" if answers_match(gold, pred) else "incorrect", pred)
+    except Exception as e:  # a parser crash is an incorrect answer, counted, never raised
+        return Grade("error", None, f"{type(e).__name__}: {e}"[:300])
