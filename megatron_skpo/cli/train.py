@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     (run_dir / "config.yaml").write_text(text)
     try:
         from megatron_skpo.trainer import train  # heavy imports only when training
-    except ModuleNotFoundError as e:
+    except ImportError as e:
         if e.name != "megatron_skpo.trainer":
             raise
         print("skpo-train: the RL training loop is not part of this release yet; "

@@ -60,6 +60,11 @@ class CheckpointConfig:
     def __post_init__(self):
         check(self.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
         check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        check(self.dir is None or bool(self.dir.strip()), "checkpoint.dir", "must be a non-empty path or null")
+
+    def resolved_dir(self, run_dir: str) -> str:
+        """The checkpoint root: ``dir``, or ``<run_dir>/checkpoints`` when unset."""
+        return self.dir if self.dir is not None else f"{run_dir.rstrip('/')}/checkpoints"
 
 
 @dataclass
@@ -71,4 +76,15 @@ class LoggingConfig:
     tensorboard: bool = doc(True, "write TensorBoard events")
     wandb: bool = doc(False, "log to Weights & Biases if installed")
     wandb_project: str = doc("megatron-skpo", "W&B project")
+    wandb_entity: Optional[str] = doc(None, "W&B entity (team or user); null = the default of the login")
+    wandb_missing: Literal["warn", "error"] = doc(
+        "warn", "logging.wandb is on but the wandb package does not import: warn and go on, or stop at start-up")
     progress: bool = doc(True, "show a progress bar with ETA")
+    progress_metrics: list[str] = doc(
+        factory=lambda: ["reward", "accuracy"], help="metrics shown next to the progress bar")
+
+    def __post_init__(self):
+        check(bool(self.dir.strip()), "logging.dir", "must be a non-empty path")
+        check(bool(self.wandb_project.strip()), "logging.wandb_project", "must be non-empty")
+        check(all(isinstance(m, str) and m for m in self.progress_metrics), "logging.progress_metrics",
+              "must be a list of metric names")
