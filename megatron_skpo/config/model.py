@@ -20,9 +20,14 @@ class ModelConfig:
     recompute: Literal["none", "selective", "full"] = doc("none", "activation recompute granularity")
     trust_remote_code: bool = doc(False, "allow HF remote code when reading configs/tokenizers (off for safety)")
     logprob_chunk_size: int = doc(1024, "tokens per chunk in the fused vocab-parallel log-prob kernel")
+    vocab_divisible_by: int = doc(
+        128, "pad the vocabulary to a multiple of this times TP (Megatron-LM's rule); padding is masked")
 
     def __post_init__(self):
         check(self.logprob_chunk_size > 0, "model.logprob_chunk_size", "must be > 0")
+        check(self.vocab_divisible_by > 0, "model.vocab_divisible_by", "must be > 0")
+        check(not (self.fp8 and self.transformer_impl == "local"), "model.fp8",
+              "needs transformer_impl auto or transformer_engine (FP8 runs through Transformer Engine)")
 
 
 @dataclass

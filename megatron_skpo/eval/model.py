@@ -1,8 +1,8 @@
 """Resolve a ``--model`` argument to a Hugging Face model directory that vLLM can load.
 
-Accepted: an HF directory (has ``config.json``) or a ``.gguf`` file (dequantised once into
-``<cache_dir>/<name>-hf``). A Megatron checkpoint will be one more branch here, calling the
-converter's ``to_hf`` once it exists; until then it is refused with a clear message.
+Accepted: an HF directory (has ``config.json``), a ``.gguf`` file (dequantised once into
+``<cache_dir>/<name>-hf``), or a Megatron checkpoint directory (``latest_checkpointed_iteration.txt``
+or ``iter_*``; converted once into ``<cache_dir>/<name>-hf`` by ``checkpoint_convert``).
 """
 from __future__ import annotations
 
@@ -22,7 +22,11 @@ def resolve_model(path: str | Path, cache_dir: Optional[str | Path] = None) -> P
         if not (out / "model.safetensors").is_file():
             gguf_to_hf(p, out, "bfloat16")
         return out
-    if p.is_dir() and any(p.glob("iter_*")) or (p / "latest_checkpointed_iteration.txt").is_file():
-        raise NotImplementedError(f"--model {p}: Megatron checkpoints need the Megatron->HF converter "
-                                  "(skpo-convert); convert to an HF directory first")
+    if p.is_dir() and (any(p.glob("iter_*")) or (p / "latest_checkpointed_iteration.txt").is_file()):
+        from checkpoint_convert.convert import mcore_to_hf
+
+        out = Path(cache_dir or p.parent) / f"{p.name}-hf"
+        if not (out / "config.json").is_file():
+            mcore_to_hf(p, out)
+        return out
     raise FileNotFoundError(f"--model {p}: not an HF directory (config.json) or a .gguf file")

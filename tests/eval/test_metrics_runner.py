@@ -3,6 +3,7 @@ import itertools
 import json
 
 import pytest
+import torch
 
 from megatron_skpo.eval import Completion, EvalSettings, evaluate, pass_at_k, read_records, summarize
 from megatron_skpo.eval.model import resolve_model
@@ -77,8 +78,26 @@ def test_resolve_model(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
     assert resolve_model(tmp_path / "hf") == tmp_path / "hf"
-    (tmp_path / "mcore" / "iter_0000010").mkdir(parents=True)
-    with pytest.raises(NotImplementedError, match="Megatron checkpoints"):
-        resolve_model(tmp_path / "mcore")
+    with pytest.raises(FileNotFoundError, match="not an HF directory"):
+        resolve_model(tmp_path / "nothing")
+
+
+def test_resolve_model_converts_a_megatron_checkpoint(tmp_path):
+    """A Megatron checkpoint given to --model is converted once to an HF directory (bit-exact)."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from checkpoint_convert.convert import hf_to_mcore
+
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=64, num_hidden_layers=2, vocab_size=256, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mcore", tp=1, pp=1, dtype="fp32")
+    out = resolve_model(tmp_path / "mcore", cache_dir=tmp_path / "cache")
+    assert out == tmp_path / "cache" / "mcore-hf" and (out / "config.json").is_file()
+    src = load_file(tmp_path / "hf" / "model.safetensors")
+    back = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert set(back) >= set(src) and all(torch.equal(src[k], back[k]) for k in src)
+    assert resolve_model(tmp_path / "mcore", cache_dir=tmp_path / "cache") == out  # cached, no rework
     with pytest.raises(FileNotFoundError, match="not an HF directory"):
         resolve_model(tmp_path / "nothing")

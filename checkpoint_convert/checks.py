@@ -1,0 +1,102 @@
+"""Everything a conversion validates before it writes a byte: architecture, parallel sizes, tensors.
+
+The expected tensors come from Megatron itself (the meta-device template model, see
+:mod:`.mcore_io`) pushed through the architecture's ``to_hf`` on meta tensors, so "missing",
+"extra" and "shape mismatch" are judged against exactly what the model will load.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from checkpoint_convert.mappings import get_mapping
+from checkpoint_convert.mappings.common import EMBED, OUTPUT
+from checkpoint_convert.staging import ConvertError
+from checkpoint_convert.units import mcore_unit, to_hf_unit, units
+
+# Present in some HF checkpoints, recomputed by every loader: accepted and skipped.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def architecture(hf_config: dict) -> ModuleType:
+    """The mapping module for ``hf_config`` after the Megatron builder accepts every field."""
+    from megatron_skpo.model.hf_config import HFConfigError, transformer_config_kwargs
+
+    try:
+        mapping = get_mapping(str(hf_config.get("model_type")))
+        transformer_config_kwargs(hf_config)
+    except (KeyError, HFConfigError) as e:
+        raise ConvertError(f"unknown or unsupported architecture: {e.args[0]}") from None
+    return mapping
+
+
+def padded_vocab(vocab: int, tp: int, divisible_by: int) -> int:
+    """Megatron's rule: round up to a multiple of ``divisible_by * tp``; 0 = no padding."""
+    if divisible_by <= 0:
+        return vocab
+    multiple = divisible_by * tp
+    return -(-vocab // multiple) * multiple
+
+
+def check_parallel(hf_config: dict, tp: int, pp: int, padded: int) -> None:
+    """Error naming the field when TP/PP cannot split this model evenly."""
+    if tp < 1 or pp < 1:
+        raise ConvertError(f"--tp {tp} --pp {pp}: both must be >= 1")
+    heads = int(hf_config["num_attention_heads"])
+    sizes = {"num_attention_heads": heads,
+             "num_key_value_heads": int(hf_config.get("num_key_value_heads") or heads),
+             "intermediate_size": int(hf_config["intermediate_size"]),
+             "vocab_size (padded)": padded}
+    bad = [f"{k}={v}" for k, v in sizes.items() if v % tp]
+    if bad:
+        raise ConvertError(f"TP={tp} does not divide {', '.join(bad)}")
+    if int(hf_config["num_hidden_layers"]) % pp:
+        raise ConvertError(f"PP={pp} does not divide num_hidden_layers={hf_config['num_hidden_layers']}")
+
+
+def expected_hf(mapping: ModuleType, hf_config: dict, params: dict[str, torch.Tensor]) -> dict[int, dict]:
+    """``{unit: {hf name: meta tensor}}`` for the Megatron ``params`` (meta, padded vocab)."""
+    vocab = int(hf_config["vocab_size"])
+    out = {}
+    for u in units(int(hf_config["num_hidden_layers"])):
+        mc = {k: v[:vocab] if k in (EMBED, OUTPUT) else v for k, v in params.items() if mcore_unit(k) == u}
+        out[u] = to_hf_unit(mapping, hf_config, u, mc)
+    return out
+
+
+def check_hf_tensors(found: dict[str, tuple[int, ...]], expected: dict[int, dict], where: str) -> None:
+    """Missing, extra (named) and wrongly shaped tensors, all reported at once."""
+    want = {n: tuple(t.shape) for unit in expected.values() for n, t in unit.items()}
+    missing = sorted(set(want) - set(found))
+    extra = sorted(n for n in set(found) - set(want) if not n.endswith(IGNORED_SUFFIXES))
+    shapes = [f"{n}: expected {list(want[n])}, found {list(found[n])}"
+              for n in sorted(set(want) & set(found)) if tuple(found[n]) != want[n]]
+    problems = ([f"missing tensors {missing}"] if missing else []) + (
+        [f"unexpected tensors {extra}"] if extra else []) + (
+        [f"shape mismatch: {'; '.join(shapes)}"] if shapes else [])
+    if problems:
+        raise ConvertError(f"{where}: " + " | ".join(problems))
+
+
+def check_mcore_keys(stored: dict[str, tuple], tpl_sharded: dict, where: str) -> None:
+    """Model keys Megatron expects vs those stored (optimizer/other keys are not ours to judge)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    want = {}
+    for entry in tpl_sharded.values():
+        if isinstance(entry, ShardedTensor):
+            want[entry.key] = tuple(entry.global_shape)
+        elif isinstance(entry, ShardedTensorFactory):
+            want[entry.key] = None  # its parts share the key; their shapes are checked on load
+    model_keys = {k for k in stored if k.startswith(("embedding.", "decoder.", "output_layer."))}
+    missing = sorted(set(want) - set(stored))
+    extra = sorted(model_keys - set(want))
+    shapes = [f"{k}: expected {list(s)}, found {list(stored[k][0])}" for k, s in want.items()
+              if s is not None and k in stored and tuple(stored[k][0]) != s and not k.startswith("embedding.")]
+    problems = ([f"missing tensors {missing}"] if missing else []) + (
+        [f"unexpected tensors {extra}"] if extra else []) + (
+        [f"shape mismatch: {'; '.join(shapes)}"] if shapes else [])
+    if problems:
+        raise ConvertError(f"{where}: " + " | ".join(problems))

@@ -1,0 +1,179 @@
+"""HF <-> Megatron conversion entry points: plain functions for the CLI, the weight sync and skpo-eval.
+
+``hf_to_mcore`` reads one safetensors file at a time and converts each layer (a *unit*, see
+:mod:`.units`) as soon as all its HF tensors have been read, dropping the HF copies; the Megatron
+tensors it produces stay in memory until the single ``dist_checkpointing.save`` call, because
+that API takes the whole state dict (peak: the model in the target dtype plus one input file).
+``mcore_to_hf`` is fully streaming: it plans the output shards from the stored shapes, then loads
+one layer at a time from the dist checkpoint and writes each shard as soon as it is complete
+(peak: one output shard plus the layer in flight).
+
+Both validate everything first (:mod:`.checks`) and write through :func:`.staging.staged_dir`,
+so an error leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from checkpoint_convert import checks, hf_io, mcore_io
+from checkpoint_convert.mappings.common import EMBED, OUTPUT
+from checkpoint_convert.mappings.sharding import parallel_kind
+from checkpoint_convert.measure import Measure
+from checkpoint_convert.staging import ConvertError, check_out_dir, staged_dir
+from checkpoint_convert.units import GLOBAL, from_hf_unit, hf_unit, mcore_unit, to_hf_unit
+
+
+@dataclass
+class ConvertReport:
+    direction: str
+    out: str
+    seconds: float
+    bytes: int
+    peak_rss_mb: float
+    peak_delta_mb: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / max(self.seconds, 1e-9)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "gb_per_s": round(self.gb_per_s, 4)}
+
+
+def _report(direction: str, out: Path, m: Measure, nbytes: int) -> ConvertReport:
+    return ConvertReport(direction, str(out), round(m.seconds, 4), nbytes,
+                         round(Measure.lifetime_peak_mb(), 1), round(m.peak_delta_mb, 1))
+
+
+def _unit_shards(mapping, tpl: mcore_io.Template, unit: int, hf: dict, tp: int,
+                 dtype: Optional[torch.dtype]) -> dict[str, list]:
+    """Megatron shards (TP-chunked, vocab padded, cast) of every parameter of one unit."""
+    mc = from_hf_unit(mapping, tpl.hf_config, unit, hf)
+    out = {}
+    for name, meta in tpl.params.items():
+        if mcore_unit(name) != unit:
+            continue
+        full = mc[name] if dtype is None else mc[name].to(dtype)
+        if parallel_kind(name) == "vocab" and full.shape[0] < meta.shape[0]:
+            full = torch.cat([full, full.new_zeros(meta.shape[0] - full.shape[0], *full.shape[1:])])
+        out[name] = mcore_io.shard_entry(tpl.sharded[name], name, full, tp)
+    return out
+
+
+def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1,
+                dtype: str = "auto", force: bool = False, vocab_divisible_by: int = 128) -> ConvertReport:
+    """Write a Megatron dist checkpoint of the HF model in ``hf_dir`` laid out for TP=``tp``.
+
+    Args:
+        dtype: ``auto`` keeps each tensor's stored dtype; ``bf16``/``fp16``/``fp32`` cast.
+        vocab_divisible_by: Megatron's ``make_vocab_size_divisible_by`` (0: no padding).
+    """
+    if dtype != "auto" and dtype not in checks.DTYPES:
+        raise ConvertError(f"--dtype: got {dtype!r}; allowed: auto, {', '.join(checks.DTYPES)}")
+    src = hf_io.open_hf(hf_dir)
+    cfg, mapping = src.config, checks.architecture(src.config)
+    padded = checks.padded_vocab(int(cfg["vocab_size"]), tp, vocab_divisible_by)
+    checks.check_parallel(cfg, tp, pp, padded)
+    tpl = mcore_io.template(cfg, padded)
+    expected = checks.expected_hf(mapping, cfg, tpl.params)
+    checks.check_hf_tensors({n: t.shape for n, t in src.tensors.items()}, expected, str(src.root))
+    check_out_dir(out_dir, force)
+    cast = None if dtype == "auto" else checks.DTYPES[dtype]
+    with Measure() as m, staged_dir(out_dir, force) as tmp:
+        shards: dict[str, object] = dict(mcore_io.objects(tpl))
+        pending: dict[int, dict] = {}
+        for _, tensors in src.iter_files():
+            for name in list(tensors):
+                u = hf_unit(name)
+                if name in expected[u]:
+                    pending.setdefault(u, {})[name] = tensors.pop(name)
+                    if len(pending[u]) == len(expected[u]):
+                        shards.update(_unit_shards(mapping, tpl, u, pending.pop(u), tp, cast))
+            del tensors
+        stored = sorted({str(st.dtype).removeprefix("torch.") for v in shards.values()
+                         if isinstance(v, list) for st in v})
+        meta = dict(tp=tp, pp=pp, dtype=stored, vocab_size=int(cfg["vocab_size"]), padded_vocab_size=padded,
+                    model_type=cfg["model_type"], source=str(Path(hf_dir).absolute()))
+        mcore_io.save(tmp, shards, meta)
+        (tmp / mcore_io.HF_SIDE).mkdir()
+        hf_io.copy_side_files(src.root, tmp / mcore_io.HF_SIDE)
+    return _report("hf-to-mcore", Path(out_dir), m, src.total_bytes)
+
+
+def _hf_plan(expected: dict[int, dict], ck: mcore_io.McoreCheckpoint, max_bytes: int) -> list[list[str]]:
+    """Output shards over HF names in the usual order (layers, then embedding/norm/head)."""
+    itemsize = ck.shapes["embedding.word_embeddings.weight"][1].itemsize
+    order = [u for u in expected if u != GLOBAL] + [GLOBAL]
+    sizes = [(n, t.numel() * itemsize) for u in order for n, t in expected[u].items()]
+    return hf_io.plan_shards(sizes, max_bytes)
+
+
+def _load_unit(ck, tpl, mapping, unit: int, cast: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+    vocab = int(tpl.hf_config["vocab_size"])
+    names = [n for n in tpl.params if mcore_unit(n) == unit]
+    mc = mcore_io.load_params(ck, tpl, names)
+    mc = {k: v[:vocab].clone() if k in (EMBED, OUTPUT) else v for k, v in mc.items()}
+    hf = to_hf_unit(mapping, tpl.hf_config, unit, mc)
+    return {k: v if cast is None else v.to(cast) for k, v in hf.items()}
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing storage (q/k/v are views of one QKV): copy those."""
+    seen, out = set(), {}
+    for k, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.clone() if ptr in seen or not t.is_contiguous() else t
+        seen.add(ptr)
+    return out
+
+
+def _write_side_files(ck: mcore_io.McoreCheckpoint, like: Optional[Path], out: Path, dtype: str) -> None:
+    src = like if like else ck.root / mcore_io.HF_SIDE
+    if src.is_dir():
+        hf_io.copy_side_files(src, out)
+    cfg = dict(ck.hf_config)
+    cfg["dtype"] = dtype
+    cfg.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if not (out / "generation_config.json").is_file():
+        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, like: Optional[str | Path] = None,
+                max_shard_size: str = "5GB", dtype: str = "auto", force: bool = False) -> ConvertReport:
+    """Write sharded safetensors + index + config/generation/tokenizer files from a dist checkpoint."""
+    if dtype != "auto" and dtype not in checks.DTYPES:
+        raise ConvertError(f"--dtype: got {dtype!r}; allowed: auto, {', '.join(checks.DTYPES)}")
+    ck = mcore_io.open_mcore(mcore_dir, like)
+    cfg, mapping = ck.hf_config, checks.architecture(ck.hf_config)
+    tpl = mcore_io.template(cfg, ck.padded_vocab)
+    checks.check_mcore_keys(ck.shapes, tpl.sharded, str(ck.ckpt_dir))
+    expected = checks.expected_hf(mapping, cfg, tpl.params)
+    plan = _hf_plan(expected, ck, hf_io.parse_size(max_shard_size))
+    check_out_dir(out_dir, force)
+    cast = None if dtype == "auto" else checks.DTYPES[dtype]
+    with Measure() as m, staged_dir(out_dir, force) as tmp:
+        pending: dict[int, dict] = {}
+        total, written_dtype = 0, None
+        for k, names in enumerate(plan):
+            shard = {}
+            for name in names:
+                u = hf_unit(name)
+                if u not in pending:
+                    pending[u] = _load_unit(ck, tpl, mapping, u, cast)
+                shard[name] = pending[u].pop(name)
+                if not pending[u]:
+                    del pending[u]
+            hf_io.write_shard(tmp, k, len(plan), _unshare(shard))
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+            written_dtype = written_dtype or str(next(iter(shard.values())).dtype).removeprefix("torch.")
+            del shard
+        hf_io.write_index(tmp, plan, total)
+        _write_side_files(ck, Path(like) if like else None, tmp, written_dtype)
+    return _report("mcore-to-hf", Path(out_dir), m, total)

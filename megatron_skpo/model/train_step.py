@@ -1,0 +1,234 @@
+"""The policy's training step on Megatron-core: DDP (+ distributed optimizer), pipeline schedules,
+fused log-probs, token-normalised loss, clipped AdamW with warm-up.
+
+One step = zero the grad buffers, ``get_forward_backward_func()`` over the packed micro-batches
+(1F1B across pipeline stages when PP > 1), then ``optimizer.step()`` (gradient clipping inside).
+
+Loss normalisation: the user loss returns a *local sum* over its micro-batch; the step divides
+by ``normalizer`` (default: the number of loss tokens summed over all micro-batches and all
+data-parallel ranks) and Megatron only *sums* gradients: ``calculate_per_token_loss=True`` turns
+off its per-micro-batch and per-DP-rank averaging, and our ``finalize_model_grads_func`` passes no
+token count, so nothing is rescaled behind our back. The result is independent of TP, PP and of how
+the batch is split over DP ranks and micro-batches.
+
+Schedule: Megatron's ``OptimizerParamScheduler`` with linear warm-up from 0, advanced *before*
+each optimizer step, so step k (1-based) uses ``lr * min(1, k / warmup_steps)`` (Megatron-LM
+advances after the step, which spends the first step at lr 0).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_skpo.config.train import OptimConfig
+from megatron_skpo.model.builder import build_gpt_model
+from megatron_skpo.model.logprob import fused_logprob_entropy
+from megatron_skpo.model.packing import PackedBatch
+from megatron_skpo.model.weights import load_hf
+
+# (logp [S], entropy [S], micro-batch) -> (local loss sum, metrics to sum over micro-batches/DP)
+LossFn = Callable[[torch.Tensor, torch.Tensor, PackedBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class Policy:
+    """The trainable policy of one rank: its model shard, optimizer and schedule."""
+
+    model: DistributedDataParallel
+    optimizer: object  # MegatronOptimizer (mixed precision or distributed)
+    scheduler: OptimizerParamScheduler
+    hf_config: dict
+    temperature: float = 1.0  # the sampler's: log-probs are of softmax(logits / temperature)
+    logprob_chunk: int = 1024
+
+    @property
+    def gpt(self):
+        return self.model.module
+
+
+def build_policy(hf_config: dict, optim: OptimConfig, *, total_steps: int, dtype: str = "fp32",
+                 distributed_optimizer: bool = True, hf_weights: Optional[dict] = None,
+                 temperature: float = 1.0, logprob_chunk: int = 1024, **model_kwargs) -> Policy:
+    """GPTModel (+ HF weights) -> Megatron DDP -> Megatron optimizer (fp32 master weights for
+    bf16/fp16 params) -> warm-up schedule. Parallel state must be initialised."""
+    gpt = build_gpt_model(hf_config, dtype=dtype, calculate_per_token_loss=True, **model_kwargs)
+    if hf_weights is not None:
+        load_hf(gpt, hf_weights, hf_config)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=distributed_optimizer)
+    model = DistributedDataParallel(config=gpt.config, ddp_config=ddp_config, module=gpt)
+    gpt.config.no_sync_func = model.no_sync
+    gpt.config.finalize_model_grads_func = _finalize_without_token_scaling
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.beta1, adam_beta2=optim.beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.grad_clip, bf16=dtype == "bf16", fp16=dtype == "fp16",
+        params_dtype=gpt.config.params_dtype, use_distributed_optimizer=distributed_optimizer)
+    optimizer = get_megatron_optimizer(opt_config, [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(total_steps, optim.warmup_steps + 1),
+        lr_decay_style=optim.schedule, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
+        wd_incr_steps=max(total_steps, 1), wd_incr_style="constant")
+    return Policy(model, optimizer, scheduler, hf_config, temperature, logprob_chunk)
+
+
+def _finalize_without_token_scaling(model, num_tokens=None, **kwargs):
+    finalize_model_grads(model, None, **kwargs)  # our losses are already divided by the global count
+
+
+@contextlib.contextmanager
+def hidden_state_output(gpt) -> Iterator[None]:
+    """While active, the GPTModel's output layer passes the final hidden states through (the
+    fused log-prob consumes them with the output weight instead of materialising logits).
+    Stages without an output layer (PP, not last) are left alone."""
+    if not gpt.post_process:
+        yield
+        return
+    gpt.output_layer.forward = lambda hidden, weight=None, runtime_gather_output=None: (hidden, None)
+    try:
+        yield
+    finally:
+        del gpt.output_layer.forward
+
+
+def output_weight(gpt) -> torch.Tensor:
+    """This TP rank's ``[V/TP, H]`` output weight (the embedding shard when tied)."""
+    return gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights \
+        else gpt.output_layer.weight
+
+
+def token_logprobs(policy: Policy, hidden: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last stage: final hidden ``[1, S, H]`` -> (logp ``[S]``, entropy ``[S]``) of the targets."""
+    gpt = policy.gpt
+    weight = output_weight(gpt)
+    hidden = hidden[0]
+    reduce_grad = True
+    if gpt.config.sequence_parallel:  # the gather's backward reduce-scatters (sums) over TP
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        hidden, reduce_grad = gather_from_sequence_parallel_region(hidden[:, None])[:, 0], False
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    return fused_logprob_entropy(
+        hidden, weight, batch.targets, group=ps.get_tensor_model_parallel_group(),
+        vocab_start=tp_rank * weight.shape[0], vocab_size=int(policy.hf_config["vocab_size"]),
+        temperature=policy.temperature, chunk=policy.logprob_chunk, reduce_grad_hidden=reduce_grad)
+
+
+def _model_inputs(gpt, batch: PackedBatch) -> dict:
+    """TE spec: varlen attention over ``cu_seqlens``; local spec: a block-diagonal causal mask."""
+    if any(n.endswith("layer_norm_weight") for n, _ in gpt.named_parameters()):  # TE-fused norms
+        return dict(attention_mask=None, packed_seq_params=batch.packed_seq_params())
+    return dict(attention_mask=batch.attention_mask().to(batch.tokens.device))
+
+
+def _forward_step(policy: Policy, loss_fn: Optional[LossFn], normalizer: float, data_iterator, model):
+    batch: PackedBatch = next(data_iterator)
+    with hidden_state_output(policy.gpt):
+        out = model(batch.tokens, batch.position_ids, **_model_inputs(policy.gpt, batch))
+    return out, partial(_loss, policy, loss_fn, normalizer, batch)
+
+
+def _loss(policy: Policy, loss_fn: Optional[LossFn], normalizer: float, batch: PackedBatch, hidden):
+    logp, entropy = token_logprobs(policy, hidden, batch)
+    if loss_fn is None:  # forward-only: collect the log-probs
+        return logp.sum() * 0, torch.tensor(0, dtype=torch.int), {"logp": logp.detach(),
+                                                                   "entropy": entropy.detach()}
+    local_sum, metrics = loss_fn(logp, entropy, batch)
+    tokens = torch.tensor(int(batch.loss_mask.sum().item()), dtype=torch.int)
+    return local_sum / normalizer, tokens, {"loss": local_sum.detach() / normalizer,
+                                            **{k: v.detach() for k, v in metrics.items()}}
+
+
+def global_loss_tokens(micro_batches: list[PackedBatch]) -> float:
+    """Loss tokens of this DP replica's micro-batches, summed over the data-parallel group."""
+    count = torch.tensor([sum(float(mb.loss_mask.sum()) for mb in micro_batches)], dtype=torch.float64)
+    dist.all_reduce(count, group=ps.get_data_parallel_group())
+    return float(count.item())
+
+
+def _reduce_metrics(stores: list[dict]) -> dict[str, float]:
+    """Sum metrics over micro-batches and DP ranks; every PP stage gets the last stage's values."""
+    names = sorted({k for d in stores for k in d})
+    names = _broadcast_from_last_stage_obj(names)
+    values = torch.tensor([sum(float(d[k]) for d in stores if k in d) for k in names], dtype=torch.float64)
+    dist.all_reduce(values, group=ps.get_data_parallel_group())
+    values = _broadcast_from_last_stage(values)
+    return dict(zip(names, values.tolist()))
+
+
+def _broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return t
+
+
+def _broadcast_from_last_stage_obj(obj):
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    return box[0]
+
+
+def forward_backward(policy: Policy, micro_batches: list[PackedBatch], loss_fn: Optional[LossFn],
+                     normalizer: Optional[float] = None, forward_only: bool = False) -> list[dict]:
+    """Run the (pipeline) schedule; returns the last stage's per-micro-batch metric dicts."""
+    if not forward_only:
+        normalizer = normalizer if normalizer is not None else max(global_loss_tokens(micro_batches), 1.0)
+    fb = get_forward_backward_func()
+    return fb(forward_step_func=partial(_forward_step, policy, loss_fn, normalizer or 1.0),
+              data_iterator=iter(micro_batches), model=[policy.model],
+              num_microbatches=len(micro_batches), seq_length=max(mb.num_tokens for mb in micro_batches),
+              micro_batch_size=1, forward_only=forward_only) or []
+
+
+def train_step(policy: Policy, micro_batches: list[PackedBatch], loss_fn: LossFn,
+               normalizer: Optional[float] = None) -> dict[str, float]:
+    """One optimizer step over this DP replica's micro-batches; metrics summed over the global batch
+    (``loss`` is the normalised loss) plus ``grad_norm`` (before clipping), ``lr``, ``update_ok``."""
+    zero_grads(policy)
+    stores = forward_backward(policy, micro_batches, loss_fn, normalizer)
+    return {**_reduce_metrics(stores), **optimizer_step(policy)}
+
+
+def zero_grads(policy: Policy) -> None:
+    policy.gpt.train()
+    policy.model.zero_grad_buffer()
+    policy.optimizer.zero_grad()
+
+
+def optimizer_step(policy: Policy) -> dict[str, float]:
+    """Advance the schedule, then clip and apply the gradients in the DDP buffers."""
+    policy.scheduler.step(increment=1)
+    lr = policy.optimizer.param_groups[0]["lr"]
+    update_ok, grad_norm, _ = policy.optimizer.step()
+    return {"grad_norm": float(grad_norm or 0.0), "lr": lr, "update_ok": float(bool(update_ok))}
+
+
+@torch.no_grad()
+def forward_logprobs(policy: Policy, micro_batches: list[PackedBatch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Old-policy / reference log-probs and entropies ``[S]`` per micro-batch, with the same fused
+    kernel; computed on the last stage and broadcast to every pipeline stage."""
+    policy.gpt.eval()
+    stores = forward_backward(policy, micro_batches, None, forward_only=True)
+    out = []
+    for i, mb in enumerate(micro_batches):
+        both = torch.stack([stores[i]["logp"], stores[i]["entropy"]]) if stores \
+            else torch.empty(2, mb.num_tokens)
+        both = _broadcast_from_last_stage(both.float().contiguous())
+        out.append((both[0], both[1]))
+    return out

