@@ -30,6 +30,9 @@ Patch points:
        setup_embeddings_and_output_layer``); during that call ``Tensor.cuda`` is the identity;
   10.  (not in PLATFORM.md's list) ``tensor_parallel.mappings``' gathers (vocab-parallel logits ->
        full logits, sequence-parallel gathers) allocate their outputs on the CPU.
+  11.  (not in PLATFORM.md's list) ``dist_checkpointing`` save: its strategies call
+       ``torch.cuda.synchronize()`` and allocate status flags on ``torch.cuda.current_device()``
+       (``filesystem_async``, ``state_dict_saver``, ``async_utils``).
 """
 from __future__ import annotations
 
@@ -197,6 +200,8 @@ PATCH_POINTS: dict[str, Callable[[], None]] = {
     "causal_mask": lambda: _proxy_torch("megatron.core.transformer.utils"),
     "tied_embeddings": _patch_tied_embeddings,
     "tp_mappings": lambda: _proxy_torch("megatron.core.tensor_parallel.mappings"),
+    "dist_checkpointing": lambda: [_proxy_torch(f"megatron.core.dist_checkpointing.strategies.{m}")
+                                   for m in ("filesystem_async", "state_dict_saver", "async_utils")],
 }
 
 

@@ -137,6 +137,40 @@ def check_tp_mappings(rank):
     return tensor_parallel.gather_from_tensor_model_parallel_region(mine)
 
 
+def check_dist_checkpointing(rank):
+    """Save a TP=2 model with dist_checkpointing and load it back into a perturbed copy."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import async_utils, filesystem_async, state_dict_saver
+
+    from megatron_skpo.model import builder
+
+    _needs_cuda(filesystem_async, "torch.cuda.synchronize")
+    _needs_cuda(state_dict_saver, "torch.cuda.current_device")
+    _needs_cuda(async_utils, "torch.cuda.current_device")
+    path = Path(tempfile.gettempdir()) / f"skpo_cpu_compat_ckpt_{os.environ['MASTER_PORT']}"
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
+    dist.barrier()
+    model = builder.build_gpt_model(hf_model("llama")[1])
+    dist_checkpointing.save(model.sharded_state_dict(), str(path))
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(path)))
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    return all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k in saved)
+
+
 CHECKS = {  # patch point -> (parallel layout, check)
     "config": ((1, 1), check_config),
     "rng": ((2, 1), check_rng),
@@ -146,6 +180,7 @@ CHECKS = {  # patch point -> (parallel layout, check)
     "schedules": ((1, 2), check_schedules_ddp_optimizers),
     "causal_mask": ((1, 1), check_causal_mask),
     "tp_mappings": ((2, 1), check_tp_mappings),
+    "dist_checkpointing": ((2, 1), check_dist_checkpointing),
 }
 
 
@@ -243,3 +278,8 @@ def test_default_causal_mask(checks):
 def test_tensor_parallel_gather(checks):
     for gathered in _result(checks, "tp_mappings"):
         assert torch.equal(gathered, torch.cat([torch.zeros(2, 3), torch.ones(2, 3)], dim=1))
+
+
+@pytest.mark.distributed
+def test_dist_checkpointing_save_and_load(checks):
+    assert all(_result(checks, "dist_checkpointing"))
