@@ -1,9 +1,10 @@
 """HF <-> Megatron conversion entry points: plain functions for the CLI, the weight sync and skpo-eval.
 
-``hf_to_mcore`` reads one safetensors file at a time and converts each layer (a *unit*, see
-:mod:`.units`) as soon as all its HF tensors have been read, dropping the HF copies; the Megatron
-tensors it produces stay in memory until the single ``dist_checkpointing.save`` call, because
-that API takes the whole state dict (peak: the model in the target dtype plus one input file).
+``hf_to_mcore`` is streaming: it plans the dist checkpoint from the HF headers alone (a state
+dict of ``meta`` tensors, :mod:`.hf_source`) and saves it through ``dist_checkpointing.save`` with
+a strategy that asks for each chunk's data only while writing it (:mod:`.stream_save`); the data
+is converted one layer (a *unit*, see :mod:`.units`) at a time, reading only that layer's HF
+tensors (peak: one unit's HF tensors, Megatron tensors and TP chunks).
 ``mcore_to_hf`` is fully streaming: it plans the output shards from the stored shapes, then loads
 one layer at a time from the dist checkpoint and writes each shard as soon as it is complete
 (peak: one output shard plus the layer in flight).
@@ -22,10 +23,11 @@ import torch
 
 from checkpoint_convert import checks, hf_io, mcore_io
 from checkpoint_convert.mappings.common import EMBED, OUTPUT
-from checkpoint_convert.mappings.sharding import parallel_kind
+from checkpoint_convert.hf_source import HFUnitSource
 from checkpoint_convert.measure import Measure
 from checkpoint_convert.staging import ConvertError, check_out_dir, staged_dir
-from checkpoint_convert.units import GLOBAL, from_hf_unit, hf_unit, mcore_unit, to_hf_unit
+from checkpoint_convert.stream_save import StreamingSaveStrategy
+from checkpoint_convert.units import GLOBAL, hf_unit, mcore_unit, to_hf_unit
 
 
 @dataclass
@@ -50,21 +52,6 @@ def _report(direction: str, out: Path, m: Measure, nbytes: int) -> ConvertReport
                          round(Measure.lifetime_peak_mb(), 1), round(m.peak_delta_mb, 1))
 
 
-def _unit_shards(mapping, tpl: mcore_io.Template, unit: int, hf: dict, tp: int,
-                 dtype: Optional[torch.dtype]) -> dict[str, list]:
-    """Megatron shards (TP-chunked, vocab padded, cast) of every parameter of one unit."""
-    mc = from_hf_unit(mapping, tpl.hf_config, unit, hf)
-    out = {}
-    for name, meta in tpl.params.items():
-        if mcore_unit(name) != unit:
-            continue
-        full = mc[name] if dtype is None else mc[name].to(dtype)
-        if parallel_kind(name) == "vocab" and full.shape[0] < meta.shape[0]:
-            full = torch.cat([full, full.new_zeros(meta.shape[0] - full.shape[0], *full.shape[1:])])
-        out[name] = mcore_io.shard_entry(tpl.sharded[name], name, full, tp)
-    return out
-
-
 def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1,
                 dtype: str = "auto", force: bool = False, vocab_divisible_by: int = 128) -> ConvertReport:
     """Write a Megatron dist checkpoint of the HF model in ``hf_dir`` laid out for TP=``tp``.
@@ -85,21 +72,13 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 
     check_out_dir(out_dir, force)
     cast = None if dtype == "auto" else checks.DTYPES[dtype]
     with Measure() as m, staged_dir(out_dir, force) as tmp:
-        shards: dict[str, object] = dict(mcore_io.objects(tpl))
-        pending: dict[int, dict] = {}
-        for _, tensors in src.iter_files():
-            for name in list(tensors):
-                u = hf_unit(name)
-                if name in expected[u]:
-                    pending.setdefault(u, {})[name] = tensors.pop(name)
-                    if len(pending[u]) == len(expected[u]):
-                        shards.update(_unit_shards(mapping, tpl, u, pending.pop(u), tp, cast))
-            del tensors
+        source = HFUnitSource(src, mapping, tpl, expected, tp, cast)
+        shards: dict[str, object] = {**mcore_io.objects(tpl), **source.meta_shards()}
         stored = sorted({str(st.dtype).removeprefix("torch.") for v in shards.values()
                          if isinstance(v, list) for st in v})
         meta = dict(tp=tp, pp=pp, dtype=stored, vocab_size=int(cfg["vocab_size"]), padded_vocab_size=padded,
                     model_type=cfg["model_type"], source=str(Path(hf_dir).absolute()))
-        mcore_io.save(tmp, shards, meta)
+        mcore_io.save(tmp, shards, meta, StreamingSaveStrategy(source))
         (tmp / mcore_io.HF_SIDE).mkdir()
         hf_io.copy_side_files(src.root, tmp / mcore_io.HF_SIDE)
     return _report("hf-to-mcore", Path(out_dir), m, src.total_bytes)

@@ -2,7 +2,8 @@
 
 Reading never loads more than one ``.safetensors`` file: :func:`open_hf` parses only the JSON
 headers (names, dtypes, shapes, byte ranges) and checks every file's size against its header, so a
-truncated download is reported before any conversion starts. Writing produces the layout
+truncated download is reported before any conversion starts; then either whole files
+(:meth:`HFCheckpoint.iter_files`) or just named tensors (:meth:`HFCheckpoint.read`) are read. Writing produces the layout
 transformers and vLLM expect for sharded checkpoints: ``model-0000k-of-0000n.safetensors`` files
 plus ``model.safetensors.index.json`` (``metadata.total_size`` and ``weight_map``).
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from checkpoint_convert.staging import ConvertError
@@ -52,6 +54,17 @@ class HFCheckpoint:
         """``(file name, its tensors)`` one file at a time, in file order."""
         for name in self.files:
             yield name, load_file(self.root / name)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Just the tensors ``names`` (copies; each file is opened only for the read)."""
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.tensors[n].file, []).append(n)
+        out = {}
+        for file, wanted in by_file.items():
+            with safe_open(self.root / file, framework="pt") as f:
+                out.update({n: f.get_tensor(n) for n in wanted})
+        return out
 
     @property
     def total_bytes(self) -> int:

@@ -22,6 +22,7 @@ import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -35,18 +36,12 @@ TRACKER, RELEASE, META, HF_SIDE = "latest_checkpointed_iteration.txt", "release"
 FORMAT_VERSION = 1
 
 
-_DIST_CKPT_CUDA_MODULES = ("filesystem_async", "state_dict_saver", "async_utils")
-
-
 def _cpu_dist_checkpointing() -> None:
-    """On CPU, let dist_checkpointing's save path run: it calls ``torch.cuda.synchronize()`` and
-    allocates a status flag on ``torch.cuda.current_device()``. Reuses the model's CPU
-    compatibility proxy (reported to its owner for inclusion as a patch point there)."""
+    """On a host without CUDA, apply the model's CPU compatibility layer: dist_checkpointing's save
+    path is one of its patch points (``cpu_compat`` point 11); a no-op on GPU machines."""
     from megatron_skpo.model import cpu_compat
 
-    if cpu_compat.needed():
-        for name in _DIST_CKPT_CUDA_MODULES:
-            cpu_compat._proxy_torch(f"megatron.core.dist_checkpointing.strategies.{name}")
+    cpu_compat.apply()
 
 
 def ensure_single_process_group() -> None:
@@ -133,11 +128,14 @@ def objects(tpl: Template) -> dict[str, ShardedObject]:
     return {k: v for k, v in tpl.sharded.items() if isinstance(v, ShardedObject)}
 
 
-def save(out: Path, model_shards: dict[str, object], meta: dict) -> None:
-    """Write the dist checkpoint and the tracker/meta files into ``out`` (already a staging dir)."""
+def save(out: Path, model_shards: dict[str, object], meta: dict, strategy: Optional[object] = None) -> None:
+    """Write the dist checkpoint and the tracker/meta files into ``out`` (already a staging dir).
+
+    ``strategy``: a ``dist_checkpointing`` save strategy (default: Megatron's ``torch_dist``).
+    """
     state = {"model": model_shards, "checkpoint_version": 3.0, "iteration": 0}
     (out / RELEASE).mkdir()
-    dist_checkpointing.save(state, str(out / RELEASE))
+    dist_checkpointing.save(state, str(out / RELEASE), sharded_strategy=strategy)
     (out / TRACKER).write_text(RELEASE)
     (out / META).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2) + "\n")
 

@@ -1,4 +1,4 @@
-"""``skpo-train CONFIG [--dry-run] [key=value ...]``: resolve a recipe and train.
+"""``skpo-train CONFIG [--dry-run] [--export-hf DIR] [key=value ...]``: resolve a recipe and train.
 
 The resolved config is printed and saved (``<logging.dir>/config.yaml``) with every run, so a run
 can be reproduced from its directory alone.
@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", nargs="?", help="YAML recipe (configs/*.yaml); defaults if omitted")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--export-hf", metavar="DIR", default=None,
+                        help="write the final policy as an HF checkpoint to DIR (overrides checkpoint.export_hf)")
     return parser
 
 
@@ -49,15 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.logging.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(text)
-    try:
-        from megatron_skpo.trainer import train  # heavy imports only when training
-    except ImportError as e:
-        if e.name != "megatron_skpo.trainer":
-            raise
-        print("skpo-train: the RL training loop is not part of this release yet; "
-              "use --dry-run to validate a recipe", file=sys.stderr)
-        return 3
-    return train(cfg)
+    from megatron_skpo.trainer import train  # heavy imports only when training
+
+    return train(cfg, args.export_hf)
 
 
 if __name__ == "__main__":

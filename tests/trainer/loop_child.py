@@ -1,0 +1,75 @@
+"""Child process of the loop tests: build a tiny model + data once, then train recipes on one engine.
+
+Usage: ``loop_child.py WORKDIR RUN [RUN ...]`` where RUN is ``name:algo:steps[:extra=override,...]``;
+each run trains ``configs/<algo>.yaml`` with :func:`tiny_overrides` and writes under WORKDIR/name.
+The tiny model and data are built by the first call into WORKDIR/model and reused afterwards.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent / "rollout"))
+
+PROBLEMS = [(f"What is {a} + {b}?", str(a + b)) for a in range(1, 5) for b in range(1, 5)]
+
+
+def build_assets(work: Path) -> Path:
+    """A tiny Llama + tokenizer (rollout fixtures) and a dapo-format JSONL of 16 problems."""
+    from rollout_fixtures import build_tiny_llama
+
+    model = work / "model"
+    if not (model / "config.json").is_file():
+        build_tiny_llama(model, eos_prob=0.05)
+    data = work / "problems.jsonl"
+    if not data.is_file():
+        rows = [{"prompt": [{"role": "user", "content": q}], "reward_model": {"ground_truth": a}} for q, a in PROBLEMS]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model
+
+
+def tiny_overrides(work: Path, name: str, steps: int) -> list[str]:
+    """The real recipe, shrunk: tiny fp32 model, 4 prompts x G=4, 16-token responses, 2 updates/step.
+
+    Rewards: 1 correct, 0 wrong, -1 without a number (format penalty), so random text gives mixed groups.
+    """
+    return [f"model.hf_path={work / 'model'}", "model.dtype=fp32", "parallel.tp=1", "parallel.pp=1",
+            "parallel.micro_batch_tokens=512", "rollout.max_prompt_tokens=64", "rollout.max_response_tokens=16",
+            "rollout.dtype=float32", "rollout.enforce_eager=true", "rollout.max_model_len=256",
+            "rollout.temperature=1.0", f"train.steps={steps}", "train.prompts_per_step=4",
+            "train.mini_batch_prompts=2", "train.seed=7", "optim.lr=1e-4", "optim.warmup_steps=0",
+            "algo.group_size=4", "algo.skpo.init_length=12", "algo.dense_mc.num_rollouts=2",
+            "algo.dense_mc.num_positions=2", f"data.train.path={work / 'problems.jsonl'}",
+            "data.train.prompt_field=prompt", "data.train.answer_field=reward_model.ground_truth",
+            "data.prompt_template=raw", "reward.correct=1", "reward.incorrect=0", "reward.format_penalty=-1",
+            "reward.answer_fallbacks=[last_number]", "reward.workers=1", f"logging.dir={work / name}",
+            "logging.tensorboard=false", "logging.progress=false", "checkpoint.save_interval=1",
+            "checkpoint.keep_last=1"]
+
+
+def main(work: str, runs: list[str]) -> int:
+    from megatron_skpo.config import load_config
+    from megatron_skpo.trainer.loop import train
+
+    work_dir = Path(work)
+    build_assets(work_dir)
+    engine = None
+    for spec in runs:
+        name, algo, steps, *extra = spec.split(":")
+        overrides = tiny_overrides(work_dir, name, int(steps)) + (extra[0].split(",") if extra else [])
+        cfg = load_config(ROOT / "configs" / f"{algo}.yaml", overrides)
+        if engine is None and len(runs) > 1:
+            from megatron_skpo.trainer.run import runtime
+
+            runtime.init_distributed()
+            engine = runtime.build_engine(cfg, 1, runtime.template_stop(cfg))
+        train(cfg, engine=engine)
+        print(f"done {name}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2:]))
