@@ -41,25 +41,34 @@ def _renumber(tensors: Tensors, pattern: re.Pattern, prefix: str, layer: int) ->
 
 
 def _convert(fn, tensors: Tensors, hf_config: dict, unit: int, pattern: re.Pattern, prefix: str,
-             placeholders: tuple[str, ...], out_pattern: re.Pattern, out_prefix: str) -> Tensors:
+             placeholders: tuple[str, ...], out_pattern: re.Pattern, out_prefix: str, te: bool) -> Tensors:
     if unit == GLOBAL:
-        return fn(tensors, {**hf_config, "num_hidden_layers": 0})
+        return fn(tensors, {**hf_config, "num_hidden_layers": 0}, te=te)
     local = _renumber(tensors, pattern, prefix, 0)
     local.update({k: torch.empty(0) for k in placeholders})
-    out = fn(local, {**hf_config, "num_hidden_layers": 1})
+    out = fn(local, {**hf_config, "num_hidden_layers": 1}, te=te)
     return _renumber(out, out_pattern, out_prefix, unit)
 
 
-def from_hf_unit(mapping: ModuleType, hf_config: dict, unit: int, hf: Tensors) -> Tensors:
+def from_hf_unit(mapping: ModuleType, hf_config: dict, unit: int, hf: Tensors, te: bool = False) -> Tensors:
     """Full Megatron tensors of ``unit`` from the HF tensors of that unit (``mapping.from_hf``)."""
     return _convert(mapping.from_hf, hf, hf_config, unit, HF_LAYER, "model.layers.", _HF_GLOBALS,
-                    MC_LAYER, "decoder.layers.")
+                    MC_LAYER, "decoder.layers.", te)
 
 
-def to_hf_unit(mapping: ModuleType, hf_config: dict, unit: int, mc: Tensors) -> Tensors:
-    """HF tensors of ``unit`` from the full Megatron tensors of that unit (``mapping.to_hf``)."""
+def to_hf_unit(mapping: ModuleType, hf_config: dict, unit: int, mc: Tensors, te: bool = False) -> Tensors:
+    """HF tensors of ``unit`` from the full Megatron tensors of that unit (``mapping.to_hf``).
+
+    The global unit may be partial (a pipeline stage holds the embedding, another the final norm
+    and output layer): the missing global tensors are empty placeholders, dropped from the result.
+    """
+    if unit == GLOBAL:
+        mc = {**{k: torch.empty(0) for k in _MC_GLOBALS}, **mc}
+        out = _convert(mapping.to_hf, mc, hf_config, unit, MC_LAYER, "decoder.layers.", _MC_GLOBALS,
+                       HF_LAYER, "model.layers.", te)
+        return {k: v for k, v in out.items() if v.numel() > 0}
     return _convert(mapping.to_hf, mc, hf_config, unit, MC_LAYER, "decoder.layers.", _MC_GLOBALS,
-                    HF_LAYER, "model.layers.")
+                    HF_LAYER, "model.layers.", te)
 
 
 def units(num_layers: int) -> list[int]:

@@ -14,6 +14,7 @@ Metrics over all N prompt positions (``p``: HF, ``q``: Megatron softmax):
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from dataclasses import dataclass
@@ -104,7 +105,9 @@ def _worker(rank: int, world: int, port: int, queue, args: tuple) -> None:
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         _cpu_dist_checkpointing()
-        queue.put((rank, _mcore_logits_rank(*args), None))
+        # pickled here: a tensor put on a torch.multiprocessing queue travels as shared memory that
+        # vanishes when this process exits, which races with the parent reading it (seen as flakes)
+        queue.put((rank, pickle.dumps(_mcore_logits_rank(*args)), None))
     except BaseException:
         queue.put((rank, None, traceback.format_exc()))
     finally:
@@ -141,7 +144,7 @@ def mcore_logits(tp: int, hf_config: dict, ckpt_dir: str, prompts: list[torch.Te
     errors = [f"rank {r}:\n{e}" for r, _, e in results if e]
     if errors:
         raise RuntimeError("Megatron forward failed on " + "\n".join(errors))
-    return next(v for r, v, _ in results if r == 0)
+    return pickle.loads(next(v for r, v, _ in results if r == 0))
 
 
 def verify(hf_dir: str | Path, mcore_dir: str | Path, tp: int = 1, th: Thresholds = Thresholds()) -> dict:

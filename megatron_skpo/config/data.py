@@ -15,11 +15,13 @@ class DatasetConfig:
     path: Optional[str] = doc(None, "JSONL or Parquet file (used when name is null)")
     prompt_field: str = doc("problem", "field holding the problem text (dotted for nested, e.g. prompt.0.content)")
     answer_field: str = doc("answer", "field holding the gold answer (e.g. reward_model.ground_truth)")
-    limit: Optional[int] = doc(None, "keep the first N rows after validation")
+    offset: int = doc(0, "skip the first N valid rows (e.g. to hold out the rows an evaluation uses)")
+    limit: Optional[int] = doc(None, "keep the first N rows after validation (after offset)")
 
     def __post_init__(self):
         check(self.name is not None or self.path is not None, "name/path", "set a recipe name or a file path")
         check(self.limit is None or self.limit > 0, "limit", "must be > 0 or null")
+        check(self.offset >= 0, "offset", "must be >= 0")
         check(self.path is None or str(self.path).endswith((".jsonl", ".json", ".parquet")), "path",
               f"got {self.path!r}; expected a .jsonl or .parquet file")
 

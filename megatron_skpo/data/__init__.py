@@ -42,7 +42,15 @@ def load_file(path: str | Path, prompt_field: str, answer_field: str, policy: st
 
 def load_dataset(cfg: DatasetConfig, policy: str = "error",
                  duplicates: Duplicates = "policy") -> tuple[list[Problem], LoadReport]:
-    """Problems of one dataset section (``data.train`` / ``data.eval``) under the invalid-row policy."""
+    """Problems of one dataset section (``data.train`` / ``data.eval``) under the invalid-row policy:
+    the valid rows ``[offset, offset + limit)``."""
+    end = None if cfg.limit is None else cfg.offset + cfg.limit
     if cfg.name is not None:
-        return load_recipe(cfg.name, policy, duplicates, cfg.limit)
-    return load_file(cfg.path, cfg.prompt_field, cfg.answer_field, policy, duplicates, cfg.limit)
+        problems, report = load_recipe(cfg.name, policy, duplicates, end)
+    else:
+        problems, report = load_file(cfg.path, cfg.prompt_field, cfg.answer_field, policy, duplicates, end)
+    if cfg.offset >= len(problems):
+        raise ValueError(f"{report.file}: data offset {cfg.offset} leaves no problems ({len(problems)} valid rows)")
+    problems = problems[cfg.offset:]
+    report.kept = len(problems)
+    return problems, report

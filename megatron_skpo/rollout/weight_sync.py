@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 
 from checkpoint_convert.mappings import get_mapping
-from checkpoint_convert.mappings.common import EMBED, FINAL_NORM, OUTPUT
+from checkpoint_convert.mappings.common import EMBED, OUTPUT
 from checkpoint_convert.mappings.sharding import stage_layers, unshard_tensor
+from checkpoint_convert.units import mcore_unit, to_hf_unit
 
 Named = list[tuple[str, torch.Tensor]]
 _MC_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -108,21 +109,13 @@ def push_weights(engine, named: Iterable[tuple[str, torch.Tensor]], bucket_bytes
 
 
 def unit_to_hf(unit: dict[str, torch.Tensor], hf_config: dict, te: bool = False) -> dict[str, torch.Tensor]:
-    """HF tensors of one Megatron unit (full, un-sharded, global layer numbers) via ``to_hf``."""
-    layers = {int(m.group(1)) for m in map(_MC_LAYER.match, unit) if m}
+    """HF tensors of one Megatron unit (full, un-sharded, global layer numbers): one decoder layer,
+    or (part of) the embedding / final norm / output layer; the converter's layer-at-a-time mapping."""
+    layers = {mcore_unit(k) for k in unit}
     if len(layers) > 1:
-        raise ValueError(f"unit_to_hf: a unit holds one decoder layer, got layers {sorted(layers)}")
-    empty = torch.empty(0)
-    mini = {EMBED: empty, FINAL_NORM: empty, OUTPUT: empty}
-    if layers:
-        (i,) = layers
-        mini.update({f"decoder.layers.0.{_MC_LAYER.match(k).group(2)}": v for k, v in unit.items()})
-        hf = get_mapping(hf_config["model_type"]).to_hf(mini, {**hf_config, "num_hidden_layers": 1}, te=te)
-        return {k.replace("model.layers.0.", f"model.layers.{i}.", 1): v
-                for k, v in hf.items() if k.startswith("model.layers.0.")}
-    mini.update(unit)
-    hf = get_mapping(hf_config["model_type"]).to_hf(mini, {**hf_config, "num_hidden_layers": 0}, te=te)
-    return {k: v for k, v in hf.items() if v.numel() > 0}
+        raise ValueError(f"unit_to_hf: a unit holds one decoder layer or the globals, got {sorted(layers)}")
+    (layer,) = layers
+    return to_hf_unit(get_mapping(hf_config["model_type"]), hf_config, layer, unit, te=te)
 
 
 def _units(model: torch.nn.Module, layer_offset: int) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:

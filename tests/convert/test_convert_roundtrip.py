@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from convert_fixtures import not_bit_exact, read_all, save_tiny, spawn
+from convert_fixtures import not_bit_exact, read_all, save_tiny
+from mp_helpers import spawn
 
 from checkpoint_convert.cli import main as cli
 from checkpoint_convert.convert import hf_to_mcore, mcore_to_hf

@@ -150,3 +150,18 @@ def test_templates_and_length_limit():
         render_all(problems, "raw", WordTokenizer(), False, max_tokens=n0 - 1, policy="error")
     kept, prompts, skipped = render_all(problems, "raw", WordTokenizer(), False, max_tokens=n0 - 1, policy="skip")
     assert skipped >= 1 and len(kept) == len(prompts) == 3 - skipped
+
+
+def test_offset_and_limit_select_a_disjoint_slice():
+    """offset holds out the rows an evaluation uses (the demo evaluates the first 40 of mawps_easy)."""
+    from megatron_skpo.config import DatasetConfig
+    from megatron_skpo.data import load_dataset
+
+    head, _ = load_dataset(DatasetConfig(name="mawps_easy", limit=40), "skip")
+    tail, report = load_dataset(DatasetConfig(name="mawps_easy", offset=40, limit=30), "skip")
+    assert len(head) == 40 and len(tail) == 30 and report.kept == 30
+    assert not {p.prompt for p in head} & {p.prompt for p in tail}
+    everything, _ = load_dataset(DatasetConfig(name="mawps_easy"), "skip")
+    assert [p.prompt for p in everything[40:70]] == [p.prompt for p in tail]
+    with pytest.raises(ValueError, match="offset 1000 leaves no problems"):
+        load_dataset(DatasetConfig(name="mawps_easy", offset=1000), "skip")

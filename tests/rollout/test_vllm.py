@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
+from mp_helpers import free_port
 from rollout_fixtures import build_tiny_llama
 from safetensors.torch import load_file
 
@@ -56,12 +56,6 @@ def stack(tmp_path_factory):
     engine.close(release_distributed=True)
     for k, v in saved.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prompt_items(tok):

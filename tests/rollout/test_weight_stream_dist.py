@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-from mp_helpers import spawn  # noqa: E402  (helper-3's gloo launcher)
+from mp_helpers import spawn  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
