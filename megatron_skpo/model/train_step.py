@@ -158,7 +158,7 @@ def global_loss_tokens(micro_batches: list[PackedBatch]) -> float:
     return float(count.item())
 
 
-def _reduce_metrics(stores: list[dict]) -> dict[str, float]:
+def reduce_metrics(stores: list[dict]) -> dict[str, float]:
     """Sum metrics over micro-batches and DP ranks; every PP stage gets the last stage's values."""
     names = sorted({k for d in stores for k in d})
     names = _broadcast_from_last_stage_obj(names)
@@ -202,7 +202,7 @@ def train_step(policy: Policy, micro_batches: list[PackedBatch], loss_fn: LossFn
     (``loss`` is the normalised loss) plus ``grad_norm`` (before clipping), ``lr``, ``update_ok``."""
     zero_grads(policy)
     stores = forward_backward(policy, micro_batches, loss_fn, normalizer)
-    return {**_reduce_metrics(stores), **optimizer_step(policy)}
+    return {**reduce_metrics(stores), **optimizer_step(policy)}
 
 
 def zero_grads(policy: Policy) -> None:

@@ -134,13 +134,13 @@ def grads_finite(policy) -> bool:
 
 def update(run: Run, minis: list[MiniBatch]) -> dict[str, float]:
     """One optimizer step per mini-batch; non-finite loss or gradients skip the step (counted)."""
-    from megatron_skpo.model.train_step import _reduce_metrics, forward_backward, optimizer_step, zero_grads
+    from megatron_skpo.model.train_step import reduce_metrics, forward_backward, optimizer_step, zero_grads
 
     sums: dict[str, float] = {}
     for m in minis:
         zero_grads(run.policy)
         stores = forward_backward(run.policy, m.micro, make_loss_fn(m.rows, m.counts, run.loss), normalizer=1.0)
-        reduced = _reduce_metrics(stores)
+        reduced = reduce_metrics(stores)
         finite = grads_finite(run.policy)
         if run.guard.check(reduced.get("loss", 0.0), 0.0 if finite else float("nan")):
             reduced.update(optimizer_step(run.policy))

@@ -7,8 +7,8 @@ torchrun -> c10d rendezvous on the first host.
 """
 from __future__ import annotations
 
+import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -84,6 +84,42 @@ def test_cpu_job_runs_under_slurm(cluster, tmp_path):
     results = sorted(line for line in real.splitlines() if line.startswith("allreduce "))
     assert results == [f"allreduce rank={r} world=2 sum=3 node_rank=0" for r in (0, 1)], text
     assert "== done" in text
+
+
+TRAIN_JOB = """#!/bin/bash
+#SBATCH --job-name=skpo-cpu-train
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=2
+#SBATCH --time=10
+#SBATCH --output={out}
+set -euo pipefail
+cd {repo}
+export PATH={bindir}:$PATH OMP_NUM_THREADS=1
+GPUS_PER_NODE=1 bash scripts/run_llama3b.sh --run-dir {run_dir} {overrides}
+echo "== done"
+"""
+
+
+def test_cpu_training_job_runs_under_slurm(cluster, tmp_path):
+    """The real job: sbatch -> srun -> launch.sh -> torchrun -> skpo-train (SKPO, tiny model, 1 step)."""
+    sys.path.insert(0, str(REPO / "tests" / "trainer"))
+    from loop_child import build_assets, tiny_overrides
+
+    build_assets(tmp_path)
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(tmp_path, "unused", 1) if not o.startswith("logging.dir=")]
+    out = tmp_path / "train.out"
+    script = tmp_path / "train.sh"
+    script.write_text(TRAIN_JOB.format(out=out, repo=shlex.quote(str(REPO)), bindir=Path(sys.executable).parent,
+                                       run_dir=run_dir, overrides=" ".join(map(shlex.quote, overrides))))
+    job_id = cluster.run("sbatch", "--parsable", str(script), cwd=tmp_path).stdout.strip().split(";")[0]
+    state = _wait_job(cluster, job_id, timeout=420)
+    text = out.read_text() if out.exists() else ""
+    assert state == "COMPLETED" and "== done" in text, f"job {state}:\n{text[-4000:]}\n{cluster.logs()}"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and "loss/up/loss" in rows[0] and "loss/down/loss" in rows[0]
+    assert (run_dir / "checkpoints" / "latest").is_file()
 
 
 def test_run_script_header_is_accepted_by_sbatch(cluster, tmp_path):
