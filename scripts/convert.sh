@@ -9,17 +9,9 @@
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/launch.sh"
 
-model_file="" args=()
-while (($#)); do
-  case $1 in
-    --model-file) (($# >= 2)) || skpo_die "--model-file needs a name"; model_file=$2; shift 2 ;;
-    --dry-run) SKPO_DRY_RUN=1; shift ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
+skpo_wrapper_args "$@"
 ((${#args[@]})) || skpo_die "usage: scripts/convert.sh [--model-file NAME] [--dry-run] hf-to-mcore|mcore-to-hf|verify [options]"
 
-has() { local a; for a in "${args[@]}"; do [[ $a == "$1" || $a == "$1="* ]] && return 0; done; return 1; }
 # value of option $1 among the arguments ("--tp 4" or "--tp=4"), else $2
 value() {
   local i
@@ -32,13 +24,13 @@ value() {
 if [[ -n $model_file ]]; then
   skpo_model_file "$model_file"
   if [[ ${args[0]} == hf-to-mcore ]]; then
-    has --hf || args+=(--hf "$MODEL_HF_PATH")
+    skpo_has_arg --hf || args+=(--hf "$MODEL_HF_PATH")
     tp=$(value --tp "$MODEL_TP") pp=$(value --pp "$MODEL_PP")
-    has --tp || args+=(--tp "$tp")
-    has --pp || args+=(--pp "$pp")
-    has --out || args+=(--out "checkpoints/$MODEL_NAME-mcore-tp${tp}pp${pp}")
+    skpo_has_arg --tp || args+=(--tp "$tp")
+    skpo_has_arg --pp || args+=(--pp "$pp")
+    skpo_has_arg --out || args+=(--out "checkpoints/$MODEL_NAME-mcore-tp${tp}pp${pp}")
   elif [[ ${args[0]} == verify ]]; then
-    has --hf || args+=(--hf "$MODEL_HF_PATH")
+    skpo_has_arg --hf || args+=(--hf "$MODEL_HF_PATH")
   fi
 fi
 skpo_tool skpo-convert checkpoint_convert.cli

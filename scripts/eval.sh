@@ -9,23 +9,15 @@
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib/launch.sh"
 
-model_file="" args=()
-while (($#)); do
-  case $1 in
-    --model-file) (($# >= 2)) || skpo_die "--model-file needs a name"; model_file=$2; shift 2 ;;
-    --dry-run) SKPO_DRY_RUN=1; shift ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
+skpo_wrapper_args "$@"
 
-has() { local a; for a in ${args[@]+"${args[@]}"}; do [[ $a == "$1" || $a == "$1="* ]] && return 0; done; return 1; }
 defaults=()
 if [[ -n $model_file ]]; then
   skpo_model_file "$model_file"
   defaults=(${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"})
-  has --model || defaults+=(--model "$MODEL_HF_PATH")
-  has --out || defaults+=(--out "runs/eval/$MODEL_NAME")
+  skpo_has_arg --model || defaults+=(--model "$MODEL_HF_PATH")
+  skpo_has_arg --out || defaults+=(--out "runs/eval/$MODEL_NAME")
 fi
-has --model || [[ ${defaults[*]-} == *--model* ]] || skpo_die "--model DIR (or --model-file NAME) is required"
+skpo_has_arg --model || [[ ${defaults[*]-} == *--model* ]] || skpo_die "--model DIR (or --model-file NAME) is required"
 skpo_tool skpo-eval megatron_skpo.cli.eval
 skpo_run "${SKPO_TOOL[@]}" ${defaults[@]+"${defaults[@]}"} ${args[@]+"${args[@]}"}

@@ -47,6 +47,22 @@ skpo_parse_args() {
   [[ -n $SKPO_RECIPE ]] || skpo_die "no recipe: the model file sets MODEL_RECIPE, or pass --recipe FILE"
 }
 
+# Wrappers (scripts/convert.sh, scripts/eval.sh): split their own flags from the tool's arguments.
+# Sets model_file (--model-file NAME), SKPO_DRY_RUN (--dry-run) and the array args (the rest).
+skpo_wrapper_args() {
+  model_file="" args=()
+  while (($#)); do
+    case $1 in
+      --model-file) (($# >= 2)) || skpo_die "--model-file needs a name"; model_file=$2; shift 2 ;;
+      --dry-run) SKPO_DRY_RUN=1; shift ;;
+      *) args+=("$1"); shift ;;
+    esac
+  done
+}
+
+# Whether option $1 ("--x v" or "--x=v") is among the wrapper's args.
+skpo_has_arg() { local a; for a in ${args[@]+"${args[@]}"}; do [[ $a == "$1" || $a == "$1="* ]] && return 0; done; return 1; }
+
 skpo_is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 
 # First host of a Slurm node list ("gpu[003-004,9],cpu1" -> "gpu003"): scontrol's answer when it has
