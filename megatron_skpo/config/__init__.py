@@ -77,6 +77,13 @@ def validate_cross(cfg: Config) -> None:
     ):
         if name not in reg:
             raise ConfigError(f"{path}: got {name!r}; allowed values: {', '.join(reg.names())}")
+    if algo.name == "skpo":  # SPO's value tracker maps rewards in [-1, 1] to success probabilities
+        r = cfg.reward
+        for path, value in (("reward.correct", r.correct), ("reward.incorrect", r.incorrect),
+                            ("reward.incorrect + reward.format_penalty", r.incorrect + r.format_penalty)):
+            if not -1.0 <= value <= 1.0:
+                raise ConfigError(f"{path}: {value} is outside [-1, 1], which SKPO's upstream value "
+                                  "tracker needs (SKPO.md: R_II = +1 / -1)")
     if cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens <= 0:
         raise ConfigError("rollout: max_prompt_tokens + max_response_tokens must be > 0")
 

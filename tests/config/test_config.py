@@ -51,6 +51,8 @@ def test_overrides_are_typed_and_nested(tmp_path):
     (["algo.clip.eps_low=1.5"], "eps_low: must be in [0, 1)"),
     (["algo.group_size"], "expected key=value"),
     (["rollout.temperature=0"], "rollout.temperature: must be > 0"),
+    (["reward.format_penalty=-0.5"], "reward.incorrect + reward.format_penalty: -1.5 is outside [-1, 1]"),
+    (["reward.correct=2"], "reward.correct: 2.0 is outside [-1, 1]"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_values_name_the_field(overrides, needle):
     with pytest.raises(ConfigError) as err:
