@@ -10,10 +10,10 @@ from types import ModuleType
 
 import torch
 
-from checkpoint_convert.mappings import get_mapping
-from checkpoint_convert.mappings.common import EMBED, OUTPUT
 from checkpoint_convert.staging import ConvertError
-from checkpoint_convert.units import mcore_unit, to_hf_unit, units
+from megatron_skpo.model.mappings import get_mapping
+from megatron_skpo.model.mappings.common import EMBED, OUTPUT
+from megatron_skpo.model.mappings.units import mcore_unit, to_hf_unit, units
 
 # Present in some HF checkpoints, recomputed by every loader: accepted and skipped.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -30,14 +30,6 @@ def architecture(hf_config: dict) -> ModuleType:
     except (KeyError, HFConfigError) as e:
         raise ConvertError(f"unknown or unsupported architecture: {e.args[0]}") from None
     return mapping
-
-
-def padded_vocab(vocab: int, tp: int, divisible_by: int) -> int:
-    """Megatron's rule: round up to a multiple of ``divisible_by * tp``; 0 = no padding."""
-    if divisible_by <= 0:
-        return vocab
-    multiple = divisible_by * tp
-    return -(-vocab // multiple) * multiple
 
 
 def check_parallel(hf_config: dict, tp: int, pp: int, padded: int) -> None:

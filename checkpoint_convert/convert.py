@@ -22,12 +22,13 @@ from typing import Optional
 import torch
 
 from checkpoint_convert import checks, hf_io, mcore_io
-from checkpoint_convert.mappings.common import EMBED, OUTPUT
 from checkpoint_convert.hf_source import HFUnitSource
 from checkpoint_convert.measure import Measure
 from checkpoint_convert.staging import ConvertError, check_out_dir, staged_dir
 from checkpoint_convert.stream_save import StreamingSaveStrategy
-from checkpoint_convert.units import GLOBAL, hf_unit, mcore_unit, to_hf_unit
+from megatron_skpo.model.mappings.common import EMBED, OUTPUT
+from megatron_skpo.model.mappings.sharding import padded_vocab_size
+from megatron_skpo.model.mappings.units import GLOBAL, hf_unit, mcore_unit, to_hf_unit
 
 
 @dataclass
@@ -64,7 +65,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 
         raise ConvertError(f"--dtype: got {dtype!r}; allowed: auto, {', '.join(checks.DTYPES)}")
     src = hf_io.open_hf(hf_dir)
     cfg, mapping = src.config, checks.architecture(src.config)
-    padded = checks.padded_vocab(int(cfg["vocab_size"]), tp, vocab_divisible_by)
+    padded = padded_vocab_size(int(cfg["vocab_size"]), tp, vocab_divisible_by)
     checks.check_parallel(cfg, tp, pp, padded)
     tpl = mcore_io.template(cfg, padded)
     expected = checks.expected_hf(mapping, cfg, tpl.params)

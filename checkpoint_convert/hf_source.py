@@ -18,9 +18,9 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from checkpoint_convert import hf_io, mcore_io
-from checkpoint_convert.mappings.sharding import parallel_kind
 from checkpoint_convert.stream_save import ChunkKey
-from checkpoint_convert.units import from_hf_unit, mcore_unit
+from megatron_skpo.model.mappings.sharding import parallel_kind
+from megatron_skpo.model.mappings.units import from_hf_unit, mcore_unit
 
 
 def unit_shards(mapping: ModuleType, tpl: mcore_io.Template, unit: int, hf: dict, tp: int,

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
-from checkpoint_convert.mappings.sharding import parallel_kind
+from megatron_skpo.model.mappings.sharding import parallel_kind
 from checkpoint_convert.staging import ConvertError
 
 TRACKER, RELEASE, META, HF_SIDE = "latest_checkpointed_iteration.txt", "release", "skpo_convert.json", "hf"

@@ -21,6 +21,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron_skpo.model import cpu_compat
 from megatron_skpo.model.hf_config import gpt_model_kwargs, head_dim, rope_inv_freq, rope_spec
 from megatron_skpo.model.hf_config import transformer_config_kwargs
+from megatron_skpo.model.mappings.sharding import padded_vocab_size
 
 Impl = Literal["auto", "transformer_engine", "local"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -117,7 +118,7 @@ def build_gpt_model(hf_config: dict, *, dtype: str = "fp32", impl: Impl = "auto"
                     **overrides: Any) -> GPTModel:
     """This rank's ``GPTModel`` (its TP shard and PP stage) for ``hf_config``, randomly initialised.
 
-    Load weights afterwards with :mod:`checkpoint_convert.mappings` (``from_hf`` + ``shard``).
+    Load weights afterwards with :mod:`megatron_skpo.model.mappings` (``from_hf`` + ``shard``).
     ``parallel_output=True``: the output layer returns vocab-parallel logits ``[s, b, V/TP]``,
     which is what the fused log-prob consumes (``model.output_layer.weight`` is the shard).
     The vocabulary is padded to a multiple of ``vocab_divisible_by * TP`` (Megatron-LM's rule);
@@ -136,10 +137,3 @@ def build_gpt_model(hf_config: dict, *, dtype: str = "fp32", impl: Impl = "auto"
     inv_freq = rope_inv_freq(head_dim(hf_config), rope_spec(hf_config))
     model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
     return model
-
-
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """The vocab the embedding/output layers hold across TP: ``vocab_size`` rounded up to a
-    multiple of ``divisible_by * tp`` (each TP rank holds an equal slice)."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from checkpoint_convert.mappings import get_mapping
-from checkpoint_convert.mappings.sharding import from_stages, shard, to_stage, unshard
+from megatron_skpo.model.mappings import get_mapping
+from megatron_skpo.model.mappings.sharding import from_stages, shard, to_stage, unshard
 
 Tensors = dict[str, torch.Tensor]
 

@@ -2,7 +2,7 @@
 
 The stream: for one *unit* at a time (the embedding, each decoder layer, the final norm + output
 layer), gather its tensor-parallel shards (``all_gather`` per parameter over the TP group,
-joined by :mod:`checkpoint_convert.mappings.sharding`), broadcast it from the pipeline stage that
+joined by :mod:`megatron_skpo.model.mappings.sharding`), broadcast it from the pipeline stage that
 owns it to every rank (so each vLLM engine, whatever its TP, sees the whole model), and rename
 it to HF names with the converter's ``to_hf`` mapping. Units are packed into buckets of at most
 ``bucket_bytes`` (a unit larger than that travels alone) and each bucket goes to vLLM's
@@ -17,7 +17,6 @@ platforms with sleep mode the engine is woken for the weights first and for the 
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
@@ -25,14 +24,12 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from checkpoint_convert.mappings import get_mapping
-from checkpoint_convert.mappings.common import EMBED, OUTPUT
-from checkpoint_convert.mappings.sharding import stage_layers, unshard_tensor
-from checkpoint_convert.units import mcore_unit, to_hf_unit
+from megatron_skpo.model.mappings import get_mapping
+from megatron_skpo.model.mappings.common import EMBED, OUTPUT
+from megatron_skpo.model.mappings.sharding import stage_layers, unshard_tensor
+from megatron_skpo.model.mappings.units import MC_LAYER, hf_unit, mcore_unit, to_hf_unit
 
 Named = list[tuple[str, torch.Tensor]]
-_MC_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -51,12 +48,6 @@ class SyncStats:
                 "weight_sync/GBps": self.gb_per_s, "weight_sync/buckets": float(self.buckets)}
 
 
-def hf_unit(name: str) -> str:
-    """The unit an HF tensor belongs to: ``layer.{i}`` for decoder layers, else ``head``."""
-    m = _HF_LAYER.match(name)
-    return f"layer.{m.group(1)}" if m else "head"
-
-
 def bucketize(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Named]:
     """Pack consecutive tensors into buckets of <= ``bucket_bytes`` without splitting a unit.
 
@@ -66,7 +57,7 @@ def bucketize(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> I
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
     bucket: Named = []
     unit: Named = []
-    unit_key: Optional[str] = None
+    unit_key: Optional[int] = None
     size = 0
 
     def unit_bytes() -> int:
@@ -122,7 +113,7 @@ def _units(model: torch.nn.Module, layer_offset: int) -> dict[str, list[tuple[st
     """This stage's parameters grouped by unit, with global layer numbers in the names."""
     units: dict[str, list] = {}
     for name, p in model.named_parameters():
-        m = _MC_LAYER.match(name)
+        m = MC_LAYER.match(name)
         if m:
             i = int(m.group(1)) + layer_offset
             units.setdefault(f"layer.{i}", []).append((f"decoder.layers.{i}.{m.group(2)}", p))

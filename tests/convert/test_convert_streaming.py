@@ -23,7 +23,8 @@ from convert_fixtures import not_bit_exact, save_tiny
 from checkpoint_convert import checks, hf_io, mcore_io
 from checkpoint_convert.hf_source import HFUnitSource, unit_shards
 from checkpoint_convert.stream_save import StreamingSaveStrategy
-from checkpoint_convert.units import hf_unit, units
+from megatron_skpo.model.mappings.sharding import padded_vocab_size
+from megatron_skpo.model.mappings.units import hf_unit, units
 
 MiB = 2**20
 
@@ -32,7 +33,7 @@ def _both_ways(hf_dir: Path, root: Path, tp: int) -> tuple[HFUnitSource, mcore_i
     """Save ``hf_dir`` at TP=``tp`` with the streaming strategy (root/stream) and Megatron's (root/eager)."""
     src = hf_io.open_hf(hf_dir)
     mapping = checks.architecture(src.config)
-    tpl = mcore_io.template(src.config, checks.padded_vocab(int(src.config["vocab_size"]), tp, 128))
+    tpl = mcore_io.template(src.config, padded_vocab_size(int(src.config["vocab_size"]), tp, 128))
     expected = checks.expected_hf(mapping, src.config, tpl.params)
     source = HFUnitSource(src, mapping, tpl, expected, tp, None)
     eager = dict(mcore_io.objects(tpl))

@@ -8,9 +8,9 @@ import torch
 from convert_fixtures import TINY, not_bit_exact, tiny_model
 
 from checkpoint_convert import hf_io
-from checkpoint_convert.mappings import get_mapping
+from megatron_skpo.model.mappings import get_mapping
 from checkpoint_convert.staging import ConvertError, staged_dir
-from checkpoint_convert.units import GLOBAL, from_hf_unit, hf_unit, mcore_unit, to_hf_unit, units
+from megatron_skpo.model.mappings.units import GLOBAL, from_hf_unit, hf_unit, mcore_unit, to_hf_unit, units
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checkpoint_convert.mappings import get_mapping
-from checkpoint_convert.mappings.common import Arch, interleave_qkv, split_qkv
-from checkpoint_convert.mappings.sharding import (from_stages, parallel_kind, shard, shard_tensor,
+from megatron_skpo.model.mappings import get_mapping
+from megatron_skpo.model.mappings.common import Arch, interleave_qkv, split_qkv
+from megatron_skpo.model.mappings.sharding import (from_stages, parallel_kind, shard, shard_tensor,
                                                   stage_layers, to_stage, unshard)
 from tiny import hf_model, hf_weights
 

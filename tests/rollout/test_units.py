@@ -10,14 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rollout_fixtures import FakeEngine, build_tokenizer
 
-from checkpoint_convert.mappings import get_mapping
+from megatron_skpo.model.mappings import get_mapping
 from megatron_skpo.rollout.engine import GenRequest, Generation
 from megatron_skpo.rollout.parity import logprob_parity
 from megatron_skpo.rollout.samplers import DenseMCSampler, GroupSampler, PromptItem, SKPOSampler
 from megatron_skpo.rollout.samplers.dense_mc import mc_positions
 from megatron_skpo.rollout.samplers.skpo import choose_segment
 from megatron_skpo.rollout.types import RolloutBatch, Sample
-from megatron_skpo.rollout.weight_sync import bucketize, hf_unit, unit_to_hf
+from megatron_skpo.model.mappings.units import GLOBAL, hf_unit
+from megatron_skpo.rollout.weight_sync import bucketize, unit_to_hf
 
 EOS = 2
 
@@ -68,8 +69,8 @@ def test_bucketize_bounds_and_keeps_units_whole(layers, sizes, limit):
         nbytes = sum(t.numel() * 4 for _, t in b)
         assert nbytes <= limit or len(units) == 1, "only a single unit may exceed the bucket"
         units_seen += units
-    # a unit never straddles two buckets: consecutive runs only repeat across the embed/norm "head"
-    layer_runs = [u for u in units_seen if u != "head"]
+    # a unit never straddles two buckets: consecutive runs only repeat across the embedding/norm unit (GLOBAL)
+    layer_runs = [u for u in units_seen if u != GLOBAL]
     assert len(layer_runs) == len(set(layer_runs)) == layers
 
 

@@ -30,7 +30,8 @@ def _stream_on_rank(rank: int, world: int, tp: int, pp: int, tied: bool):
 
     from megatron_skpo.model.builder import build_gpt_model, initialize_parallel
     from megatron_skpo.model.weights import load_hf
-    from megatron_skpo.rollout.weight_sync import bucketize, hf_unit, megatron_to_hf_stream
+    from megatron_skpo.model.mappings.units import GLOBAL, hf_unit
+    from megatron_skpo.rollout.weight_sync import bucketize, megatron_to_hf_stream
 
     hf, cfg = _hf(tied)
     hf = {k: v for k, v in hf.items() if not (tied and k == "lm_head.weight")}
@@ -46,7 +47,7 @@ def _stream_on_rank(rank: int, world: int, tp: int, pp: int, tied: bool):
     ps.destroy_model_parallel()
     return {"same_names": sorted(names) == sorted(hf) and len(names) == len(set(names)),
             "exact": all(torch.equal(t, hf[n]) for n, t in got),
-            "layers_contiguous": len([u for u in runs if u != "head"]) == cfg["num_hidden_layers"]}
+            "layers_contiguous": len([u for u in runs if u != GLOBAL]) == cfg["num_hidden_layers"]}
 
 
 @pytest.mark.parametrize("tp,pp,tied", [(2, 1, False), (1, 2, True)], ids=["tp2-untied", "pp2-tied"])

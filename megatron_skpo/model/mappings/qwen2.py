@@ -5,8 +5,8 @@ The q/k/v biases are interleaved per query group exactly like the weights
 """
 from __future__ import annotations
 
-from checkpoint_convert.mappings import common
-from checkpoint_convert.mappings.common import Tensors
+from megatron_skpo.model.mappings import common
+from megatron_skpo.model.mappings.common import Tensors
 
 MODEL_TYPE = "qwen2"
 

@@ -1,6 +1,6 @@
 """Layer-at-a-time use of the per-architecture ``from_hf``/``to_hf`` mappings, for streaming.
 
-The mappings in :mod:`checkpoint_convert.mappings` convert whole (TP=1, PP=1) state dicts. Every
+The mappings in :mod:`megatron_skpo.model.mappings` convert whole (TP=1, PP=1) state dicts. Every
 supported decoder maps each layer independently of the others, so a checkpoint splits into
 *units*: one per decoder layer, plus :data:`GLOBAL` (embedding, final norm, output layer). A unit
 is converted by calling the mapping on a one-layer (or zero-layer) view of the config with the
@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from checkpoint_convert.mappings.common import EMBED, FINAL_NORM, OUTPUT
+from megatron_skpo.model.mappings.common import EMBED, FINAL_NORM, OUTPUT
 
 Tensors = dict[str, torch.Tensor]
 GLOBAL = -1

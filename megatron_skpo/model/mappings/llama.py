@@ -1,12 +1,12 @@
 """Llama 2/3/3.x (``model_type="llama"``) <-> Megatron GPTModel: no attention biases.
 
 Layout details (QKV interleaving per query group, gate/up fusion, TE norm names) are shared with
-the other Llama-like decoders in :mod:`checkpoint_convert.mappings.common`.
+the other Llama-like decoders in :mod:`megatron_skpo.model.mappings.common`.
 """
 from __future__ import annotations
 
-from checkpoint_convert.mappings import common
-from checkpoint_convert.mappings.common import Tensors
+from megatron_skpo.model.mappings import common
+from megatron_skpo.model.mappings.common import Tensors
 
 MODEL_TYPE = "llama"
 

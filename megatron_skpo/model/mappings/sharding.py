@@ -13,17 +13,24 @@ the embedding, the last the final norm and the output layer (also when embedding
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
-from checkpoint_convert.mappings.common import EMBED, FINAL_NORM, OUTPUT, Tensors
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+from megatron_skpo.model.mappings.common import EMBED, FINAL_NORM, OUTPUT, Tensors
+from megatron_skpo.model.mappings.units import MC_LAYER as _LAYER
 _COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
 _GATED = ("mlp.linear_fc1.weight",)
 _ROW = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 _REPLICATED = ("layernorm.weight", "layer_norm_weight", FINAL_NORM)
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron-LM's rule: the vocabulary the embedding and output layers hold across TP is
+    ``vocab_size`` rounded up to a multiple of ``divisible_by * tp`` (each TP rank holds an equal
+    slice; the extra rows are zero and masked out of every softmax). ``divisible_by <= 0``: no padding."""
+    if divisible_by <= 0:
+        return vocab_size
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
 
 
 def parallel_kind(name: str) -> str:

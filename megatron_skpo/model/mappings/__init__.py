@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from checkpoint_convert.mappings import llama, qwen2
+from megatron_skpo.model.mappings import llama, qwen2
 
 MAPPINGS: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (llama, qwen2)}
 
