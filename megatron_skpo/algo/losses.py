@@ -11,7 +11,7 @@ Registered in ``POLICY_LOSSES`` as ``fn(inp: PolicyLossInput, params: PolicyLoss
   SKPO's upstream loss J_I.
 - ``cispo``: -sg(clip(r, 1-eps_low, 1+eps_high)) A log pi_theta: the gradient flows only through
   log pi_theta, so clipped tokens still contribute (scaled). SKPO's downstream loss J_II uses both
-  bounds as SKPO.md states; MiniMax-M1's CISPO clipped only from above (eps_low = 1 recovers it).
+  bounds as the SKPO paper states; MiniMax-M1's CISPO clipped only from above (eps_low = 1 recovers it).
 - ``gspo``: the sequence ratio s_i = exp(mean_t (log pi_theta - log pi_old)) over sequence i's valid
   tokens, in the token form s_it = sg(s_i) exp(log pi_theta - sg(log pi_theta)) (equal to s_i in
   value, gradient s_i * grad log pi_theta(y_it)), then PPO's clipped min with GSPO's tight bounds.

@@ -7,4 +7,3 @@ from megatron_skpo.registry import Registry
 ADVANTAGES: Registry = Registry("advantage estimator")
 POLICY_LOSSES: Registry = Registry("policy loss")
 KL_ESTIMATORS: Registry = Registry("KL estimator")
-SEGMENT_SELECTORS: Registry = Registry("segment selector")

@@ -1,4 +1,4 @@
-"""SPO's KL-adaptive EMA tracker (Xu & Ding 2025, used by SKPO's upstream phase; SKPO.md section 4).
+"""SPO's KL-adaptive EMA tracker (Xu & Ding 2025, used by SKPO's upstream phase; docs/algorithm.md §4).
 
 Per key (a prompt id) the tracker holds a value V and an effective count N. On an observation x
 made when the policy has moved by D (a KL estimate) since it last acted on that key:

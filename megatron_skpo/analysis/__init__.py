@@ -1,1 +1,1 @@
-"""Analyses the paper uses (SKPO.md section 7), as tools."""
+"""Analyses the paper uses (docs/algorithm.md §7), as tools."""

@@ -1,4 +1,4 @@
-"""Sign-consistency diagnostic of Monte Carlo token advantages (SKPO.md sections 1 and 7).
+"""Sign-consistency diagnostic of Monte Carlo token advantages (docs/algorithm.md §1 and §7).
 
 For a group of G responses, the "true" advantage of response i at some position is its success
 probability p_i normalised within the group: A*_i = (p_i - mean_G p) / std_G p. Dense MC estimates

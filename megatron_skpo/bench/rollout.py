@@ -1,7 +1,7 @@
 """``skpo-bench rollout``: GRPO vs SKPO sampling cost on the same prompts, G and max lengths.
 
 GRPO: G responses per prompt, all submitted at once. SKPO: the pipelined two-phase sampler
-(``megatron_skpo.rollout.samplers.skpo``) with t_q ~ U[L/6, L/2] and L = ``--split-length``
+(``megatron_skpo.skpo.sampler``) with t_q ~ U[L/6, L/2] and L = ``--split-length``
 (default: the response cap, i.e. responses that fill it). ``--two-batch`` also times the naive
 schedule (every downstream group waits for all upstream groups) to show what the pipeline saves.
 The prefix cache is reset before every run. Prints generated tokens (SKPO: all G upstream
@@ -18,8 +18,9 @@ import torch
 
 from megatron_skpo.config.rollout import RolloutConfig
 from megatron_skpo.rollout.engine import GenRequest, VLLMEngine, generate
-from megatron_skpo.rollout.samplers import GroupSampler, PromptItem, SKPOSampler
+from megatron_skpo.rollout.samplers import GroupSampler, PromptItem
 from megatron_skpo.skpo.prompt import render_user_turn
+from megatron_skpo.skpo.sampler import SKPOSampler
 from megatron_skpo.skpo.split import LengthTracker
 
 PROBLEMS = [

@@ -1,4 +1,4 @@
-"""``skpo-analyze``: the paper's analyses as tools (SKPO.md section 7).
+"""``skpo-analyze``: the paper's analyses as tools (docs/algorithm.md §7).
 
     skpo-analyze sign-consistency --p 0.4,0.45,0.5,0.55,0.6,0.65,0.7,0.35 --k 8,64,256,4096
     skpo-analyze sign-consistency --balanced 8 --spread 0.1 --json

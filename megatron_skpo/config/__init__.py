@@ -12,7 +12,9 @@ from typing import Optional
 import yaml
 
 from megatron_skpo.config.algo import AlgoConfig
-from megatron_skpo.config.base import ConfigError, apply_override, describe, doc, from_dict, to_dict
+from megatron_skpo.config.algorithms import ALGORITHMS, algorithm, check_algorithm, family
+from megatron_skpo.config.base import (ConfigError, apply_override, deep_merge, describe, doc, from_dict, leaf_keys,
+                                       to_dict)
 from megatron_skpo.config.data import DataConfig, DatasetConfig, RewardConfig
 from megatron_skpo.config.model import ModelConfig, ParallelConfig
 from megatron_skpo.config.rollout import RolloutConfig
@@ -43,30 +45,56 @@ def parse_override(item: str) -> tuple[str, object]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
+BASE_KEY = "base"
+
+
+def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML recipe as a nested dict, with its ``base:`` recipe (a path relative to it) merged under it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path}: no such file")
+    if path.resolve() in _seen:
+        raise ConfigError(f"recipe {path}: 'base' chain loops back to itself ({' -> '.join(map(str, _seen))})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: top level must be a mapping of sections")
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"recipe {path}: base: expected a recipe path, got {base!r}")
+    return deep_merge(read_recipe(path.parent / base, (*_seen, path.resolve())), data)
+
+
 def load_config(recipe: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """Read a YAML recipe (or the defaults), apply overrides, validate, return the typed tree."""
-    data: dict = {}
-    if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe {path}: no such file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe {path}: top level must be a mapping of sections")
+    """Read a YAML recipe (or the defaults), apply overrides, validate, return the typed tree.
+
+    Layers, lowest first: dataclass defaults, the defaults of ``algo.name``
+    (:mod:`.algorithms`), the recipe's ``base`` chain, the recipe, the overrides.
+    """
+    data: dict = read_recipe(recipe) if recipe is not None else {}
     for item in overrides:
         key, value = parse_override(item)
         apply_override(data, key, value, Config)
+    explicit = leaf_keys(data)
+    name = (data.get("algo") or {}).get("name", AlgoConfig.name)
+    for key, value in algorithm(name).defaults.items():
+        if key not in explicit and not any(key.startswith(e + ".") for e in explicit):
+            apply_override(data, key, value, Config)
     cfg = from_dict(Config, data)
     validate_cross(cfg)
+    check_algorithm(cfg, explicit)
     return cfg
 
 
 def validate_cross(cfg: Config) -> None:
     """Checks that span sections or need the algorithm registries."""
-    from megatron_skpo.algo import registries  # late import: the maths does not depend on config
+    from megatron_skpo.algo import registries  # late imports: the maths does not depend on config
+    from megatron_skpo.algo.aggregation import AGG_MODES
+    from megatron_skpo.skpo.segment import SEGMENT_SELECTORS
 
     algo = cfg.algo
     for path, name, reg in (
@@ -74,16 +102,23 @@ def validate_cross(cfg: Config) -> None:
         ("algo.policy_loss", algo.policy_loss, registries.POLICY_LOSSES),
         ("algo.skpo.upstream_loss", algo.skpo.upstream_loss, registries.POLICY_LOSSES),
         ("algo.skpo.downstream_loss", algo.skpo.downstream_loss, registries.POLICY_LOSSES),
+        ("algo.skpo.selection", algo.skpo.selection, SEGMENT_SELECTORS),
+        ("algo.kl.estimator", algo.kl.estimator, registries.KL_ESTIMATORS),
     ):
         if name not in reg:
-            raise ConfigError(f"{path}: got {name!r}; allowed values: {', '.join(reg.names())}")
-    if algo.name == "skpo":  # SPO's value tracker maps rewards in [-1, 1] to success probabilities
+            raise ConfigError(f"{path}: got {name!r}; allowed values: {', '.join(map(repr, reg.names()))}")
+    for path, mode in (("algo.loss_agg_mode", algo.loss_agg_mode),
+                       ("algo.skpo.upstream_agg_mode", algo.skpo.upstream_agg_mode),
+                       ("algo.skpo.downstream_agg_mode", algo.skpo.downstream_agg_mode)):
+        if mode not in AGG_MODES:
+            raise ConfigError(f"{path}: got {mode!r}; allowed values: {', '.join(map(repr, AGG_MODES))}")
+    if family(cfg) == "skpo":  # SPO's value tracker maps rewards in [-1, 1] to success probabilities
         r = cfg.reward
         for path, value in (("reward.correct", r.correct), ("reward.incorrect", r.incorrect),
                             ("reward.incorrect + reward.format_penalty", r.incorrect + r.format_penalty)):
             if not -1.0 <= value <= 1.0:
                 raise ConfigError(f"{path}: {value} is outside [-1, 1], which SKPO's upstream value "
-                                  "tracker needs (SKPO.md: R_II = +1 / -1)")
+                                  "tracker needs (R_II = +1 / -1; see docs/algorithm.md)")
     if cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens <= 0:
         raise ConfigError("rollout: max_prompt_tokens + max_response_tokens must be > 0")
 
@@ -93,6 +128,7 @@ def dump_config(cfg: Config) -> str:
 
 
 __all__ = [
+    "ALGORITHMS", "family", "read_recipe",
     "Config", "ConfigError", "load_config", "dump_config", "describe", "to_dict", "from_dict",
     "AlgoConfig", "DataConfig", "DatasetConfig", "RewardConfig", "ModelConfig", "ParallelConfig",
     "RolloutConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "LoggingConfig",

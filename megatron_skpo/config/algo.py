@@ -8,9 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from megatron_skpo.config.base import check, check_choice, doc
+from megatron_skpo.config.base import check, doc
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGG_HELP = "loss aggregation mode (AGG_MODES in megatron_skpo/algo/aggregation.py; docs/algorithm.md)"
+
 
 
 @dataclass
@@ -32,7 +33,7 @@ class KLConfig:
     """KL penalty to a reference policy (beta = 0 in the paper)."""
 
     coef: float = doc(0.0, "beta; 0 = off (no reference forward pass)")
-    estimator: Literal["k1", "k2", "k3"] = doc("k3", "Schulman's k1/k2/k3 estimators")
+    estimator: str = doc("k3", "KL_ESTIMATORS name: Schulman's k1, k2 or k3")
 
     def __post_init__(self):
         check(self.coef >= 0, "coef", "must be >= 0")
@@ -75,8 +76,8 @@ class SKPOConfig:
     init_length: float = doc(1024.0, "initial running response length L_q")
     length_source: Literal["segment_plus_downstream", "downstream"] = doc(
         "segment_plus_downstream", "(ours) what the length tracker observes")
-    selection: Literal["median", "min", "max", "random", "minmax_alternating"] = doc(
-        "median", "segment chosen by mean NLL; others are ablations")
+    selection: str = doc("median", "segment chosen by mean NLL (SEGMENT_SELECTORS in skpo/segment.py): median = "
+                         "the paper's; min, max, random, minmax_alternating are ablations")
     skip_mode: Literal["skip", "hard_prefix"] = doc(
         "skip", "skip = [segment, problem] prompt; hard_prefix = the 'w/o skip' ablation")
     skip_template: str = doc(
@@ -98,8 +99,6 @@ class SKPOConfig:
         for key in ("{segment}", "{problem}"):
             check(key in self.skip_template, "skip_template", f"must contain {key}")
         check(self.w_up >= 0 and self.w_down >= 0, "w_up/w_down", "must be >= 0")
-        check_choice("upstream_agg_mode", self.upstream_agg_mode, AGG_MODES)
-        check_choice("downstream_agg_mode", self.downstream_agg_mode, AGG_MODES)
 
 
 @dataclass
@@ -121,12 +120,12 @@ class DenseMCConfig:
 class AlgoConfig:
     """The RL algorithm. ``name`` selects the sampler family; the rest are the maths' knobs."""
 
-    name: Literal["skpo", "grpo", "dr_grpo", "dapo", "cispo", "gspo", "spo", "rloo", "reinforce_pp", "dense_mc"] = doc(
-        "skpo", "algorithm family (decides the rollout sampler)")
+    name: str = doc("skpo", "the algorithm (config/algorithms.py): skpo, grpo, dr_grpo, dapo, cispo, gspo, spo, rloo, "
+                    "reinforce_pp, dense_mc; the name sets its own defaults (docs/algorithm.md)")
     group_size: int = doc(8, "G: responses per prompt (downstream group for SKPO)")
     advantage: str = doc("grpo", "advantage estimator (registry name); SKPO's downstream uses it too")
     policy_loss: str = doc("cispo", "policy loss (registry name) for non-SKPO algorithms")
-    loss_agg_mode: str = doc("token-mean", f"one of {', '.join(AGG_MODES)}")
+    loss_agg_mode: str = doc("token-mean", AGG_HELP)
     norm_length: int = doc(3072, "constant denominator of seq-mean-token-sum-norm (Dr.GRPO)")
     adv_eps: float = doc(1e-6, "epsilon in (R - mean) / (std + eps)")
     std_unbiased: bool = doc(True, "group std with Bessel's correction (torch.std default, as verl/TRL)")
@@ -147,7 +146,5 @@ class AlgoConfig:
 
     def __post_init__(self):
         check(self.group_size >= 1, "algo.group_size", "must be >= 1")
-        check_choice("algo.loss_agg_mode", self.loss_agg_mode, AGG_MODES)
         check(self.norm_length > 0, "algo.norm_length", "must be > 0")
         check(self.adv_eps >= 0, "algo.adv_eps", "must be >= 0")
-        check(not (self.name == "skpo" and self.group_size < 2), "algo.group_size", "SKPO needs G >= 2")

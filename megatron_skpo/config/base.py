@@ -132,10 +132,48 @@ def apply_override(data: dict, dotted: str, value: Any, root_cls: type) -> None:
         if i == len(keys) - 1:
             node[key] = value
             return
-        cls = get_type_hints(cls)[key]
+        cls = section_type(get_type_hints(cls)[key])
         node = node.setdefault(key, {})
+        if node is None:  # an Optional section the recipe left null: the override creates it
+            node = node_parent_set(data, keys[: i + 1], {})
         if not isinstance(node, dict):
             raise ConfigError(f"{sub}: is not a mapping in the recipe")
+
+
+def section_type(tp: Any) -> Any:
+    """``Optional[Section]`` -> ``Section``; any other annotation unchanged."""
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and dataclasses.is_dataclass(args[0]):
+            return args[0]
+    return tp
+
+
+def node_parent_set(data: dict, keys: list[str], value: Any) -> Any:
+    node = data
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
+    return value
+
+
+def leaf_keys(data: Any, prefix: str = "") -> set[str]:
+    """Dotted paths of every leaf of a nested mapping (lists and None are leaves)."""
+    if not isinstance(data, dict) or (prefix and not data):
+        return {prefix} if prefix else set()
+    out: set[str] = set()
+    for key, value in data.items():
+        out |= leaf_keys(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, mapping by mapping (lists and scalars are replaced whole)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
 
 
 def describe(cls: type, indent: int = 0) -> list[str]:
@@ -143,9 +181,11 @@ def describe(cls: type, indent: int = 0) -> list[str]:
     lines, pad, hints = [], "  " * indent, get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines.append(f"{pad}{f.name}:  # {f.metadata.get('help', tp.__doc__ or '').strip()}")
-            lines.extend(describe(tp, indent + 1))
+        section = section_type(tp)
+        if dataclasses.is_dataclass(section):
+            optional = " (optional section, default null)" if section is not tp else ""
+            lines.append(f"{pad}{f.name}:  # {f.metadata.get('help', section.__doc__ or '').strip()}{optional}")
+            lines.extend(describe(section, indent + 1))
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default

@@ -12,7 +12,6 @@ class ModelConfig:
     """The policy model: where its weights come from and how its layers are built."""
 
     hf_path: Optional[str] = doc(None, "HF checkpoint directory (config.json + safetensors) to start from")
-    mcore_path: Optional[str] = doc(None, "Megatron distributed checkpoint to start from (overrides hf_path weights)")
     dtype: Literal["bf16", "fp16", "fp32"] = doc("bf16", "compute dtype; master weights stay fp32")
     fp8: Optional[Literal["delayed", "current"]] = doc(None, "FP8 recipe via Transformer Engine (GPU only); null = off")
     transformer_impl: Literal["auto", "transformer_engine", "local"] = doc(

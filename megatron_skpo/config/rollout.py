@@ -11,11 +11,7 @@ from megatron_skpo.config.base import check, doc
 class RolloutConfig:
     """Sampling with vLLM between training phases (see ``megatron_skpo.rollout``)."""
 
-    engine: Literal["vllm"] = doc("vllm", "generation backend")
     tp: int = doc(1, "vLLM tensor-parallel size (may differ from training's)")
-    launcher: Literal["local", "external_launcher"] = doc(
-        "local", "local = vLLM's own executor in this process; external_launcher = colocated under "
-        "torchrun/srun, one engine per vLLM TP group, every rank of the group runs the same requests")
     temperature: float = doc(1.0, "sampling temperature (the trainer's log-probs use the same)")
     top_p: float = doc(1.0, "nucleus sampling; < 1 makes sampler log-probs those of the processed distribution")
     top_k: int = doc(-1, "top-k sampling; -1 = off")

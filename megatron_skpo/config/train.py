@@ -62,10 +62,6 @@ class CheckpointConfig:
         check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         check(self.dir is None or bool(self.dir.strip()), "checkpoint.dir", "must be a non-empty path or null")
 
-    def resolved_dir(self, run_dir: str) -> str:
-        """The checkpoint root: ``dir``, or ``<run_dir>/checkpoints`` when unset."""
-        return self.dir if self.dir is not None else f"{run_dir.rstrip('/')}/checkpoints"
-
 
 @dataclass
 class LoggingConfig:

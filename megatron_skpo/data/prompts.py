@@ -6,7 +6,7 @@ Named templates:
   as SimpleRL-Zoo and Dr. GRPO do, rather than in a system turn);
 - ``fewshot_plain``: four plain-text Question/Answer shots ending in "The answer is N.", then
   ``Question: {problem}\\nAnswer:``; a completion prompt, never wrapped in a chat template (the
-  format ../shared/PLATFORM.md found learnable for SmolLM2-135M on CPU); grade it with the
+  format measured learnable for SmolLM2-135M on CPU); grade it with the
   ``the_answer_is`` / ``last_number`` extractors;
 - ``raw``: the problem text unchanged.
 Any other string containing ``{problem}`` is used as a format string.

@@ -16,7 +16,7 @@ svamp           svamp/test.jsonl (1,000)      Body + " " + Question / Answer (a 
 asdiv           asdiv/test.jsonl (2,215)      body + " " + question / answer without "(unit)"
 mawps           mawps/test.jsonl (2,065)      input / target (a number)
 mawps_easy      mawps/singleop.jsonl          MAWPS singleop whose numbers and answer are
-                                              integers <= 20 (136 problems; ../shared/PLATFORM.md)
+                                              integers <= 20 (136 problems; the CPU demo)
 ==============  ============================  ==============================================
 """
 from __future__ import annotations

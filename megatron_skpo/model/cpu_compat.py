@@ -2,9 +2,9 @@
 
 megatron-core (0.16.1 and 0.19.x alike) places a few tensors on CUDA unconditionally. This module
 is the ONE place where we bend it, and it does so only when CUDA is unavailable (``apply()`` is a
-no-op on a GPU machine, so GPUs always run megatron-core unpatched). Each patch point below is
-named after the numbered list in shared/PLATFORM.md and has its own test in
-``tests/model/test_cpu_compat.py``, so a megatron-core upgrade that moves one fails loudly.
+no-op on a GPU machine, so GPUs always run megatron-core unpatched). Each patch point below has
+its own test in ``tests/model/test_cpu_compat.py``, so a megatron-core upgrade that moves one
+fails loudly.
 
 How: a module whose only CUDA dependency is *where* it allocates gets a module-scoped ``torch``
 proxy (:class:`_CpuTorch`): the same torch, except that ``device="cuda"`` / ``cuda.current_device()``
@@ -23,15 +23,13 @@ Patch points:
   4.   rotary embeddings keep ``inv_freq`` on the CPU;
   5.   pipeline schedules and p2p buffers on the CPU (plus ``batch_p2p_comm=False``, no sync);
   6.   DDP buffers, grad clipping, the mixed-precision and distributed optimizers on the CPU;
-  8.   (not in PLATFORM.md's list) the local spec's default causal mask
-       (``transformer.utils.get_default_causal_mask``) is built on the CPU;
-  9.   (not in PLATFORM.md's list) tied embeddings with PP > 1: the last stage's copy of the
-       embedding is synchronised with ``weight.data.cuda()`` (``LanguageModule.
+  8.   the local spec's default causal mask (``transformer.utils.get_default_causal_mask``) is
+       built on the CPU;
+  9.   tied embeddings with PP > 1: the last stage's copy of the embedding is synchronised with ``weight.data.cuda()`` (``LanguageModule.
        setup_embeddings_and_output_layer``); during that call ``Tensor.cuda`` is the identity;
-  10.  (not in PLATFORM.md's list) ``tensor_parallel.mappings``' gathers (vocab-parallel logits ->
-       full logits, sequence-parallel gathers) allocate their outputs on the CPU.
-  11.  (not in PLATFORM.md's list) ``dist_checkpointing`` save: its strategies call
-       ``torch.cuda.synchronize()`` and allocate status flags on ``torch.cuda.current_device()``
+  10.  ``tensor_parallel.mappings``' gathers (vocab-parallel logits -> full logits,
+       sequence-parallel gathers) allocate their outputs on the CPU.
+  11.  ``dist_checkpointing`` save: its strategies call ``torch.cuda.synchronize()`` and allocate status flags on ``torch.cuda.current_device()``
        (``filesystem_async``, ``state_dict_saver``, ``async_utils``).
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,11 +31,13 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_skpo.config.train import OptimConfig
 from megatron_skpo.model.builder import build_gpt_model
 from megatron_skpo.model.logprob import fused_logprob_entropy
 from megatron_skpo.model.packing import PackedBatch
 from megatron_skpo.model.weights import load_hf
+
+if TYPE_CHECKING:  # the model layer takes the optimizer section duck-typed; config sits above it
+    from megatron_skpo.config.train import OptimConfig
 
 # (logp [S], entropy [S], micro-batch) -> (local loss sum, metrics to sum over micro-batches/DP)
 LossFn = Callable[[torch.Tensor, torch.Tensor, PackedBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -57,7 +59,7 @@ class Policy:
         return self.model.module
 
 
-def build_policy(hf_config: dict, optim: OptimConfig, *, total_steps: int, dtype: str = "fp32",
+def build_policy(hf_config: dict, optim: "OptimConfig", *, total_steps: int, dtype: str = "fp32",
                  distributed_optimizer: bool = True, hf_weights: Optional[dict] = None,
                  temperature: float = 1.0, logprob_chunk: int = 1024, **model_kwargs) -> Policy:
     """GPTModel (+ HF weights) -> Megatron DDP -> Megatron optimizer (fp32 master weights for

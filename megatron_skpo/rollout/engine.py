@@ -134,7 +134,7 @@ class VLLMEngine:
                  dtype: str = "auto", seed: int = 0, max_model_len: Optional[int] = None,
                  enable_prefix_caching: bool = True, logprobs_mode: str = "processed_logprobs",
                  gpu_memory_utilization: Optional[float] = None, enforce_eager: bool = False,
-                 enable_sleep: bool = True, sleep_level: int = 2):
+                 enable_sleep: bool = True, sleep_level: int = 2, trust_remote_code: bool = False):
         configure_cpu_env()
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -144,7 +144,7 @@ class VLLMEngine:
         self.sleep_level = sleep_level
         kwargs = dict(model=str(model_dir), tensor_parallel_size=tp, dtype=dtype, seed=seed,
                       max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
-                      logprobs_mode=logprobs_mode, enforce_eager=enforce_eager, trust_remote_code=False,
+                      logprobs_mode=logprobs_mode, enforce_eager=enforce_eager, trust_remote_code=trust_remote_code,
                       enable_sleep_mode=self.sleep_enabled)
         if launcher == "external_launcher":
             kwargs["distributed_executor_backend"] = "external_launcher"
@@ -163,14 +163,15 @@ class VLLMEngine:
         self.steps = 0  # engine steps taken (decode iterations; a load-independent cost measure)
 
     @classmethod
-    def from_config(cls, cfg, model_dir: str) -> "VLLMEngine":
-        """Build from a :class:`megatron_skpo.config.rollout.RolloutConfig`."""
+    def from_config(cls, cfg, model_dir: str, trust_remote_code: bool = False) -> "VLLMEngine":
+        """The trainer's engine for a :class:`megatron_skpo.config.rollout.RolloutConfig`: colocated in
+        this rank's process (``external_launcher``, also for a 1-rank job)."""
         settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.top_k, tuple(cfg.stop))
-        return cls(model_dir, settings, tp=cfg.tp, launcher=cfg.launcher, dtype=cfg.dtype, seed=cfg.seed,
+        return cls(model_dir, settings, tp=cfg.tp, launcher="external_launcher", dtype=cfg.dtype, seed=cfg.seed,
                    max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
                    logprobs_mode=cfg.logprobs_mode, gpu_memory_utilization=cfg.gpu_memory_utilization,
                    enforce_eager=cfg.enforce_eager, enable_sleep=cfg.sleep_between_phases,
-                   sleep_level=cfg.sleep_level)
+                   sleep_level=cfg.sleep_level, trust_remote_code=trust_remote_code)
 
     def _params(self, n: int, max_tokens: int):
         from vllm import SamplingParams

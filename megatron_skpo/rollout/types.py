@@ -4,7 +4,7 @@ One :class:`Sample` is one row: a prompt and one sampled continuation with the s
 log-prob of every sampled token. Rows are ragged (Python lists); :meth:`RolloutBatch.to_tensors`
 packs them into right-padded ``[N, T]`` tensors with one loss mask per phase.
 
-Phases and their losses (SKPO.md sections 2 and 5):
+Phases and their losses (docs/algorithm.md §2 and §5):
   * ``single``: a GRPO-family response of the problem q (the algorithm's one loss);
   * ``upstream``: SKPO's selected segment s, conditioned on q (PPO-clip loss J_I);
   * ``downstream``: a response to the skip prompt [s, q] (CISPO loss J_II); the segment sits

@@ -1,4 +1,4 @@
-"""SKPO's two-phase objective (SKPO.md section 5), as a loss to MINIMISE:
+"""SKPO's two-phase objective (docs/algorithm.md, "Losses"), as a loss to MINIMISE:
 
     L = -(w_up * J_I + w_down * J_II) = w_up * L_I + w_down * L_II
 
@@ -8,40 +8,31 @@
 - Downstream J_II (default ``cispo``, aggregated ``token-mean``): (1/sum_i |o_i|) sum_i sum_t
   sg(clip(r_t)) A_i log pi_theta(o_it) over all downstream response tokens. The prompt q~ (segment
   included) is not in the downstream mask, so it carries no loss.
-Each phase is an ordinary ``policy_objective`` with its own loss, aggregation mode and GLOBAL
-counts (over all data-parallel ranks and micro-batches), so the sum over ranks of this function is
-the global loss. A phase with no tokens on this rank ([0, T] tensors or an all-zero mask)
-contributes exactly 0, without NaN, and still reports every metric key (count 0) so that the
-trainer's all-reduce of the metrics lines up across ranks.
-Defaults follow the paper: w_up = w_down = 0.5, no KL penalty, no entropy bonus.
+
+Both are phases of :func:`megatron_skpo.algo.objective.phased_objective` (each with its own loss,
+aggregation mode and GLOBAL counts); :func:`skpo_phases` builds them from the SKPO config section,
+and the trainer uses exactly those. Defaults follow the paper: w_up = w_down = 0.5, no KL
+penalty, no entropy bonus.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 from torch import Tensor
 
-from megatron_skpo.algo.aggregation import Count
-from megatron_skpo.algo.losses import PolicyLossInput, PolicyLossParams, policy_objective
+from megatron_skpo.algo.losses import PolicyLossInput, PolicyLossParams
 from megatron_skpo.algo.metrics import LossMetrics
+from megatron_skpo.algo.objective import ObjectiveSettings, PhaseCounts, PhaseExtras, PhaseLoss, phased_objective
+
+__all__ = ["PhaseCounts", "PhaseExtras", "skpo_phases", "skpo_objective"]
 
 
-@dataclass
-class PhaseExtras:
-    """Optional per-phase tensors; each [B, T] like that phase's ``PolicyLossInput``."""
-
-    ref_log_probs: Optional[Tensor] = None  # reference policy (KL penalty, when kl_coef > 0)
-    entropy: Optional[Tensor] = None  # per-token entropy of the current policy
-    tis_weights: Optional[Tensor] = None  # detached TIS weights; None = TIS off
-
-
-@dataclass(frozen=True)
-class PhaseCounts:
-    """Global denominators of one phase, summed by the trainer over ranks and micro-batches."""
-
-    tokens: Count  # valid loss tokens
-    seqs: Count  # sequences with at least one valid token
+def skpo_phases(upstream_loss: str = "ppo_clip", downstream_loss: str = "cispo",
+                upstream_agg_mode: str = "seq-mean-token-mean", downstream_agg_mode: str = "token-mean",
+                w_up: float = 0.5, w_down: float = 0.5) -> tuple[PhaseLoss, PhaseLoss]:
+    """SKPO's (upstream, downstream) phases; metrics are prefixed "up/" and "down/"."""
+    return (PhaseLoss("upstream", upstream_loss, upstream_agg_mode, w_up, "up/"),
+            PhaseLoss("downstream", downstream_loss, downstream_agg_mode, w_down, "down/"))
 
 
 def skpo_objective(
@@ -78,23 +69,8 @@ def skpo_objective(
     Returns:
         (scalar loss, LossMetrics with "up/..." and "down/..." keys and the total "loss").
     """
-    phases = (
-        ("up", upstream, upstream_loss, upstream_agg_mode, up_counts, up_extras or PhaseExtras()),
-        ("down", downstream, downstream_loss, downstream_agg_mode, down_counts, down_extras or PhaseExtras()),
-    )
-    weights = {"up": w_up, "down": w_down}
-    metrics = LossMetrics()
-    total: Optional[Tensor] = None
-    for prefix, inp, loss_name, agg_mode, counts, extras in phases:
-        loss, phase_metrics = policy_objective(
-            inp, params, loss_name, agg_mode, counts.tokens, counts.seqs,
-            ref_log_probs=extras.ref_log_probs, kl_estimator=kl_estimator, kl_coef=kl_coef,
-            entropy=extras.entropy, entropy_coef=entropy_coef, tis_weights=extras.tis_weights,
-            norm_length=norm_length,
-        )
-        weighted = weights[prefix] * loss
-        total = weighted if total is None else total + weighted.to(total.device)
-        metrics.merge(phase_metrics.prefixed(prefix + "/"))
-    assert total is not None
-    metrics.add_total("loss", total.detach())
-    return total, metrics
+    phases = skpo_phases(upstream_loss, downstream_loss, upstream_agg_mode, downstream_agg_mode, w_up, w_down)
+    settings = ObjectiveSettings(params, norm_length, kl_coef, kl_estimator, entropy_coef)
+    return phased_objective(phases, {"upstream": upstream, "downstream": downstream},
+                            {"upstream": up_counts, "downstream": down_counts}, settings,
+                            {"upstream": up_extras or PhaseExtras(), "downstream": down_extras or PhaseExtras()})

@@ -1,4 +1,4 @@
-"""The skip-prompt builder (SKPO.md section 2 step 4): the downstream prompt q~ = [s, q].
+"""The skip-prompt builder (docs/algorithm.md §2 step 4): the downstream prompt q~ = [s, q].
 
 Modes:
 - ``skip`` (the paper's, our template): the user turn of the tokenizer's chat template holds the

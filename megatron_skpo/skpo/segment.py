@@ -1,4 +1,4 @@
-"""SKPO segment selection (SKPO.md section 2 step 3): keep one of the G upstream segments by mean NLL.
+"""SKPO segment selection (docs/algorithm.md §2 step 3): keep one of the G upstream segments by mean NLL.
 
 For each candidate segment s_k, d(s_k) = mean over its tokens of -log pi(s_t | q, s_<t), computed from
 the sampler's own log-probs. The paper keeps the segment whose d is closest to the median of the G
@@ -25,9 +25,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from megatron_skpo.algo.registries import SEGMENT_SELECTORS
+from megatron_skpo.registry import Registry
 
 LogProbs = Union[Tensor, Sequence[Tensor]]
+SEGMENT_SELECTORS: Registry = Registry("segment selector")
 
 
 @dataclass

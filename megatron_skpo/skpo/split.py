@@ -1,6 +1,6 @@
 """SKPO split position: the per-prompt length tracker, the t_q sampler and the upstream cut.
 
-SKPO.md section 2 steps 1-2: t_q ~ Uniform[L_q / 6, L_q / 2] (integer tokens), with L_q a per-prompt
+docs/algorithm.md §2 steps 1-2: t_q ~ Uniform[L_q / 6, L_q / 2] (integer tokens), with L_q a per-prompt
 running response length (initial 1024) updated by the same KL-adaptive EMA as SPO's value tracker;
 an upstream response that ends (EOS) before t_q is cut at half its own length instead.
 

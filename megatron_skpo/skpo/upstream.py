@@ -1,4 +1,4 @@
-"""SKPO upstream reward and advantage (SKPO.md sections 3-4).
+"""SKPO upstream reward and advantage (docs/algorithm.md §3-4).
 
 R_I(s) = mean of R_II over the G downstream responses of segment s (the Monte Carlo estimate);
 the "w/o MC" ablation rewards s by its own full completion instead. The upstream advantage is

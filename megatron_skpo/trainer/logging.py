@@ -121,7 +121,8 @@ def open_wandb(cfg: LoggingConfig, config: Optional[dict] = None) -> Optional[Wa
     try:
         import wandb
     except ImportError as e:
-        msg = (f"logging.wandb is true but the wandb package does not import ({e}); "
+        where = f"project {cfg.wandb_project!r}" + (f", entity {cfg.wandb_entity!r}" if cfg.wandb_entity else "")
+        msg = (f"logging.wandb is true ({where}) but the wandb package does not import ({e}); "
                f"`pip install wandb`, or set logging.wandb=false")
         if cfg.wandb_missing == "error":
             raise LoggingSetupError(msg + " (logging.wandb_missing=error)") from e

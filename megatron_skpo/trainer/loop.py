@@ -13,6 +13,7 @@ import time
 
 from megatron_skpo.config import Config
 from megatron_skpo.trainer import stages
+from megatron_skpo.trainer.build import checkpoint_root
 from megatron_skpo.trainer.checkpoint import CheckpointManager
 from megatron_skpo.trainer.logging import MetricsLogger
 
@@ -21,11 +22,11 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
     """Train ``cfg``; returns 0. Launched by torchrun/srun, or as a single process. ``engine``: a
     started vLLM engine of the same model to reuse (tests); it is left open."""
     from megatron_skpo.rewards import RewardPool
+    from megatron_skpo.trainer.export import export_hf as write_hf
     from megatron_skpo.trainer.run import build_run
-    from megatron_skpo.trainer.runtime import export_hf as write_hf
 
     run = build_run(cfg, engine)
-    ckpt = CheckpointManager(cfg.checkpoint.resolved_dir(cfg.logging.dir), cfg.checkpoint.save_interval,
+    ckpt = CheckpointManager(checkpoint_root(cfg), cfg.checkpoint.save_interval,
                              cfg.checkpoint.keep_last, run.rank)
     resumed = ckpt.restore(run.parts()) if cfg.checkpoint.resume else None
     if resumed is not None and run.rank == 0:
@@ -60,7 +61,7 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
                 ckpt.save(step, run.parts())
     out = export_hf or cfg.checkpoint.export_hf
     if out:
-        write_hf(run.policy, run.hf_config, cfg.model.hf_path, out, run.rank)
+        write_hf(run.policy, run.hf_config, cfg.model.hf_path, out, run.rank, run.par.tp_group, run.par.pp_group)
     if engine is None:
         run.engine.close(release_distributed=False)
     return 0

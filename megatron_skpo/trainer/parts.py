@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -66,13 +66,15 @@ class TrainProgress:
     """The loop's counters: the last finished step and the metrics history cursor.
 
     ``metrics_step`` is the last step whose metrics were written; on resume the JSONL sink drops
-    lines after it so the resumed file equals an uninterrupted run's.
+    lines after it so the resumed file equals an uninterrupted run's. ``update_kl`` is the token-mean
+    k3 KL(old || updated) of the last step's updates (the tracker drift of ``algo.tracker.drift:
+    batch_kl``).
     """
 
     step: int = 0
     metrics_step: int = 0
     consumed_prompts: int = 0
-    extra: dict = field(default_factory=dict)  # counters added later (e.g. skipped non-finite updates)
+    update_kl: float = 0.0
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -81,8 +83,10 @@ class TrainProgress:
         for key in ("step", "metrics_step", "consumed_prompts"):
             if not isinstance(state.get(key), int):
                 raise ValueError(f"progress state: {key!r} must be an integer, got {state.get(key)!r}")
+        if not isinstance(state.get("update_kl", 0.0), (int, float)):
+            raise ValueError(f"progress state: 'update_kl' must be a number, got {state.get('update_kl')!r}")
         self.step, self.metrics_step = state["step"], state["metrics_step"]
-        self.consumed_prompts, self.extra = state["consumed_prompts"], dict(state.get("extra", {}))
+        self.consumed_prompts, self.update_kl = state["consumed_prompts"], float(state.get("update_kl", 0.0))
 
 
 def get_rng_state(tracker: Optional[Any] = None) -> dict:
@@ -155,13 +159,13 @@ class RNGPart:
 
 
 def training_parts(rank: int, progress: TrainProgress, sampler: Optional[Stateful] = None,
-                   value_tracker: Optional[Stateful] = None, length_tracker: Optional[Stateful] = None,
-                   guard: Optional[Stateful] = None, rng_tracker: Optional[Any] = None) -> dict[str, Any]:
-    """The built-in parts under their checkpoint names; the loop adds ``model`` and ``optimizer``."""
+                   value_tracker: Optional[Stateful] = None, guard: Optional[Stateful] = None,
+                   rng_tracker: Optional[Any] = None) -> dict[str, Any]:
+    """The built-in parts under their checkpoint names; the run adds the model and the method's state."""
     parts: dict[str, Any] = {"progress": JsonPart(progress), "rng": RNGPart(rank, rng_tracker)}
     if guard is not None:
         parts["guard"] = JsonPart(guard)
-    for name, obj in (("sampler", sampler), ("value_tracker", value_tracker), ("length_tracker", length_tracker)):
+    for name, obj in (("sampler", sampler), ("value_tracker", value_tracker)):
         if obj is not None:
             parts[name] = StateDictPart(obj)
     return parts

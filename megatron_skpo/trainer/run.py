@@ -2,48 +2,51 @@
 checkpoint parts. The loop (``trainer.loop``) and the stages (``trainer.stages``) read it.
 
 Order matters: the process group first, then the vLLM engine (it joins the job's world), then
-Megatron's parallel state and the policy, then the data (the engine's tokenizer renders prompts).
+Megatron's parallel state and the policy, then the data (the engine's tokenizer renders prompts),
+then the method of ``algo.name``'s family (``megatron_skpo.catalog``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
-from megatron_skpo.algo.advantages import AdvantageParams
+from megatron_skpo.algo.objective import ObjectiveSettings
 from megatron_skpo.algo.tracker import ValueTracker
 from megatron_skpo.config import Config
 from megatron_skpo.data import EpochSampler
-from megatron_skpo.rollout.samplers import build_sampler, sampler_for
-from megatron_skpo.trainer import runtime
+from megatron_skpo.methods import Method
+from megatron_skpo.model.train_step import Policy
+from megatron_skpo.rewards import RewardPool
+from megatron_skpo.rollout.engine import VLLMEngine
+from megatron_skpo.trainer import build
+from megatron_skpo.trainer.build import Parallel, Problems
 from megatron_skpo.trainer.guard import NonFiniteGuard
-from megatron_skpo.trainer.objective import LossSettings
-from megatron_skpo.trainer.parts import TrainProgress, training_parts
+from megatron_skpo.trainer.model_state import ModelPart
+from megatron_skpo.trainer.objective import objective_settings
+from megatron_skpo.trainer.parts import StateDictPart, TrainProgress, training_parts
 
 
 @dataclass
 class Run:
     cfg: Config
-    rank: int
-    world: int
-    engine: Any  # VLLMEngine
-    tokenizer: Any
-    policy: Any  # model.train_step.Policy
-    reference: Optional[Any]  # frozen Policy when algo.kl.coef > 0
+    par: Parallel
+    engine: VLLMEngine
+    tokenizer: object  # the engine's HF tokenizer (PreTrainedTokenizerBase)
+    policy: Policy
+    reference: Optional[Policy]  # frozen starting weights, only when algo.kl.coef > 0
     hf_config: dict
-    problems: runtime.Problems
-    sampler: Any  # rollout sampler of the algorithm's family
-    family: str  # sampler family: group | single_stream | skpo | dense_mc
+    problems: Problems
+    method: Method  # sampler, credit, phases of algo.name's family
+    objective: ObjectiveSettings
     epochs: EpochSampler
     tracker: ValueTracker
     guard: NonFiniteGuard
     progress: TrainProgress
-    loss: LossSettings
-    adv_params: AdvantageParams
-    pool: Any = None  # RewardPool, opened by the loop
+    pool: Optional[RewardPool] = None  # opened by the loop
 
     @property
-    def length_tracker(self):
-        return getattr(self.sampler, "lengths", None)
+    def rank(self) -> int:
+        return self.par.rank
 
     @property
     def updates_per_step(self) -> int:
@@ -53,36 +56,38 @@ class Run:
         """Checkpoint parts: model/optimizer/schedule, RNG of every rank, data order, trackers, counters."""
         from megatron.core import tensor_parallel
 
-        parts = training_parts(self.rank, self.progress, self.epochs, self.tracker, self.length_tracker,
-                               self.guard, tensor_parallel.get_cuda_rng_tracker())
-        parts["model"] = runtime.ModelPart(self.policy, self.rank)
+        parts = training_parts(self.rank, self.progress, self.epochs, self.tracker, self.guard,
+                               tensor_parallel.get_cuda_rng_tracker())
+        parts.update({name: StateDictPart(obj) for name, obj in self.method.state.items()})
+        parts["model"] = ModelPart(self.policy, self.rank)
         return parts
 
 
-def build_run(cfg: Config, engine: Optional[Any] = None) -> Run:
+def build_run(cfg: Config, engine: Optional[VLLMEngine] = None) -> Run:
     """Build the run; ``engine`` reuses a started vLLM engine of the same model (tests run several
     recipes on one engine: a start costs 15-40 s on CPU) with this config's sampling settings."""
+    from megatron_skpo.catalog import build_method
     from megatron_skpo.model.builder import initialize_parallel
 
-    rank, world = runtime.init_distributed()
+    build.init_distributed()
     if engine is None:
-        engine = runtime.build_engine(cfg, world, runtime.template_stop(cfg))
+        engine = build.build_engine(cfg, build.template_stop(cfg))
     else:
-        engine.settings = runtime.sampling_settings(cfg, runtime.template_stop(cfg))
+        engine.settings = build.sampling_settings(cfg, build.template_stop(cfg))
     initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
-    hf_config, weights = runtime.hf_state(cfg.model.hf_path)
-    updates = cfg.train.steps * (cfg.train.prompts_per_step // cfg.train.mini_batch_prompts)
-    policy = runtime.build_policy_from(cfg, hf_config, weights, updates)
-    reference = runtime.build_reference(cfg, hf_config, weights) if cfg.algo.kl.coef > 0 else None
+    hf_config, weights = build.hf_state(cfg.model.hf_path)
+    policy = build.build_policy_from(cfg, hf_config, weights, cfg.train.steps * (
+        cfg.train.prompts_per_step // cfg.train.mini_batch_prompts))
+    reference = build.build_reference(cfg, hf_config, weights) if cfg.algo.kl.coef > 0 else None
     del weights
-    tok = engine.tokenizer
-    problems = runtime.load_problems(cfg, tok)
+    problems = build.load_problems(cfg, engine.tokenizer)
     if cfg.train.prompts_per_step > len(problems.items):
         raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} exceeds the "
                          f"{len(problems.items)} usable training problems")
-    a, t = cfg.algo, cfg.algo.tracker
-    return Run(cfg, rank, world, engine, tok, policy, reference, hf_config, problems, build_sampler(cfg, tok),
-               sampler_for(a.name), runtime.epoch_sampler(cfg, len(problems.items)),
-               ValueTracker(t.rho_min, t.rho_max, t.tau_half, t.priority_floor), NonFiniteGuard(), TrainProgress(),
-               LossSettings.from_config(a),
-               AdvantageParams(a.adv_eps, a.std_unbiased, a.batch_norm_advantages, a.batch_norm_level, a.dense_mc.mode))
+    t = cfg.algo.tracker
+    return Run(cfg=cfg, par=Parallel.current(), engine=engine, tokenizer=engine.tokenizer, policy=policy,
+               reference=reference, hf_config=hf_config, problems=problems,
+               method=build_method(cfg, engine.tokenizer), objective=objective_settings(cfg.algo),
+               epochs=build.epoch_sampler(cfg, len(problems.items)),
+               tracker=ValueTracker(t.rho_min, t.rho_max, t.tau_half, t.priority_floor),
+               guard=NonFiniteGuard(), progress=TrainProgress())

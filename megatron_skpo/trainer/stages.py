@@ -21,17 +21,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_skpo.algo.objective import PhaseCounts
+from megatron_skpo.methods import Credit, CreditInput
 from megatron_skpo.model.packing import PackedBatch
 from megatron_skpo.rollout.parity import logprob_parity
 from megatron_skpo.rollout.samplers import PromptItem
 from megatron_skpo.rollout.types import RolloutBatch
-from megatron_skpo.trainer.credit import CREDIT, Credit, CreditInput
-from megatron_skpo.trainer.objective import PhaseCounts, global_counts, make_loss_fn, reduce_loss_metrics
+from megatron_skpo.trainer.objective import global_counts, make_loss_fn, reduce_loss_metrics
 from megatron_skpo.trainer.rows import TrainRows, mini_batches, pack
 from megatron_skpo.trainer.run import Run
 
 TIMING_PREFIXES = ("time/", "perf/")
-GRADED_PHASES = ("single", "downstream", "mc")
 
 
 def is_timing_key(name: str) -> bool:
@@ -59,20 +59,21 @@ def sample_prompts(run: Run, step: int) -> list[PromptItem]:
 
 def rollout(run: Run, prompts: list[PromptItem], step: int) -> RolloutBatch:
     torch.manual_seed(stream_seed(run.cfg.train.seed, step, 0))  # vLLM's sampling noise on CPU
-    if hasattr(run.sampler, "generator"):
-        run.sampler.generator.manual_seed(stream_seed(run.cfg.train.seed, step, 2))
-    return run.sampler.sample(run.engine, prompts, step)
+    generator = torch.Generator().manual_seed(stream_seed(run.cfg.train.seed, step, 2))
+    return run.method.sampler.sample(run.engine, prompts, step, generator)
 
 
 def grade(run: Run, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
-    """[N] float64 rewards of the graded rows (0 elsewhere) and reward/accuracy metrics."""
-    rows = [i for i, s in enumerate(batch.samples) if s.phase in GRADED_PHASES]
+    """[N] float64 rewards of the rows the method grades (0 elsewhere) and reward/accuracy metrics
+    over its scored rows (the final answers: not SKPO's own-completion or dense MC continuations)."""
+    m = run.method
+    rows = [i for i, s in enumerate(batch.samples) if s.phase in m.graded_phases]
     texts = [run.tokenizer.decode(batch.samples[i].response_ids, skip_special_tokens=True) for i in rows]
     golds = [run.problems.answers[batch.samples[i].prompt_key] for i in rows]
     scores, stats = run.pool.score(texts, golds)
     rewards = torch.zeros(len(batch), dtype=torch.float64)
     rewards[rows] = torch.tensor(scores, dtype=torch.float64)
-    final = [i for i in rows if batch.samples[i].phase != "mc"]
+    final = [i for i in rows if batch.samples[i].phase in (m.scored_phases or m.graded_phases)]
     correct = run.cfg.reward.correct
     return rewards, {"reward": float(rewards[final].mean()),
                      "accuracy": sum(float(rewards[i]) == correct for i in final) / len(final),
@@ -82,11 +83,9 @@ def grade(run: Run, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]
 
 
 def credit(run: Run, batch: RolloutBatch, rewards: torch.Tensor) -> Credit:
-    a = run.cfg.algo
-    inp = CreditInput(batch, rewards, a.advantage, run.adv_params, run.tracker, run.progress.extra.get("kl", 0.0),
-                      a.dynamic_sampling, run.cfg.reward.correct, run.length_tracker, a.skpo.length_source,
-                      a.skpo.upstream_reward)
-    return CREDIT[run.family](inp)
+    """The method's advantages; the trackers see D = the last step's update KL for every prompt."""
+    drift = {s.prompt_key: run.progress.update_kl for s in batch.samples}
+    return run.method.credit(CreditInput(batch, rewards, run.tracker, drift))
 
 
 @dataclass
@@ -98,13 +97,11 @@ class MiniBatch:
 
 def prepare(run: Run, batch: RolloutBatch, cr: Credit, num_prompts: int) -> tuple[list[MiniBatch], dict]:
     """Pack every mini-batch and attach old (and reference) log-probs before any update."""
-    from megatron.core import parallel_state as ps
-
     from megatron_skpo.model.train_step import forward_logprobs
 
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    par = run.par
     rows = mini_batches(batch, cr.advantages, cr.dropped_rows, num_prompts, run.cfg.train.mini_batch_prompts,
-                        dp_rank, dp, run.cfg.algo.overlong_filter)
+                        par.dp_rank, par.dp_size, run.cfg.algo.overlong_filter)
     out = []
     for r in rows:
         micro = pack(r, run.cfg.parallel.micro_batch_tokens)
@@ -112,7 +109,7 @@ def prepare(run: Run, batch: RolloutBatch, cr: Credit, num_prompts: int) -> tupl
             if policy is not None and micro:
                 for mb, (logp, _) in zip(micro, forward_logprobs(policy, micro)):
                     mb.token_values[name] = logp
-        out.append(MiniBatch(r, micro, global_counts(r, run.loss.phases, ps.get_data_parallel_group())))
+        out.append(MiniBatch(r, micro, global_counts(r, run.method.phases, par.dp_group)))
     micro = [mb for m in out for mb in m.micro]
     if not micro:
         return out, {}
@@ -139,7 +136,8 @@ def update(run: Run, minis: list[MiniBatch]) -> dict[str, float]:
     sums: dict[str, float] = {}
     for m in minis:
         zero_grads(run.policy)
-        stores = forward_backward(run.policy, m.micro, make_loss_fn(m.rows, m.counts, run.loss), normalizer=1.0)
+        loss_fn = make_loss_fn(m.rows, m.counts, run.method.phases, run.objective)
+        stores = forward_backward(run.policy, m.micro, loss_fn, normalizer=1.0)
         reduced = reduce_metrics(stores)
         finite = grads_finite(run.policy)
         if run.guard.check(reduced.get("loss", 0.0), 0.0 if finite else float("nan")):
@@ -147,18 +145,16 @@ def update(run: Run, minis: list[MiniBatch]) -> dict[str, float]:
         out = {**reduce_loss_metrics(reduced), **{k: reduced[k] for k in ("grad_norm", "lr") if k in reduced}}
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + v / len(minis)
-    run.progress.extra["kl"] = max(float(sums.get("loss/kl_old_k3", sums.get("loss/down/kl_old_k3", 0.0))), 0.0)
+    run.progress.update_kl = max(float(sums.get("loss/update_kl", 0.0)), 0.0)
     return sums
 
 
 def sync_weights(run: Run) -> dict[str, float]:
     """Stream the policy's weights into vLLM (bucketed) and drop its prefix cache."""
-    from megatron.core import parallel_state as ps
-
     from megatron_skpo.rollout.weight_sync import megatron_to_hf_stream, push_weights
 
-    stream = megatron_to_hf_stream(run.policy.model, run.hf_config, tp_group=ps.get_tensor_model_parallel_group(),
-                                   pp_group=ps.get_pipeline_model_parallel_group())
+    stream = megatron_to_hf_stream(run.policy.model, run.hf_config, tp_group=run.par.tp_group,
+                                   pp_group=run.par.pp_group)
     stats = push_weights(run.engine, stream, run.cfg.rollout.weight_sync_bucket_mb * 2**20)
     return {"time/weight_sync": stats.seconds, "perf/weight_sync_GBps": stats.gb_per_s,
             "weight_sync/GB": stats.bytes / 1e9, "weight_sync/buckets": float(stats.buckets)}

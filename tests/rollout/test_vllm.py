@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 
 from megatron_skpo.rollout.engine import GenRequest, SamplingSettings, VLLMEngine, generate
 from megatron_skpo.rollout.parity import logprob_parity
-from megatron_skpo.rollout.samplers import GroupSampler, PromptItem, SKPOSampler
+from megatron_skpo.rollout.samplers import GroupSampler, PromptItem
 from megatron_skpo.rollout.weight_sync import megatron_to_hf_stream, push_weights
+from megatron_skpo.skpo.sampler import SKPOSampler
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["Tom has 3 apples. He buys 5 more apples. How many apples does Tom have now?",

@@ -6,8 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_skpo.algo.registries import SEGMENT_SELECTORS
-from megatron_skpo.skpo.segment import segment_nll, select_segments
+from megatron_skpo.skpo.segment import SEGMENT_SELECTORS, segment_nll, select_segments
 
 D = torch.float64
 

@@ -63,7 +63,8 @@ def make_state(step: int):
 
 def parts_of(objs, slow: float = 0.0) -> dict:
     progress, sampler, values, lengths, weights, guard = objs
-    parts = training_parts(0, progress, sampler, values, lengths, guard)
+    parts = training_parts(0, progress, sampler, values, guard)
+    parts["length_tracker"] = StateDictPart(lengths)
     parts["model"] = SlowPart(weights, slow) if slow else StateDictPart(weights)
     return parts
 

@@ -31,18 +31,24 @@ def build_assets(work: Path) -> Path:
     return model
 
 
-def tiny_overrides(work: Path, name: str, steps: int) -> list[str]:
+def tiny_overrides(work: Path, name: str, steps: int, algo: str = "skpo") -> list[str]:
     """The real recipe, shrunk: tiny fp32 model, 4 prompts x G=4, 16-token responses, 2 updates/step.
 
     Rewards: 1 correct, 0 wrong, -1 without a number (format penalty), so random text gives mixed groups.
+    Family-specific knobs are set only for the family that reads them (the config rejects the rest).
     """
-    return [f"model.hf_path={work / 'model'}", "model.dtype=fp32", "parallel.tp=1", "parallel.pp=1",
+    from megatron_skpo.config import ALGORITHMS
+
+    family = ALGORITHMS[algo].family
+    own = {"skpo": ["algo.skpo.init_length=12"],
+           "dense_mc": ["algo.dense_mc.num_rollouts=2", "algo.dense_mc.num_positions=2"]}.get(family, [])
+    group = [] if family == "single_stream" else ["algo.group_size=4"]
+    return own + group + [f"model.hf_path={work / 'model'}", "model.dtype=fp32", "parallel.tp=1", "parallel.pp=1",
             "parallel.micro_batch_tokens=512", "rollout.max_prompt_tokens=64", "rollout.max_response_tokens=16",
             "rollout.dtype=float32", "rollout.enforce_eager=true", "rollout.max_model_len=256",
             "rollout.temperature=1.0", f"train.steps={steps}", "train.prompts_per_step=4",
             "train.mini_batch_prompts=2", "train.seed=7", "optim.lr=1e-4", "optim.warmup_steps=0",
-            "algo.group_size=4", "algo.skpo.init_length=12", "algo.dense_mc.num_rollouts=2",
-            "algo.dense_mc.num_positions=2", f"data.train.path={work / 'problems.jsonl'}",
+            f"data.train.path={work / 'problems.jsonl'}",
             "data.train.prompt_field=prompt", "data.train.answer_field=reward_model.ground_truth",
             "data.prompt_template=raw", "reward.correct=1", "reward.incorrect=0", "reward.format_penalty=-1",
             "reward.answer_fallbacks=[last_number]", "reward.workers=1", f"logging.dir={work / name}",
@@ -50,22 +56,61 @@ def tiny_overrides(work: Path, name: str, steps: int) -> list[str]:
             "checkpoint.keep_last=1"]
 
 
+def track_config_reads(out: Path) -> set[tuple[str, str]]:
+    """Record every (config class, field) read by code outside ``megatron_skpo.config`` (and outside
+    ``dataclasses``, whose ``replace`` copies every field); the set is written to ``out`` at exit."""
+    import atexit
+    import dataclasses
+
+    from megatron_skpo.config import Config
+    from megatron_skpo.config.base import section_type
+
+    reads: set[tuple[str, str]] = set()
+
+    def install(cls) -> None:
+        if "_tracked" in cls.__dict__:
+            return
+        names = {f.name for f in dataclasses.fields(cls)}
+
+        def getattribute(self, name, _cls=cls.__name__, _names=names):
+            if name in _names:
+                caller = sys._getframe(1).f_globals.get("__name__", "")
+                if not caller.startswith(("megatron_skpo.config", "dataclasses")):
+                    reads.add((_cls, name))
+            return object.__getattribute__(self, name)
+
+        cls.__getattribute__, cls._tracked = getattribute, True
+        hints = __import__("typing").get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            sub = section_type(hints[f.name])
+            if dataclasses.is_dataclass(sub):
+                install(sub)
+
+    install(Config)
+    atexit.register(lambda: out.write_text(json.dumps(sorted(reads))))
+    return reads
+
+
 def main(work: str, runs: list[str]) -> int:
+    import os
+
     from megatron_skpo.config import load_config
     from megatron_skpo.trainer.loop import train
 
     work_dir = Path(work)
+    if os.environ.get("SKPO_TRACK_CONFIG_READS"):
+        track_config_reads(Path(os.environ["SKPO_TRACK_CONFIG_READS"]))
     build_assets(work_dir)
     engine = None
     for spec in runs:
         name, algo, steps, *extra = spec.split(":")
-        overrides = tiny_overrides(work_dir, name, int(steps)) + (extra[0].split(",") if extra else [])
+        overrides = tiny_overrides(work_dir, name, int(steps), algo) + (extra[0].split(",") if extra else [])
         cfg = load_config(ROOT / "configs" / f"{algo}.yaml", overrides)
         if engine is None and len(runs) > 1:
-            from megatron_skpo.trainer.run import runtime
+            from megatron_skpo.trainer import build
 
-            runtime.init_distributed()
-            engine = runtime.build_engine(cfg, 1, runtime.template_stop(cfg))
+            build.init_distributed()
+            engine = build.build_engine(cfg, build.template_stop(cfg))
         train(cfg, engine=engine)
         print(f"done {name}", flush=True)
     return 0

@@ -22,12 +22,15 @@ from megatron_skpo.trainer.logging import read_metrics
 pytestmark = pytest.mark.slow
 CHILD = Path(__file__).with_name("loop_child.py")
 ALGOS = ["skpo", "grpo", "dr_grpo", "dapo", "cispo", "gspo", "spo", "rloo", "reinforce_pp", "dense_mc"]
-EXTRA = {"rloo": ":algo.kl.coef=0.05"}  # one recipe exercises the reference model and KL penalty
+# one recipe exercises the reference model and KL penalty, one TIS and the W&B-missing warning
+EXTRA = {"rloo": ":algo.kl.coef=0.05", "cispo": ":algo.tis.enabled=true,algo.tis.cap=2.0,logging.wandb=true"}
 TIMING_PREFIXES = ("time/", "perf/")
 
 
-def child(work: Path, *runs: str, **kw) -> subprocess.Popen:
+def child(work: Path, *runs: str, track: bool = False, **kw) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if track:
+        env["SKPO_TRACK_CONFIG_READS"] = str(work / "config_reads.json")
     log = open(work / f"child-{len(list(work.glob('child-*')))}.log", "w")
     return subprocess.Popen([sys.executable, str(CHILD), str(work), *runs], env=env, stdout=log,
                             stderr=subprocess.STDOUT, **kw)
@@ -49,7 +52,7 @@ def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("loop")
     extra = {**EXTRA, "grpo": f":checkpoint.export_hf={work / 'grpo' / 'hf'}"}
     runs = [f"{a}:{a}:2{extra.get(a, '')}" for a in ALGOS] + ["reference:skpo:4"]
-    finish(child(work, *runs), work, timeout=600)
+    finish(child(work, *runs, track=True), work, timeout=600)
     return work
 
 
@@ -113,3 +116,30 @@ def test_kill_and_resume_reproduces_metrics(work):
     resumed = untimed(read_metrics(path))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert resumed == untimed(read_metrics(work / "reference" / "metrics.jsonl"))
+
+
+def test_every_config_field_is_read(work):
+    """Every field of the config tree is read by the code the recipes run (a config that cannot lie:
+    a key nothing reads would be accepted and ignored)."""
+    import dataclasses
+    import json
+    import typing
+
+    from megatron_skpo.config import Config
+    from megatron_skpo.config.base import section_type
+
+    fields: set[tuple[str, str]] = set()
+
+    def walk(cls):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            sub = section_type(hints[f.name])
+            if dataclasses.is_dataclass(sub):
+                walk(sub)
+            else:
+                fields.add((cls.__name__, f.name))
+
+    walk(Config)
+    reads = {tuple(r) for r in json.loads((work / "config_reads.json").read_text())}
+    missing = sorted(fields - reads)
+    assert not missing, f"config fields read nowhere: {missing}"

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Hashable, Protocol, Sequence
+from typing import Hashable, Optional, Protocol, Sequence
+
+import torch
 
 from megatron_skpo.rollout.engine import Engine, Generation
 from megatron_skpo.rollout.types import Phase, RolloutBatch, Sample
@@ -23,8 +25,10 @@ class PromptItem:
 
 
 class Sampler(Protocol):
-    def sample(self, engine: Engine, prompts: Sequence[PromptItem], step: int = 0) -> RolloutBatch:
-        """Generate one step's rollouts for ``prompts``."""
+    def sample(self, engine: Engine, prompts: Sequence[PromptItem], step: int = 0,
+               generator: Optional[torch.Generator] = None) -> RolloutBatch:
+        """Generate one step's rollouts for ``prompts``; ``generator`` drives the sampler's own random
+        choices (SKPO's split and selection), seeded per step by the trainer."""
 
 
 def rows_from(gens: Sequence[Generation], prompt_ids: list[int], key: Hashable, group: int, phase: Phase,

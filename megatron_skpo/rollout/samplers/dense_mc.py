@@ -1,4 +1,4 @@
-"""Dense Monte-Carlo sampler (the baseline SKPO.md section 1 shows failing): G responses per prompt,
+"""Dense Monte-Carlo sampler (the baseline docs/algorithm.md §1 shows failing): G responses per prompt,
 then K continuations from each of M prefixes of every response.
 
 Positions (ours): for a response of R tokens, the distinct prefix lengths floor(R * j / M) for
@@ -10,7 +10,9 @@ length; they may use the response budget left after the prefix.
 """
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from typing import Hashable, Optional, Sequence
+
+import torch
 
 from megatron_skpo.rollout.engine import Engine, GenRequest, Generation, run_until_done
 from megatron_skpo.rollout.samplers.base import PromptItem, Timer, check_unique_keys, phase_stats, rows_from
@@ -32,7 +34,8 @@ class DenseMCSampler:
         self.group_size, self.max_tokens, self.timeout_s = group_size, max_tokens, timeout_s
         self.num_rollouts, self.num_positions = num_rollouts, num_positions
 
-    def sample(self, engine: Engine, prompts: Sequence[PromptItem], step: int = 0) -> RolloutBatch:
+    def sample(self, engine: Engine, prompts: Sequence[PromptItem], step: int = 0,
+               generator: Optional[torch.Generator] = None) -> RolloutBatch:
         check_unique_keys(prompts)
         timer = Timer()
         base: dict[int, list[Generation]] = {}

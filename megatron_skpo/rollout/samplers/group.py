@@ -5,7 +5,9 @@ with G = 1, by SPO's single-stream sampling. Rows are phase ``single``; group = 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
+
+import torch
 
 from megatron_skpo.rollout.engine import Engine, GenRequest, generate
 from megatron_skpo.rollout.samplers.base import PromptItem, Timer, check_unique_keys, phase_stats, rows_from
@@ -18,7 +20,8 @@ class GroupSampler:
             raise ValueError(f"GroupSampler: group_size ({group_size}) and max_tokens ({max_tokens}) must be >= 1")
         self.group_size, self.max_tokens, self.timeout_s = group_size, max_tokens, timeout_s
 
-    def sample(self, engine: Engine, prompts: Sequence[PromptItem], step: int = 0) -> RolloutBatch:
+    def sample(self, engine: Engine, prompts: Sequence[PromptItem], step: int = 0,
+               generator: Optional[torch.Generator] = None) -> RolloutBatch:
         check_unique_keys(prompts)
         timer = Timer()
         reqs = [GenRequest(p.prompt_ids, self.group_size, self.max_tokens, tag=i) for i, p in enumerate(prompts)]

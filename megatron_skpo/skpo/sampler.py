@@ -1,4 +1,4 @@
-"""SKPO sampler (SKPO.md section 2): upstream segments, median-NLL selection, skip prompt, downstream group.
+"""SKPO sampler (docs/algorithm.md §2): upstream segments, median-NLL selection, skip prompt, downstream group.
 
 Per prompt q with split position t_q:
   1. G upstream samples from q with ``max_tokens = t_q``; a sample that ended with EOS before
@@ -86,21 +86,23 @@ class SKPOSampler:
         self.lengths = length_tracker if length_tracker is not None else LengthTracker()
         self.generator = torch.Generator().manual_seed(seed)
 
-    def split_positions(self, prompts: Sequence[PromptItem], step: int) -> torch.Tensor:
+    def split_positions(self, prompts: Sequence[PromptItem], step: int, generator: torch.Generator) -> torch.Tensor:
         """[P] t_q ~ U[min_frac L_q, max_frac L_q], kept below the response cap."""
         lo, hi, mode = self.split
-        t_q = sample_split_positions(self.lengths.lengths([p.key for p in prompts]), lo, hi,
-                                     self.generator, mode, step)
+        t_q = sample_split_positions(self.lengths.lengths([p.key for p in prompts]), lo, hi, generator, mode, step)
         return t_q.clamp(max=self.max_tokens - 1)
 
     def sample(self, engine: Engine, prompts: Sequence[PromptItem], step: int = 0,
-               t_q: Optional[torch.Tensor] = None) -> RolloutBatch:
+               generator: Optional[torch.Generator] = None, t_q: Optional[torch.Tensor] = None) -> RolloutBatch:
+        """One step's rollouts; ``generator`` draws t_q and breaks random selections (default: the
+        sampler's own, seeded once from ``seed``; the trainer passes one seeded per step)."""
         check_unique_keys(prompts)
         timer = Timer()
-        t_q = self.split_positions(prompts, step) if t_q is None else torch.as_tensor(t_q).long()
+        gen = generator if generator is not None else self.generator
+        t_q = self.split_positions(prompts, step, gen) if t_q is None else torch.as_tensor(t_q).long()
         if t_q.shape != (len(prompts),) or bool((t_q < 1).any()):
             raise ValueError(f"SKPOSampler.sample: t_q must be [P]={len(prompts)} positive ints, got {t_q.tolist()}")
-        state = _Pipeline(self, engine, prompts, t_q.tolist(), step)
+        state = _Pipeline(self, engine, prompts, t_q.tolist(), step, gen)
         for i, p in enumerate(prompts):
             engine.submit(GenRequest(p.prompt_ids, self.group_size, int(t_q[i]), tag=("up", i)))
         run_until_done(engine, state.on_finished, self.timeout_s)
@@ -117,8 +119,10 @@ class SKPOSampler:
 class _Pipeline:
     """Per-step state: reacts to finished groups, submitting downstream work as it becomes possible."""
 
-    def __init__(self, sampler: SKPOSampler, engine: Engine, prompts: Sequence[PromptItem], t_q: list[int], step: int):
+    def __init__(self, sampler: SKPOSampler, engine: Engine, prompts: Sequence[PromptItem], t_q: list[int], step: int,
+                 generator: torch.Generator):
         self.s, self.engine, self.prompts, self.t_q, self.step = sampler, engine, prompts, t_q, step
+        self.generator = generator
         self.upstream: dict[int, tuple[Candidates, Sample]] = {}
         self.down_prompts: dict[int, DownstreamPrompt] = {}
         self.downstream: dict[int, list[Generation]] = {}
@@ -136,7 +140,7 @@ class _Pipeline:
 
     def _start_downstream(self, i: int, gens: list[Generation]) -> None:
         s, p = self.s, self.prompts[i]
-        cand = choose_segment(gens, self.t_q[i], s.selector, s.generator, self.step)
+        cand = choose_segment(gens, self.t_q[i], s.selector, self.generator, self.step)
         kept, cut = gens[cand.selected], int(cand.cut[cand.selected])
         seg_ids, seg_logprobs = kept.token_ids[:cut], kept.logprobs[:cut]
         seg_text = s.tokenizer.decode(seg_ids, skip_special_tokens=False)

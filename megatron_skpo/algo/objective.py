@@ -1,0 +1,94 @@
+"""A loss made of phases: ``L = sum_p w_p * L_p``, each phase an ordinary ``policy_objective`` with its
+own policy loss, aggregation mode and GLOBAL counts.
+
+Every method family declares its phases (``PhaseLoss``): the GRPO family and SPO train one phase
+(``single``) with ``algo.policy_loss``; SKPO trains ``upstream`` (J_I, PPO-clip over the selected
+segment) and ``downstream`` (J_II, CISPO over the skip-connected group) with weights w_up, w_down.
+Because each phase is normalised by its own global counts (summed over data-parallel ranks and
+micro-batches by the trainer), the sum over ranks of this function is the global loss.
+
+A phase with no tokens on this rank ([0, T] tensors or an all-zero mask) contributes exactly 0,
+without NaN, and still reports every metric key (count 0), so the trainer's all-reduce of the
+metrics lines up across ranks. Metrics of a one-phase loss keep their plain names ("loss",
+"kl_old_k3", ...); with several phases each phase's metrics carry its ``metric_prefix`` and the
+weighted total is "loss".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from torch import Tensor
+
+from megatron_skpo.algo.aggregation import Count
+from megatron_skpo.algo.losses import PolicyLossInput, PolicyLossParams, policy_objective
+from megatron_skpo.algo.metrics import LossMetrics
+
+
+@dataclass(frozen=True)
+class PhaseLoss:
+    """How one phase's rows train."""
+
+    phase: str  # the rows' phase in the rollout batch: "single", "upstream" or "downstream"
+    loss: str  # POLICY_LOSSES name
+    agg_mode: str  # aggregation.AGG_MODES mode
+    weight: float = 1.0
+    metric_prefix: str = ""  # "up/" / "down/" for SKPO; "" keeps a one-phase loss's plain names
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """What every phase shares (copied from ``cfg.algo`` by the trainer)."""
+
+    params: PolicyLossParams = field(default_factory=PolicyLossParams)
+    norm_length: Optional[float] = None  # seq-mean-token-sum-norm's constant
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    tis_cap: Optional[float] = None  # None = truncated importance sampling off
+
+
+@dataclass
+class PhaseExtras:
+    """Optional per-phase tensors; each [B, T] like that phase's ``PolicyLossInput``."""
+
+    ref_log_probs: Optional[Tensor] = None  # reference policy (KL penalty, when kl_coef > 0)
+    entropy: Optional[Tensor] = None  # per-token entropy of the current policy
+    tis_weights: Optional[Tensor] = None  # detached TIS weights; None = TIS off
+
+
+@dataclass(frozen=True)
+class PhaseCounts:
+    """Global denominators of one phase, summed by the trainer over ranks and micro-batches."""
+
+    tokens: Count  # valid loss tokens
+    seqs: Count  # sequences with at least one valid token
+
+
+def phased_objective(phases: tuple[PhaseLoss, ...], inputs: Mapping[str, PolicyLossInput],
+                     counts: Mapping[str, PhaseCounts], s: ObjectiveSettings,
+                     extras: Optional[Mapping[str, PhaseExtras]] = None) -> tuple[Tensor, LossMetrics]:
+    """This rank's share of ``sum_p w_p L_p`` and its metrics.
+
+    Args:
+        phases: the method's phases, in order.
+        inputs: phase -> its [B_p, T_p] ``PolicyLossInput`` on this rank (B_p may be 0).
+        counts: phase -> its global token/sequence counts.
+        s: clip bounds, KL, entropy, TIS and the Dr.GRPO length constant.
+        extras: phase -> reference log-probs, entropy and TIS weights.
+    """
+    if not phases:
+        raise ValueError("phased_objective: no phases")
+    metrics, total = LossMetrics(), None
+    for p in phases:
+        x = (extras or {}).get(p.phase) or PhaseExtras()
+        loss, phase_metrics = policy_objective(
+            inputs[p.phase], s.params, p.loss, p.agg_mode, counts[p.phase].tokens, counts[p.phase].seqs,
+            ref_log_probs=x.ref_log_probs, kl_estimator=s.kl_estimator, kl_coef=s.kl_coef, entropy=x.entropy,
+            entropy_coef=s.entropy_coef, tis_weights=x.tis_weights, norm_length=s.norm_length)
+        weighted = p.weight * loss
+        total = weighted if total is None else total + weighted.to(total.device)
+        metrics.merge(phase_metrics.prefixed(p.metric_prefix) if p.metric_prefix else phase_metrics)
+    if len(phases) > 1 or phases[0].metric_prefix:
+        metrics.add_total("loss", total.detach())
+    return total, metrics

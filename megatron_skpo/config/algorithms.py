@@ -1,0 +1,184 @@
+"""The algorithm names ``algo.name`` accepts: which method family each is, the defaults its name
+sets, and which settings it cannot be trained with.
+
+A name is a configuration of one of four method families (``megatron_skpo.methods``): ``group``
+(G responses per prompt, group-relative advantages), ``single_stream`` (SPO: one response per
+prompt, a tracked value baseline), ``skpo`` (upstream segment + skip-connected downstream group)
+and ``dense_mc`` (Monte Carlo token values). Loading a recipe applies, in order: the dataclass
+defaults, the name's ``defaults`` (for every key the recipe and the overrides leave unset), the
+recipe (and its ``base``), the command-line overrides. Then :func:`check_algorithm` rejects what
+contradicts the name (``fixed``) and what the chosen family would silently ignore (``READ_WHEN``).
+
+This module is data plus two small checks; it imports nothing heavy, so ``--dry-run`` stays fast.
+See docs/algorithm.md for the maths of each name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping
+
+from megatron_skpo.config.base import ConfigError
+
+Family = Literal["group", "single_stream", "skpo", "dense_mc"]
+FAMILIES: tuple[str, ...] = ("group", "single_stream", "skpo", "dense_mc")
+# Group-relative estimators (they need G >= 2 responses of one prompt and nothing else).
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+
+
+@dataclass(frozen=True)
+class AlgorithmDef:
+    """One ``algo.name``.
+
+    ``defaults``: dotted config keys the name sets unless the recipe or an override sets them.
+    ``fixed``: dotted key -> the values this algorithm can be trained with (anything else is
+    another algorithm; the error says which name to use instead).
+    """
+
+    family: Family
+    summary: str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    fixed: Mapping[str, tuple] = field(default_factory=dict)
+
+
+_CLIP_SYMMETRIC = {"algo.clip.eps_low": 0.2, "algo.clip.eps_high": 0.2}
+_CLIP_HIGHER = {"algo.clip.eps_low": 0.2, "algo.clip.eps_high": 0.28}
+_PPO = {"algo.policy_loss": "ppo_clip", "algo.loss_agg_mode": "token-mean"}
+
+ALGORITHMS: dict[str, AlgorithmDef] = {
+    "skpo": AlgorithmDef(
+        "skpo", "upstream segment scored by Monte Carlo over a skip-connected downstream group",
+        {"algo.advantage": "grpo", **_CLIP_HIGHER},
+        {"algo.advantage": GROUP_ESTIMATORS}),
+    "grpo": AlgorithmDef(
+        "group", "group mean/std advantage, PPO-clip", {"algo.advantage": "grpo", **_PPO, **_CLIP_SYMMETRIC},
+        {"algo.advantage": ("grpo",)}),
+    "dr_grpo": AlgorithmDef(
+        "group", "Dr.GRPO: no std division, constant length normaliser",
+        {"algo.advantage": "dr_grpo", "algo.policy_loss": "ppo_clip",
+         "algo.loss_agg_mode": "seq-mean-token-sum-norm", **_CLIP_SYMMETRIC},
+        {"algo.advantage": ("dr_grpo",), "algo.loss_agg_mode": ("seq-mean-token-sum-norm",)}),
+    "dapo": AlgorithmDef(
+        "group", "DAPO: clip-higher, dynamic sampling, overlong filter, token-mean",
+        {"algo.advantage": "grpo", **_PPO, **_CLIP_HIGHER, "algo.dynamic_sampling": True,
+         "algo.overlong_filter": True},
+        {"algo.advantage": ("grpo",), "algo.dynamic_sampling": (True,)}),
+    "cispo": AlgorithmDef(
+        "group", "CISPO: clipped stop-gradient IS weight x log-prob",
+        {"algo.advantage": "grpo", "algo.policy_loss": "cispo", "algo.loss_agg_mode": "token-mean", **_CLIP_HIGHER},
+        {"algo.policy_loss": ("cispo",)}),
+    "gspo": AlgorithmDef(
+        "group", "GSPO: sequence-level ratio, tight clipping",
+        {"algo.advantage": "grpo", "algo.policy_loss": "gspo", "algo.loss_agg_mode": "seq-mean-token-mean"},
+        {"algo.policy_loss": ("gspo",)}),
+    "rloo": AlgorithmDef(
+        "group", "RLOO: leave-one-out baseline", {"algo.advantage": "rloo", **_PPO, **_CLIP_SYMMETRIC},
+        {"algo.advantage": ("rloo",)}),
+    "reinforce_pp": AlgorithmDef(
+        "group", "REINFORCE++: batch-whitened reward",
+        {"algo.advantage": "reinforce_pp", **_PPO, **_CLIP_SYMMETRIC},
+        {"algo.advantage": ("reinforce_pp", "reinforce_pp_baseline")}),
+    "spo": AlgorithmDef(
+        "single_stream", "SPO: one response per prompt, KL-adaptive value tracker, prioritised prompts",
+        {"algo.group_size": 1, "algo.advantage": "spo", **_PPO, **_CLIP_HIGHER,
+         "train.prompt_sampling": "prioritized"},
+        {"algo.group_size": (1,), "algo.advantage": ("spo",)}),
+    "dense_mc": AlgorithmDef(
+        "dense_mc", "dense token-level Monte Carlo values (the baseline SKPO shows failing)",
+        {"algo.advantage": "dense_mc", **_PPO, **_CLIP_SYMMETRIC},
+        {"algo.advantage": ("dense_mc",)}),
+}
+
+
+def algorithm(name: str) -> AlgorithmDef:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ConfigError(f"algo.name: got {name!r}; allowed values: {', '.join(map(repr, ALGORITHMS))}") from None
+
+
+def _uses_loss(cfg, name: str) -> bool:
+    a = cfg.algo
+    losses = (a.skpo.upstream_loss, a.skpo.downstream_loss) if family(cfg) == "skpo" else (a.policy_loss,)
+    return name in losses
+
+
+def _uses_agg(cfg, mode: str) -> bool:
+    a = cfg.algo
+    modes = (a.skpo.upstream_agg_mode, a.skpo.downstream_agg_mode) if family(cfg) == "skpo" else (a.loss_agg_mode,)
+    return mode in modes
+
+
+def family(cfg) -> str:
+    return algorithm(cfg.algo.name).family
+
+
+# Dotted key prefixes that only some configurations read: (predicate, who reads it). An explicit
+# value under such a prefix is an error when the predicate is false (the longest prefix wins).
+READ_WHEN: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "algo.skpo": (lambda c: family(c) == "skpo", "read only by SKPO (algo.name: skpo)"),
+    "rollout.downstream_budget": (lambda c: family(c) == "skpo", "read only by SKPO (algo.name: skpo)"),
+    "algo.dense_mc": (lambda c: family(c) == "dense_mc", "read only by dense Monte Carlo (algo.name: dense_mc)"),
+    "algo.policy_loss": (lambda c: family(c) != "skpo",
+                         "not read by SKPO, whose phases use algo.skpo.upstream_loss / downstream_loss"),
+    "algo.loss_agg_mode": (lambda c: family(c) != "skpo",
+                           "not read by SKPO, whose phases use algo.skpo.upstream_agg_mode / downstream_agg_mode"),
+    "algo.gspo_eps_low": (lambda c: _uses_loss(c, "gspo"), "read only by the gspo policy loss"),
+    "algo.gspo_eps_high": (lambda c: _uses_loss(c, "gspo"), "read only by the gspo policy loss"),
+    "algo.norm_length": (lambda c: _uses_agg(c, "seq-mean-token-sum-norm"),
+                         "read only by the seq-mean-token-sum-norm aggregation (Dr.GRPO)"),
+    "algo.tracker": (lambda c: family(c) in ("single_stream", "skpo") or c.train.prompt_sampling == "prioritized",
+                     "read only by SPO, SKPO's upstream phase and train.prompt_sampling: prioritized"),
+    "algo.tracker.priority_floor": (lambda c: c.train.prompt_sampling == "prioritized",
+                                    "read only by train.prompt_sampling: prioritized"),
+    "algo.kl.estimator": (lambda c: c.algo.kl.coef > 0, "read only when algo.kl.coef > 0"),
+    "algo.tis.cap": (lambda c: c.algo.tis.enabled, "read only when algo.tis.enabled is true"),
+}
+
+
+def _read_rule(key: str):
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        rule = READ_WHEN.get(".".join(parts[:n]))
+        if rule is not None:
+            return rule
+    return None
+
+
+def check_algorithm(cfg, explicit: set[str]) -> None:
+    """Errors for values that contradict ``algo.name`` or that the configuration would ignore.
+
+    Args:
+        cfg: the built :class:`~megatron_skpo.config.Config`.
+        explicit: dotted keys set by the recipe (with its base) or an override.
+    """
+    spec = algorithm(cfg.algo.name)
+    for key, allowed in spec.fixed.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            hint = _other_name(key, value)
+            raise ConfigError(f"{key}: {value!r} contradicts algo.name={cfg.algo.name!r}, which trains with "
+                              f"{' or '.join(map(repr, allowed))}{hint}")
+    g = cfg.algo.group_size
+    if spec.family in ("group", "skpo", "dense_mc") and g < 2:
+        raise ConfigError(f"algo.group_size: {g}; {cfg.algo.name} normalises within a group of G >= 2 responses "
+                          "(G = 1 gives every advantage 0); use algo.name=spo for one response per prompt")
+    for key in sorted(explicit):
+        rule = _read_rule(key)
+        if rule is not None and not rule[0](cfg):
+            raise ConfigError(f"{key}: set, but {rule[1]}; this configuration (algo.name={cfg.algo.name}) "
+                              "would ignore it. Remove it or choose the algorithm that reads it")
+
+
+def _other_name(key: str, value: Any) -> str:
+    """' (that is algo.name=X)' when another name is defined by this value."""
+    for name, spec in ALGORITHMS.items():
+        if spec.fixed.get(key) == (value,):
+            return f" (for {key}={value!r} use algo.name={name})"
+    return ""
+
+
+def _get(cfg, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node

@@ -1,0 +1,164 @@
+"""Building what the loop is made of: the process group and its parallel groups, the colocated vLLM
+engine, the Megatron policy (and the frozen reference), the problems and their prompts.
+
+Design decisions (ours):
+- One process per rank (torchrun/srun set RANK/WORLD_SIZE/MASTER_*); without them the trainer is
+  a 1-rank job on a free local port. The process group is gloo without CUDA and nccl with it.
+- The vLLM engine lives in every rank's process (vLLM's ``external_launcher`` joins the job's
+  world). Every rank generates the whole step's rollouts with the same seed (identical batches),
+  then trains on its data-parallel slice of the prompts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_skpo.config import Config
+from megatron_skpo.data import EpochSampler, load_dataset, render_all
+from megatron_skpo.data.prompts import get_template
+from megatron_skpo.rollout.samplers import PromptItem
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This rank's place in the job and the process groups the trainer passes around explicitly."""
+
+    rank: int
+    world: int
+    tp_group: Any
+    pp_group: Any
+    dp_group: Any
+    dp_rank: int
+    dp_size: int
+
+    @classmethod
+    def current(cls) -> "Parallel":
+        """From Megatron's parallel state (after :func:`megatron_skpo.model.builder.initialize_parallel`)."""
+        from megatron.core import parallel_state as ps
+
+        return cls(dist.get_rank(), dist.get_world_size(), ps.get_tensor_model_parallel_group(),
+                   ps.get_pipeline_model_parallel_group(), ps.get_data_parallel_group(),
+                   ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size) of the job; starts a 1-rank job when not launched by torchrun/srun."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def sampling_settings(cfg: Config, stop: tuple[str, ...]):
+    from megatron_skpo.rollout.engine import SamplingSettings
+
+    r = cfg.rollout
+    return SamplingSettings(r.temperature, r.top_p, r.top_k, tuple(dict.fromkeys([*r.stop, *stop])))
+
+
+def build_engine(cfg: Config, stop: tuple[str, ...]):
+    """The rollout engine colocated in this rank's process, with the template's stop strings added."""
+    from dataclasses import replace
+
+    from megatron_skpo.rollout.engine import VLLMEngine
+
+    rollout = replace(cfg.rollout, stop=list(dict.fromkeys([*cfg.rollout.stop, *stop])))
+    return VLLMEngine.from_config(rollout, cfg.model.hf_path, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def hf_state(model_dir: str) -> tuple[dict, dict]:
+    """(config.json dict, HF tensors) of an HF checkpoint directory (safetensors only)."""
+    from safetensors.torch import load_file
+
+    path = Path(model_dir)
+    files = sorted(path.glob("*.safetensors"))
+    if not (path / "config.json").is_file() or not files:
+        raise FileNotFoundError(f"model.hf_path {model_dir}: needs config.json and *.safetensors")
+    weights: dict = {}
+    for f in files:
+        weights.update(load_file(f))
+    return json.loads((path / "config.json").read_text()), weights
+
+
+def build_policy_from(cfg: Config, hf_config: dict, weights: dict, total_updates: int):
+    from megatron_skpo.model.train_step import build_policy
+
+    m = cfg.model
+    return build_policy(hf_config, cfg.optim, total_steps=total_updates, dtype=m.dtype, fp8=m.fp8,
+                        distributed_optimizer=cfg.parallel.distributed_optimizer, hf_weights=weights,
+                        temperature=cfg.rollout.temperature, logprob_chunk=m.logprob_chunk_size,
+                        impl=m.transformer_impl, recompute=m.recompute,
+                        sequence_parallel=cfg.parallel.sequence_parallel, vocab_divisible_by=m.vocab_divisible_by)
+
+
+class _Frozen(torch.nn.Module):
+    """A bare GPTModel under the ``.module`` attribute the schedules and ``Policy.gpt`` unwrap."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.module = gpt
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def build_reference(cfg: Config, hf_config: dict, weights: dict):
+    """The frozen reference policy (the starting weights) for the KL penalty; no optimizer."""
+    from megatron_skpo.model.builder import build_gpt_model
+    from megatron_skpo.model.train_step import Policy
+    from megatron_skpo.model.weights import load_hf
+
+    m = cfg.model
+    gpt = build_gpt_model(hf_config, dtype=m.dtype, impl=m.transformer_impl,
+                          vocab_divisible_by=m.vocab_divisible_by, calculate_per_token_loss=True)
+    load_hf(gpt, weights, hf_config)
+    gpt.requires_grad_(False)
+    return Policy(_Frozen(gpt), None, None, hf_config, cfg.rollout.temperature, m.logprob_chunk_size)
+
+
+@dataclass
+class Problems:
+    """The training problems with their tokenized prompts; ``items[i].key == i``."""
+
+    items: list[PromptItem]
+    answers: list[str]
+    skipped_too_long: int
+
+
+def load_problems(cfg: Config, tokenizer) -> Problems:
+    problems, _ = load_dataset(cfg.data.train, cfg.data.invalid_policy)
+    kept, texts, skipped = render_all(problems, cfg.data.prompt_template, tokenizer, cfg.data.use_chat_template,
+                                      cfg.rollout.max_prompt_tokens, cfg.data.invalid_policy)
+    if not kept:
+        raise ValueError(f"data.train: no usable problem (skipped {skipped} over rollout.max_prompt_tokens)")
+    chat = cfg.data.use_chat_template and get_template(cfg.data.prompt_template).chat
+    items = []
+    for i, (p, text) in enumerate(zip(kept, texts)):
+        ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]  # chat text carries its specials
+        items.append(PromptItem(i, p.prompt if isinstance(p.prompt, str) else text, list(ids)))
+    return Problems(items, [p.answer for p in kept], skipped)
+
+
+def checkpoint_root(cfg: Config) -> str:
+    """``checkpoint.dir``, or ``<logging.dir>/checkpoints`` when unset."""
+    return cfg.checkpoint.dir if cfg.checkpoint.dir is not None else f"{cfg.logging.dir.rstrip('/')}/checkpoints"
+
+
+def template_stop(cfg: Config) -> tuple[str, ...]:
+    return get_template(cfg.data.prompt_template).stop
+
+
+def epoch_sampler(cfg: Config, n: int) -> EpochSampler:
+    return EpochSampler(n, seed=cfg.data.shuffle_seed)

@@ -1,0 +1,48 @@
+"""The model/optimizer checkpoint part of one rank.
+
+Every rank ``torch.save``s its own model shard, the inner torch optimizer's state, its fp32
+master weights (plain or distributed-optimizer shard) and the LR schedule, read back with
+``torch.load(weights_only=True)``. Exact on CPU and at any TP/PP, but a resume needs the same
+world size and parallel layout.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class ModelPart:
+    """Model shard, optimizer (inner state + fp32 master weights) and LR schedule of one rank."""
+
+    collective = True
+
+    def __init__(self, policy, rank: int):
+        self.policy, self.rank = policy, rank
+
+    def _file(self, directory: Path) -> Path:
+        return directory / f"rank_{self.rank:05d}.pt"
+
+    def _masters(self) -> list[torch.Tensor]:
+        return [p for g in self.policy.optimizer.optimizer.param_groups for p in g["params"]]
+
+    def save(self, directory: Path) -> None:
+        p = self.policy
+        torch.save({"model": {k: v.detach().clone() for k, v in p.gpt.named_parameters()},
+                    "optimizer": p.optimizer.optimizer.state_dict(),
+                    "masters": [t.detach().clone() for t in self._masters()],
+                    "scheduler": p.scheduler.state_dict()}, self._file(directory))
+
+    def load(self, directory: Path) -> None:
+        path = self._file(directory)
+        if not path.is_file():
+            raise FileNotFoundError(f"missing {path} (resume with the same world size and TP/PP)")
+        state = torch.load(path, weights_only=True)
+        p = self.policy
+        with torch.no_grad():
+            for name, param in p.gpt.named_parameters():
+                param.copy_(state["model"][name])
+            for t, saved in zip(self._masters(), state["masters"], strict=True):
+                t.copy_(saved)
+        p.optimizer.optimizer.load_state_dict(state["optimizer"])
+        p.scheduler.load_state_dict(state["scheduler"])
