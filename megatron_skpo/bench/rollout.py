@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = RolloutConfig(tp=args.tp, temperature=args.temperature, max_response_tokens=args.max_tokens,
                         max_prompt_tokens=512, dtype=args.dtype, seed=args.seed, enforce_eager=not cuda,
                         downstream_budget=args.downstream_budget, sleep_between_phases=False)
-    engine = VLLMEngine.from_config(cfg, args.model)
+    engine = VLLMEngine.from_config(cfg, args.model, launcher="local")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     items = _items(tokenizer, args.prompts)
     generate(engine, [GenRequest(items[0].prompt_ids, 2, 8, None)])  # warm-up
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> dict:
 
     for _ in range(args.repeats):
         runs["grpo"].append(timed(grpo, engine))
-        t_q = skpo.split_positions(items, 0)
+        t_q = skpo.split_positions(items, 0, skpo.generator)
         t_q_all += t_q.tolist()
         runs["skpo"].append(timed(skpo, engine, t_q=t_q))
         if args.two_batch:

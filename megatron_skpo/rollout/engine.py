@@ -163,11 +163,13 @@ class VLLMEngine:
         self.steps = 0  # engine steps taken (decode iterations; a load-independent cost measure)
 
     @classmethod
-    def from_config(cls, cfg, model_dir: str, trust_remote_code: bool = False) -> "VLLMEngine":
-        """The trainer's engine for a :class:`megatron_skpo.config.rollout.RolloutConfig`: colocated in
-        this rank's process (``external_launcher``, also for a 1-rank job)."""
+    def from_config(cls, cfg, model_dir: str, trust_remote_code: bool = False,
+                    launcher: str = "external_launcher") -> "VLLMEngine":
+        """An engine for a :class:`megatron_skpo.config.rollout.RolloutConfig`. The trainer colocates it in
+        each rank's process (``external_launcher``, also for a 1-rank job); a standalone tool may use
+        vLLM's own executor (``local``)."""
         settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.top_k, tuple(cfg.stop))
-        return cls(model_dir, settings, tp=cfg.tp, launcher="external_launcher", dtype=cfg.dtype, seed=cfg.seed,
+        return cls(model_dir, settings, tp=cfg.tp, launcher=launcher, dtype=cfg.dtype, seed=cfg.seed,
                    max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
                    logprobs_mode=cfg.logprobs_mode, gpu_memory_utilization=cfg.gpu_memory_utilization,
                    enforce_eager=cfg.enforce_eager, enable_sleep=cfg.sleep_between_phases,

@@ -1,0 +1,61 @@
+"""Core attention for megatron-core's local (non-Transformer-Engine) layer spec on torch's
+``scaled_dot_product_attention``.
+
+megatron-core's own ``DotProductAttention`` materialises the ``[b, heads, s, s]`` scores, scales,
+masks and soft-maxes them in separate passes and multiplies by the values: on CPU the
+element-wise passes over ``heads * s^2`` elements dominate a training step at sequence lengths
+of a few hundred tokens. ``torch.nn.functional.scaled_dot_product_attention`` does the same maths
+in fused kernels (flash attention on CPU for causal masks; a fused masked kernel for the
+block-diagonal and shared-prefix masks of packed micro-batches, see ``model/packing.py``), with
+the same results to rounding. We keep megatron-core's module (its constructor, TP head split,
+``softmax_scale`` and dropout RNG tracker) and replace only the forward.
+
+Not supported here (the constructor refuses): sliding-window attention and non-vanilla softmax
+variants; the builder keeps megatron-core's ``DotProductAttention`` for those models. GPUs use
+Transformer Engine's attention (``model.transformer_impl: auto``).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+
+class SDPAttention(DotProductAttention):
+    """``DotProductAttention`` whose forward is one ``scaled_dot_product_attention`` call.
+
+    ``attention_mask``: ``[b or 1, 1, sq, sk]`` bool, True where attention is NOT allowed (megatron's
+    convention), or None for a plain causal mask.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.config.window_size is not None or self.softmax_offset is not None:
+            raise ValueError("SDPAttention supports full causal attention with the vanilla softmax only "
+                             "(no window_size, no softmax offset)")
+        if self.config.apply_query_key_layer_scaling:
+            raise ValueError("SDPAttention: apply_query_key_layer_scaling is an fp16 trick of the unfused path")
+
+    def forward(self, query, key, value, attention_mask: Optional[torch.Tensor], attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("SDPAttention takes a boolean attention_mask (no bias, no packed_seq_params)")
+        sq, b = query.shape[0], query.shape[1]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups > 1:  # GQA: each key/value head serves `groups` consecutive query heads (megatron's layout)
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        allowed = None if attention_mask is None else ~attention_mask
+        p = self.attention_dropout.p if self.training else 0.0
+        # dropout draws from the model-parallel RNG stream, as megatron-core's attention does
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 and not self.config.sequence_parallel \
+            else contextlib.nullcontext()
+        with rng:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p,
+                                                 is_causal=attention_mask is None, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
