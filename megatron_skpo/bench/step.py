@@ -35,7 +35,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
     parser.add_argument("--impl", choices=["auto", "transformer_engine", "local"], default="auto")
     parser.add_argument("--chunk", type=int, default=1024, help="fused log-prob chunk")
+    parser.add_argument("--attention", choices=["sdpa", "megatron"], default="sdpa",
+                        help="local spec's core attention: torch's fused SDPA, or megatron-core's unfused one")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
+    parser.add_argument("--reference", choices=["transformers", "none"], default="transformers",
+                        help="also time transformers' own model (forward + backward + AdamW) on the same tokens")
 
 
 def _hf_config(args) -> dict:
@@ -81,13 +85,46 @@ def _init_distributed(device: torch.device) -> None:
 def _batches(cfg: dict, args, device):
     from megatron_skpo.model.packing import pack_sequences
 
-    g = torch.Generator().manual_seed(0)
-    per_mb = max(1, args.micro_batch_tokens // args.seq_len)
-    n = per_mb * args.micro_batches
-    tokens = [torch.randint(0, cfg["vocab_size"], (args.seq_len,), generator=g) for _ in range(n)]
-    masks = [torch.ones(args.seq_len) for _ in range(n)]
-    adv = [torch.randn(args.seq_len, generator=g) for _ in range(n)]
+    tokens, adv = _sequences(cfg, args)
+    masks = [torch.ones(args.seq_len) for _ in tokens]
     return [mb.to(device) for mb in pack_sequences(tokens, masks, args.micro_batch_tokens, {"adv": adv})]
+
+
+def _sequences(cfg: dict, args):
+    """The benchmark's token sequences and advantages, each ``[seq_len]``."""
+    g = torch.Generator().manual_seed(0)
+    n = max(1, args.micro_batch_tokens // args.seq_len) * args.micro_batches
+    tokens = [torch.randint(0, cfg["vocab_size"], (args.seq_len,), generator=g) for _ in range(n)]
+    return tokens, [torch.randn(args.seq_len, generator=g) for _ in range(n)]
+
+
+def transformers_step_seconds(cfg: dict, args, device) -> Optional[float]:
+    """Median seconds of one step of transformers' own model on the same tokens: per micro-batch a
+    forward of its sequences as one batch, the same surrogate loss (-A log pi over full logits),
+    backward; then one AdamW step. ``dtype`` as the Megatron run (bf16 weights, no fp32 masters)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    hf_cfg = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    model = AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=dtype, attn_implementation="sdpa").to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    tokens, adv = _sequences(cfg, args)
+    per_mb = max(1, args.micro_batch_tokens // args.seq_len)
+    times = []
+    for step in range(args.steps + 1):
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        for k in range(0, len(tokens), per_mb):
+            ids, a = torch.stack(tokens[k:k + per_mb]).to(device), torch.stack(adv[k:k + per_mb]).to(device)
+            logits = model(ids).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+            (-(a[:, 1:] * logp)).sum().backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _loss(logp, entropy, batch):
@@ -115,7 +152,8 @@ def run(args: argparse.Namespace) -> dict:
     initialize_parallel(args.tp, args.pp, seed=0)
     cfg = _hf_config(args)
     policy = build_policy(cfg, OptimConfig(lr=1e-6, warmup_steps=0), total_steps=args.steps + 1,
-                          dtype=dtype, impl=args.impl, recompute=args.recompute, logprob_chunk=args.chunk)
+                          dtype=dtype, impl=args.impl, recompute=args.recompute, logprob_chunk=args.chunk,
+                          sdpa=args.attention == "sdpa")
     mbs = _batches(cfg, args, device)
     times = []
     for step in range(args.steps + 1):
@@ -128,16 +166,23 @@ def run(args: argparse.Namespace) -> dict:
         if step:  # the first step is a warm-up
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    tokens = sum(mb.num_tokens for mb in mbs) * dist.get_world_size() // (args.tp * args.pp)
+    peak_memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    reference = None
+    if args.reference == "transformers" and dist.get_world_size() == 1:
+        del policy, mbs  # free the Megatron model before building the reference
+        reference = transformers_step_seconds(cfg, args, device)
+    tokens = args.seq_len * len(_sequences(cfg, args)[0]) * dist.get_world_size() // (args.tp * args.pp)
     peak = _peak(args)
     achieved = flops_per_token(cfg, args.seq_len) * tokens / seconds
     return {
         "bench": "step", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "model": args.model, "layers": cfg["num_hidden_layers"], "dtype": dtype,
+        "model": args.model, "layers": cfg["num_hidden_layers"], "dtype": dtype, "attention": args.attention,
         "impl": resolve_impl(args.impl), "tp": args.tp, "pp": args.pp, "world": dist.get_world_size(),
         "tokens_per_step": tokens, "step_seconds": seconds, "tokens_per_second": tokens / seconds,
         "model_tflops_per_second": achieved / 1e12,
         "mfu": achieved / (peak * 1e12 * dist.get_world_size()) if peak else None,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+        "peak_memory_bytes": peak_memory,
         "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+        "reference": args.reference if reference is not None else None, "reference_step_seconds": reference,
+        "step_seconds_over_reference": seconds / reference if reference else None,
     }

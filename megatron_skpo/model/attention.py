@@ -17,19 +17,22 @@ Transformer Engine's attention (``model.transformer_impl: auto``).
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from megatron_skpo.model.packing import AttentionBlocks
+
 
 class SDPAttention(DotProductAttention):
-    """``DotProductAttention`` whose forward is one ``scaled_dot_product_attention`` call.
+    """``DotProductAttention`` whose forward is ``scaled_dot_product_attention``.
 
     ``attention_mask``: ``[b or 1, 1, sq, sk]`` bool, True where attention is NOT allowed (megatron's
-    convention), or None for a plain causal mask.
+    convention); None for a plain causal mask; or :class:`AttentionBlocks` (packed micro-batches:
+    one SDPA call per block, none across blocks).
     """
 
     def __init__(self, *args, **kwargs):
@@ -40,8 +43,9 @@ class SDPAttention(DotProductAttention):
         if self.config.apply_query_key_layer_scaling:
             raise ValueError("SDPAttention: apply_query_key_layer_scaling is an fp16 trick of the unfused path")
 
-    def forward(self, query, key, value, attention_mask: Optional[torch.Tensor], attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):
+    def forward(self, query, key, value, attention_mask: Union[None, torch.Tensor, AttentionBlocks],
+                attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        """query ``[sq, b, heads, d]``, key/value ``[sk, b, groups, d]`` -> context ``[sq, b, heads * d]``."""
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("SDPAttention takes a boolean attention_mask (no bias, no packed_seq_params)")
         sq, b = query.shape[0], query.shape[1]
@@ -49,13 +53,20 @@ class SDPAttention(DotProductAttention):
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         if groups > 1:  # GQA: each key/value head serves `groups` consecutive query heads (megatron's layout)
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        allowed = None if attention_mask is None else ~attention_mask
         p = self.attention_dropout.p if self.training else 0.0
         # dropout draws from the model-parallel RNG stream, as megatron-core's attention does
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 and not self.config.sequence_parallel \
             else contextlib.nullcontext()
         with rng:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p,
-                                                 is_causal=attention_mask is None, scale=self.softmax_scale)
+            if isinstance(attention_mask, AttentionBlocks):  # independent blocks: never compute across them
+                out = torch.cat([self._sdpa(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], m, p)
+                                 for s, e, m in attention_mask.blocks], dim=2)
+            else:
+                out = self._sdpa(q, k, v, attention_mask, p)
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def _sdpa(self, q, k, v, masked: Optional[torch.Tensor], p: float) -> torch.Tensor:
+        """Causal attention when ``masked`` is None, else where ``masked`` is False."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if masked is None else ~masked, dropout_p=p,
+                                              is_causal=masked is None, scale=self.softmax_scale)
 

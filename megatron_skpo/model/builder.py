@@ -19,6 +19,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
 from megatron_skpo.model import cpu_compat
+from megatron_skpo.model.attention import SDPAttention
 from megatron_skpo.model.hf_config import gpt_model_kwargs, head_dim, rope_inv_freq, rope_spec
 from megatron_skpo.model.hf_config import transformer_config_kwargs
 from megatron_skpo.model.mappings.sharding import padded_vocab_size
@@ -103,18 +104,23 @@ def make_transformer_config(hf_config: dict, *, dtype: str = "fp32", impl: Impl 
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(impl: Impl = "auto"):
-    """The transformer layer ``ModuleSpec``: Transformer Engine's or megatron-core's local one."""
+def layer_spec(impl: Impl = "auto", sdpa: bool = True):
+    """The transformer layer ``ModuleSpec``: Transformer Engine's, or megatron-core's local one with
+    its core attention on torch's fused ``scaled_dot_product_attention`` (``sdpa``; see
+    ``model/attention.py``; off for sliding-window models, which keep megatron-core's own)."""
     if resolve_impl(impl) == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if sdpa:
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def build_gpt_model(hf_config: dict, *, dtype: str = "fp32", impl: Impl = "auto",
                     fp8: Optional[str] = None, recompute: str = "none",
-                    sequence_parallel: bool = False, vocab_divisible_by: int = 128,
+                    sequence_parallel: bool = False, vocab_divisible_by: int = 128, sdpa: bool = True,
                     **overrides: Any) -> GPTModel:
     """This rank's ``GPTModel`` (its TP shard and PP stage) for ``hf_config``, randomly initialised.
 
@@ -129,7 +135,7 @@ def build_gpt_model(hf_config: dict, *, dtype: str = "fp32", impl: Impl = "auto"
     vocab = padded_vocab_size(int(hf_config["vocab_size"]), config.tensor_model_parallel_size,
                               vocab_divisible_by)
     model = GPTModel(
-        config=config, transformer_layer_spec=layer_spec(impl),
+        config=config, transformer_layer_spec=layer_spec(impl, sdpa=sdpa and config.window_size is None),
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
         parallel_output=True, **{**gpt_model_kwargs(hf_config), "vocab_size": vocab})

@@ -33,7 +33,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_skpo.model.builder import build_gpt_model
 from megatron_skpo.model.logprob import fused_logprob_entropy
-from megatron_skpo.model.packing import PackedBatch
+from megatron_skpo.model.attention import SDPAttention
+from megatron_skpo.model.packing import AttentionBlocks, PackedBatch
 from megatron_skpo.model.weights import load_hf
 
 if TYPE_CHECKING:  # the model layer takes the optimizer section duck-typed; config sits above it
@@ -128,16 +129,43 @@ def token_logprobs(policy: Policy, hidden: torch.Tensor, batch: PackedBatch) -> 
         temperature=policy.temperature, chunk=policy.logprob_chunk, reduce_grad_hidden=reduce_grad)
 
 
+def uses_te(gpt) -> bool:
+    return any(n.endswith("layer_norm_weight") for n, _ in gpt.named_parameters())  # TE-fused norms
+
+
 def _model_inputs(gpt, batch: PackedBatch) -> dict:
-    """TE spec: varlen attention over ``cu_seqlens``; local spec: a block-diagonal causal mask."""
-    if any(n.endswith("layer_norm_weight") for n, _ in gpt.named_parameters()):  # TE-fused norms
+    """TE spec: varlen attention over ``cu_seqlens``. Local spec: the micro-batch's mask, as one block
+    per tree for :class:`SDPAttention`, else as one ``[1, 1, S, S]`` mask."""
+    if uses_te(gpt):
         return dict(attention_mask=None, packed_seq_params=batch.packed_seq_params())
+    if any(isinstance(m, SDPAttention) for m in gpt.modules()):
+        blocks = batch.attention_blocks()
+        return dict(attention_mask=AttentionBlocks([(s, e, None if m is None else m.to(batch.tokens.device))
+                                                    for s, e, m in blocks.blocks]))
     return dict(attention_mask=batch.attention_mask().to(batch.tokens.device))
+
+
+@contextlib.contextmanager
+def rotary_at(gpt, position_ids: torch.Tensor) -> Iterator[None]:
+    """While active, the GPTModel's rotary embeddings are taken at ``position_ids [1, S]`` (each token's
+    position in its own row) instead of at 0..S-1 of the packed row; shared-prompt trees need it.
+    Transformer Engine's varlen path computes per-sequence positions itself and is left alone."""
+    rope = getattr(gpt, "rotary_pos_emb", None)
+    if rope is None or uses_te(gpt):
+        yield
+        return
+    table = type(rope).forward(rope, int(position_ids.max()) + 1)  # [max_pos + 1, 1, 1, D]
+    emb = table[position_ids[0].to(table.device)]
+    rope.forward = lambda *args, **kwargs: emb
+    try:
+        yield
+    finally:
+        del rope.forward
 
 
 def _forward_step(policy: Policy, loss_fn: Optional[LossFn], normalizer: float, data_iterator, model):
     batch: PackedBatch = next(data_iterator)
-    with hidden_state_output(policy.gpt):
+    with hidden_state_output(policy.gpt), rotary_at(policy.gpt, batch.position_ids):
         out = model(batch.tokens, batch.position_ids, **_model_inputs(policy.gpt, batch))
     return out, partial(_loss, policy, loss_fn, normalizer, batch)
 

@@ -23,8 +23,8 @@ from megatron_skpo.algo.losses import PolicyLossInput, PolicyLossParams
 from megatron_skpo.algo.metrics import LossMetrics
 from megatron_skpo.algo.objective import ObjectiveSettings, PhaseCounts, PhaseExtras, PhaseLoss, phased_objective
 from megatron_skpo.algo.tis import tis_weights
-from megatron_skpo.model.packing import PackedBatch
-from megatron_skpo.trainer.rows import TrainRows, split_rows
+from megatron_skpo.model.packing import PackedBatch, split_rows
+from megatron_skpo.trainer.rows import TrainRows
 
 
 def objective_settings(algo) -> ObjectiveSettings:

@@ -33,6 +33,7 @@ class TrainRows:
     values: dict[str, list[Tensor]]  # name -> [L_i] float token-aligned values ("adv", "sampler_logp")
     phases: list[str]  # [n] phase of each row
     rows: list[int]  # [n] row index in the rollout batch
+    prompt_lens: list[int]  # [n] prompt tokens of each row
 
     def counts(self, phase: str) -> tuple[int, int]:
         """(loss tokens, sequences with a loss token) of ``phase`` in these rows."""
@@ -66,18 +67,16 @@ def mini_batches(batch: RolloutBatch, advantages: dict[int, Tensor], dropped: se
         built = [train_row(batch, r, advantages[r], overlong_filter) for r in rows]
         out.append(TrainRows([b[0] for b in built], [b[1] for b in built],
                              {"adv": [b[2] for b in built], "sampler_logp": [b[3] for b in built]},
-                             [batch.samples[r].phase for r in rows], rows))
+                             [batch.samples[r].phase for r in rows], rows,
+                             [len(batch.samples[r].prompt_ids) for r in rows]))
     return out
 
 
-def pack(rows: TrainRows, budget: int) -> list[PackedBatch]:
-    """Micro-batches of at most ``budget`` tokens (``PackedBatch.seq_index`` indexes ``rows``)."""
+def pack(rows: TrainRows, budget: int, share_prompts: bool = False) -> list[PackedBatch]:
+    """Micro-batches of at most ``budget`` tokens (``PackedBatch.seq_index`` indexes ``rows``); with
+    ``share_prompts`` rows with the same prompt share its trunk (``model/packing.py``)."""
     if not rows.tokens:
         return []
-    return pack_sequences(rows.tokens, rows.loss_masks, budget, token_values=rows.values)
+    return pack_sequences(rows.tokens, rows.loss_masks, budget, token_values=rows.values,
+                          prompt_lens=rows.prompt_lens if share_prompts else None)
 
-
-def split_rows(x: Tensor, batch: PackedBatch) -> Tensor:
-    """Packed per-token values ``[S]`` -> ``[n, Lmax]`` (one row per real sequence, zero-padded)."""
-    parts = [p for p, i in zip(torch.split(x, batch.seq_lens), batch.seq_index) if i >= 0]
-    return torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)

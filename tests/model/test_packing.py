@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_skpo.model.packing import assign_micro_batches, pack, pack_sequences, unpack
+from megatron_skpo.model.packing import assign_micro_batches, find_trees, pack, pack_sequences, split_rows, unpack
 
 
 def test_first_fit_decreasing_hand_worked():
@@ -55,3 +55,77 @@ def test_unpack_realigns_to_input_tokens():
         for i, v in enumerate(unpack(mb.targets.float(), mb, 3)):
             out[i] = v if v is not None else out[i]
     assert [o.tolist() for o in out] == [[0, 2, 3], [0, 5], [0, 7, 8, 9]]
+
+
+def _group(prompt, responses):
+    """Rows prompt + response with the prompt untrained and advantages 0 on it (as the trainer builds them)."""
+    tokens = [torch.tensor(prompt + r) for r in responses]
+    masks = [torch.cat([torch.zeros(len(prompt)), torch.ones(len(r))]) for r in responses]
+    adv = [torch.cat([torch.zeros(len(prompt)), torch.full((len(r),), float(k + 1))]) for k, r in enumerate(responses)]
+    return tokens, masks, adv
+
+
+def test_shared_prompt_tree_hand_worked():
+    # prompt [1, 2, 3]; responses [4, 5] and [6]: trunk [1, 2], branches [3, 4, 5] and [3, 6]
+    tokens, masks, adv = _group([1, 2, 3], [[4, 5], [6]])
+    (mb,) = pack_sequences(tokens, masks, 16, {"adv": adv}, prompt_lens=[3, 3])
+    assert mb.tokens.tolist() == [[1, 2, 3, 4, 5, 3, 6]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3]]  # each token at its position in its own row
+    assert mb.targets.tolist() == [2, 3, 4, 5, 0, 6, 0]
+    assert mb.loss_mask.tolist() == [0, 0, 1, 1, 0, 1, 0]
+    assert mb.token_values["adv"].tolist() == [0, 0, 1, 1, 0, 2, 0]
+    assert mb.branch.tolist() == [0, 0, 1, 1, 1, 2, 2] and mb.shared
+    assert [p.tolist() for p in mb.row_positions] == [[0, 1, 2, 3, 4], [0, 1, 5, 6]]
+    allowed = (~mb.attention_mask()[0, 0]).int().tolist()
+    assert allowed == [[1, 0, 0, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0, 0, 0],
+                       [1, 1, 1, 0, 0, 0, 0],
+                       [1, 1, 1, 1, 0, 0, 0],
+                       [1, 1, 1, 1, 1, 0, 0],
+                       [1, 1, 0, 0, 0, 1, 0],  # the second branch sees the trunk and itself, not its sibling
+                       [1, 1, 0, 0, 0, 1, 1]]
+    with pytest.raises(ValueError, match="shares prompt trunks"):
+        mb.packed_seq_params()
+
+
+def test_shared_rows_read_back_exactly_as_unshared():
+    tokens, masks, adv = _group([5, 6, 7, 8], [[1, 2, 3], [4], [9, 9]])
+    shared = pack_sequences(tokens, masks, 32, {"adv": adv}, prompt_lens=[4, 4, 4])
+    plain = pack_sequences(tokens, masks, 32, {"adv": adv})
+    assert shared[0].num_tokens == 3 + 4 + 2 + 3 < plain[0].num_tokens == 7 + 5 + 6
+    for name in ("targets", "loss_mask"):
+        a = split_rows(getattr(shared[0], name).float(), shared[0])
+        b = split_rows(getattr(plain[0], name).float(), plain[0])
+        assert torch.equal(a, b), name
+    assert torch.equal(split_rows(shared[0].token_values["adv"], shared[0]),
+                       split_rows(plain[0].token_values["adv"], plain[0]))
+    assert [u.tolist() for u in unpack(shared[0].targets.float(), shared[0], 3)] == \
+        [u.tolist() for u in unpack(plain[0].targets.float(), plain[0], 3)]
+
+
+def test_rows_share_only_when_the_trunk_agrees_and_trees_fit_the_budget():
+    tokens, masks, adv = _group([1, 2, 3], [[4], [5], [6]])
+    masks[1][1] = 1.0  # row 1 trains on a prompt token: it cannot share the trunk
+    trees = find_trees(tokens, masks, [3, 3, 3], {"adv": adv})
+    assert [(t.rows, t.trunk) for t in trees] == [((0, 2), 2), ((1,), 0)]
+    tokens, masks, adv = _group([1, 2, 3], [[4, 4, 4]] * 4)  # tree of 2 + 4 * 4 = 18 tokens
+    trees = find_trees(tokens, masks, [3] * 4, {"adv": adv}, budget=10)
+    assert [(t.rows, t.trunk) for t in trees] == [((0, 1), 2), ((2, 3), 2)]  # each 2 + 2 * 4 = 10
+    assert [t.size([6] * 4) for t in trees] == [10, 10]
+    assert find_trees([torch.tensor([1, 2])], [torch.ones(2)], [2])[0].trunk == 0  # nothing after the prompt
+
+
+def test_attention_blocks_are_the_mask_cut_per_tree():
+    tokens, masks, adv = _group([1, 2, 3], [[4, 5], [6]])
+    tokens.append(torch.tensor([9, 8, 7]))
+    masks.append(torch.ones(3))
+    adv.append(torch.ones(3))
+    (mb,) = pack_sequences(tokens, masks, 32, {"adv": adv}, prompt_lens=[3, 3, 1], pad_to=4)
+    full = mb.attention_mask()[0, 0]
+    covered = torch.zeros_like(full)
+    for s, e, m in mb.attention_blocks().blocks:
+        block = torch.ones(e - s, e - s, dtype=torch.bool).triu_(1) if m is None else m[0, 0]
+        assert torch.equal(block, full[s:e, s:e])
+        covered[s:e, s:e] = True
+    assert bool(full[~covered].all())  # nothing is allowed across trees
+    assert [m is None for _, _, m in mb.attention_blocks().blocks] == [False, True, True]  # tree, row, padding
