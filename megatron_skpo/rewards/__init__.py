@@ -5,7 +5,8 @@ Public API:
   worker pool with a hard 5 s timeout per call (started on first use, closed at exit);
 - :class:`RewardPool` ``.score(responses, golds) -> (rewards, RewardStats)`` for batches;
 - :func:`extract_answer`, :class:`RewardSpec` (``pm1`` / ``zero_one`` / format penalty);
-- :mod:`megatron_skpo.rewards.code_sandbox` for program-by-tests rewards.
+- :mod:`megatron_skpo.rewards.code_sandbox` for program-by-tests rewards (a bubblewrap sandbox;
+  see docs/security.md).
 """
 from __future__ import annotations
 
