@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from checkpoint_convert.staging import ConvertError
+from checkpoint_convert.staging import ConvertError, check_separate
 from checkpoint_convert.verify import Thresholds
 
 
@@ -41,6 +41,7 @@ def _gguf_dtype(dtype: str) -> str:
 def _hf_to_mcore(a: argparse.Namespace) -> int:
     from checkpoint_convert.convert import hf_to_mcore
 
+    check_separate(a.out, {"--hf": a.hf})  # a .gguf input is dequantised first: check the file itself
     with hf_source(a.hf, _gguf_dtype(a.dtype)) as hf_dir:
         report = hf_to_mcore(hf_dir, a.out, tp=a.tp, pp=a.pp, dtype=a.dtype, force=a.force,
                              vocab_divisible_by=a.vocab_divisible_by)
