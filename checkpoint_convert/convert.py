@@ -129,13 +129,18 @@ def _write_side_files(ck: mcore_io.McoreCheckpoint, like: Optional[Path], out: P
 
 
 def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, like: Optional[str | Path] = None,
-                max_shard_size: str = "5GB", dtype: str = "auto", force: bool = False) -> ConvertReport:
-    """Write sharded safetensors + index + config/generation/tokenizer files from a dist checkpoint."""
+                max_shard_size: str = "5GB", dtype: str = "auto", force: bool = False,
+                trust_checkpoint: bool = False) -> ConvertReport:
+    """Write sharded safetensors + index + config/generation/tokenizer files from a dist checkpoint.
+
+    ``trust_checkpoint``: skip the allow-list check of the checkpoint's pickled metadata
+    (:mod:`.untrusted`); only for checkpoints from a source you trust.
+    """
     if dtype != "auto" and dtype not in checks.DTYPES:
         raise ConvertError(f"--dtype: got {dtype!r}; allowed: auto, {', '.join(checks.DTYPES)}")
     inputs = {"--mcore": mcore_dir, "--like": like}
     check_separate(out_dir, inputs)
-    ck = mcore_io.open_mcore(mcore_dir, like)
+    ck = mcore_io.open_mcore(mcore_dir, like, trust=trust_checkpoint)
     cfg, mapping = ck.hf_config, checks.architecture(ck.hf_config)
     tpl = mcore_io.template(cfg, ck.padded_vocab)
     checks.check_mcore_keys(ck.shapes, tpl.sharded, str(ck.ckpt_dir))
