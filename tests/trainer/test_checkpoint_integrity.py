@@ -1,4 +1,4 @@
-"""Checkpoint integrity: every file is verified against a sha256 manifest on restore, every load error names its file."""
+"""Checkpoint integrity: files are verified against a sha256 manifest on restore; load errors name their file."""
 from __future__ import annotations
 
 import json
