@@ -25,7 +25,9 @@ change when they are off).
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -59,6 +61,22 @@ def bwrap_path() -> str:
         raise SandboxUnavailable(f"code sandbox: bubblewrap (bwrap) was not found on PATH; {INSTALL_HINT}. "
                                  "Code rewards never run candidate programs outside the sandbox.")
     return found
+
+
+MIN_VERSION = (0, 8, 0)  # --disable-userns appeared in 0.8.0, --size in 0.7.0
+
+
+def check_version(bwrap: str) -> tuple[int, ...]:
+    """bwrap's version; :class:`SandboxUnavailable` if it is older than :data:`MIN_VERSION`."""
+    out = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    match = re.search(r"(\d+)\.(\d+)\.(\d+)", out)
+    version = tuple(int(v) for v in match.groups()) if match else (0, 0, 0)
+    if version < MIN_VERSION:
+        raise SandboxUnavailable(
+            f"code sandbox: {bwrap} reports {out or 'no version'!r}; the sandbox needs bubblewrap "
+            f"{'.'.join(map(str, MIN_VERSION))} or newer (--disable-userns, --size); {INSTALL_HINT} from a "
+            "newer release (Debian 12, Ubuntu 24.04 and Fedora ship one)")
+    return version
 
 
 def drops_to_nobody() -> bool:

@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_skpo.rewards.bwrap import (
-    NOBODY, SandboxUnavailable, bwrap_command, bwrap_path, drops_to_nobody, sandbox_interpreter, spawn_user)
+    NOBODY, SandboxUnavailable, bwrap_command, bwrap_path, check_version, drops_to_nobody, sandbox_interpreter,
+    spawn_user)
 
 __all__ = ["NOBODY", "RunResult", "SandboxLimits", "SandboxUnavailable", "TestCase", "check_sandbox", "code_reward",
            "network_isolation", "run_program", "run_tests", "sandbox_python"]
@@ -113,6 +114,7 @@ def check_sandbox() -> str:
     Returns bwrap's path. Cached after the first success; a failure is checked again next call.
     """
     bwrap = bwrap_path()
+    check_version(bwrap)
     result = _run("print('sandbox ok')", "", SandboxLimits(wall_s=60.0))
     if result.returncode == 0 and result.stdout.strip() == "sandbox ok":
         return bwrap
@@ -207,7 +209,7 @@ def _run(source: str, stdin: str, limits: SandboxLimits) -> RunResult:
                 argv = bwrap_command(interp, fmain.fileno(), frunner.fileno(), info_w, limits.tmpfs_mb,
                                      tuple(str(v) for v in rlimits))
                 proc = subprocess.Popen(argv, stdin=fin, stdout=fout, stderr=ferr, env=_ENV, close_fds=True,
-                                        pass_fds=fds, start_new_session=True, **spawn_user())
+                                        pass_fds=fds, start_new_session=True, cwd="/", **spawn_user())
                 os.close(info_w)
                 info_w = -1
                 init = _SandboxInit(_read_init_pid(info_r, limits.wall_s), proc)

@@ -296,3 +296,14 @@ def test_interpreter_outside_usr_is_bound_read_only_without_site_packages(tmp_pa
     assert bwrap._interpreter_from(exe, Path("/")) is None
     monkeypatch.setattr(bwrap, "PROJECT_ROOT", prefix / "src" / "checkout")
     assert bwrap._interpreter_from(exe, prefix) is None  # a prefix holding the checkout is never bound
+
+
+def test_too_old_bubblewrap_is_a_clear_error(tmp_path):
+    from megatron_skpo.rewards.bwrap import check_version
+
+    old = tmp_path / "bwrap"
+    old.write_text("#!/bin/sh\necho bubblewrap 0.6.1\n")
+    old.chmod(0o755)
+    with pytest.raises(cs.SandboxUnavailable, match=r"reports 'bubblewrap 0\.6\.1'; the sandbox needs bubblewrap 0\.8"):
+        check_version(str(old))
+    assert check_version(shutil.which("bwrap")) >= (0, 8, 0)
