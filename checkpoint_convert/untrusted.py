@@ -54,6 +54,14 @@ class UntrustedCheckpointError(ConvertError):
     """A checkpoint file that would run code or use classes outside the allow-list when loaded."""
 
 
+def _weights_only_reason(error: Exception) -> str:
+    """The line of torch's weights-only refusal that names what was refused (its first lines are
+    generic advice to retry with weights_only=False)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(error).__name__])[0][:300]
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def __init__(self, file: io.BufferedIOBase, path: Path):
         super().__init__(file)
@@ -128,7 +136,7 @@ def check_common(checkpoint_dir: str | Path) -> None:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UntrustedCheckpointError(f"{path}: refused by torch.load(weights_only=True): "
-                                       f"{str(e).splitlines()[0][:300]}; {TRUST_HINT}") from None
+                                       f"{_weights_only_reason(e)}; {TRUST_HINT}") from None
 
 
 def check_byte_objects(checkpoint_dir: str | Path, metadata: Any) -> int:
@@ -155,6 +163,6 @@ def check_byte_objects(checkpoint_dir: str | Path, metadata: Any) -> int:
             torch.load(io.BytesIO(data), weights_only=True)
         except Exception as e:
             raise UntrustedCheckpointError(f"{where}: refused by torch.load(weights_only=True): "
-                                           f"{str(e).splitlines()[0][:300]}; {TRUST_HINT}") from None
+                                           f"{_weights_only_reason(e)}; {TRUST_HINT}") from None
         n += 1
     return n
