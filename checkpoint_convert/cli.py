@@ -1,11 +1,16 @@
 """``skpo-convert``: HF <-> Megatron checkpoints and a strict logit check.
 
   skpo-convert hf-to-mcore --hf DIR|FILE.gguf --out DIR --tp N --pp M [--dtype auto|bf16|fp16|fp32]
-  skpo-convert mcore-to-hf --mcore DIR --out DIR [--like HF_DIR] [--max-shard-size 5GB]
-  skpo-convert verify --hf DIR|FILE.gguf --mcore DIR [--tp N] [--max-abs 1e-4 ...]
+  skpo-convert mcore-to-hf --mcore DIR --out DIR [--like HF_DIR] [--max-shard-size 5GB] [--trust-checkpoint]
+  skpo-convert verify --hf DIR|FILE.gguf --mcore DIR [--tp N] [--max-abs 1e-4 ...] [--trust-checkpoint]
 
 Each command prints one JSON line. Exit status: 0 success, 1 verification above a threshold,
 2 invalid input (nothing written; the message names the file, tensor or field).
+
+Megatron checkpoints are treated as untrusted: their pickled metadata (and, for verify, pickled
+objects) must use only the classes the format needs, or the command refuses them (exit 2; see
+checkpoint_convert/untrusted.py). ``--trust-checkpoint`` loads them unchecked, as torch would:
+only for checkpoints from a source you trust, since a crafted pickle runs arbitrary code.
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from checkpoint_convert.staging import ConvertError
+from checkpoint_convert.staging import ConvertError, check_separate
+from checkpoint_convert.untrusted import UntrustedCheckpointError
 from checkpoint_convert.verify import Thresholds
 
 
@@ -41,6 +47,7 @@ def _gguf_dtype(dtype: str) -> str:
 def _hf_to_mcore(a: argparse.Namespace) -> int:
     from checkpoint_convert.convert import hf_to_mcore
 
+    check_separate(a.out, {"--hf": a.hf})  # a .gguf input is dequantised first: check the file itself
     with hf_source(a.hf, _gguf_dtype(a.dtype)) as hf_dir:
         report = hf_to_mcore(hf_dir, a.out, tp=a.tp, pp=a.pp, dtype=a.dtype, force=a.force,
                              vocab_divisible_by=a.vocab_divisible_by)
@@ -52,7 +59,7 @@ def _mcore_to_hf(a: argparse.Namespace) -> int:
     from checkpoint_convert.convert import mcore_to_hf
 
     report = mcore_to_hf(a.mcore, a.out, like=a.like, max_shard_size=a.max_shard_size, dtype=a.dtype,
-                         force=a.force)
+                         force=a.force, trust_checkpoint=a.trust_checkpoint)
     print(json.dumps(report.as_dict()))
     return 0
 
@@ -63,8 +70,8 @@ def _verify(a: argparse.Namespace) -> int:
     th = Thresholds(max_abs=a.max_abs, mean_abs=a.mean_abs, kl_max=a.kl_max, top1_min=a.top1_min)
     try:
         with hf_source(a.hf, "float32") as hf_dir:
-            result = verify(hf_dir, a.mcore, tp=a.tp, th=th)
-    except (KeyboardInterrupt, SystemExit):
+            result = verify(hf_dir, a.mcore, tp=a.tp, th=th, trust_checkpoint=a.trust_checkpoint)
+    except (KeyboardInterrupt, SystemExit, UntrustedCheckpointError):
         raise
     except BaseException as e:  # a checkpoint that does not even load fails verification too
         # (torch.distributed.checkpoint's CheckpointException derives from BaseException)
@@ -93,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-shard-size", default="5GB")
     b.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     b.add_argument("--force", action="store_true")
+    b.add_argument("--trust-checkpoint", action="store_true",
+                   help="load the Megatron checkpoint without checking its pickles (runs any code a crafted one holds)")
     b.set_defaults(fn=_mcore_to_hf)
     c = sub.add_parser("verify", help="compare HF and Megatron logits on the same prompts")
     c.add_argument("--hf", required=True)
@@ -101,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Thresholds()
     for name in ("max_abs", "mean_abs", "kl_max", "top1_min"):
         c.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    c.add_argument("--trust-checkpoint", action="store_true",
+                   help="load the Megatron checkpoint without checking its pickles (runs any code a crafted one holds)")
     c.set_defaults(fn=_verify)
     return p
 

@@ -9,8 +9,9 @@ tensors (peak: one unit's HF tensors, Megatron tensors and TP chunks).
 one layer at a time from the dist checkpoint and writes each shard as soon as it is complete
 (peak: one output shard plus the layer in flight).
 
-Both validate everything first (:mod:`.checks`) and write through :func:`.staging.staged_dir`,
-so an error leaves nothing behind.
+Both validate everything first (:mod:`.checks`; an output that is, holds or lies in an input is
+refused before anything is read) and write through :func:`.staging.staged_dir`, so an error
+leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 from checkpoint_convert import checks, hf_io, mcore_io
 from checkpoint_convert.hf_source import HFUnitSource
 from checkpoint_convert.measure import Measure
-from checkpoint_convert.staging import ConvertError, check_out_dir, staged_dir
+from checkpoint_convert.staging import ConvertError, check_out_dir, check_separate, staged_dir
 from checkpoint_convert.stream_save import StreamingSaveStrategy
 from megatron_skpo.model.mappings.common import EMBED, OUTPUT
 from megatron_skpo.model.mappings.sharding import padded_vocab_size
@@ -63,6 +64,8 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 
     """
     if dtype != "auto" and dtype not in checks.DTYPES:
         raise ConvertError(f"--dtype: got {dtype!r}; allowed: auto, {', '.join(checks.DTYPES)}")
+    inputs = {"--hf": hf_dir}
+    check_separate(out_dir, inputs)
     src = hf_io.open_hf(hf_dir)
     cfg, mapping = src.config, checks.architecture(src.config)
     padded = padded_vocab_size(int(cfg["vocab_size"]), tp, vocab_divisible_by)
@@ -70,9 +73,9 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 
     tpl = mcore_io.template(cfg, padded)
     expected = checks.expected_hf(mapping, cfg, tpl.params)
     checks.check_hf_tensors({n: t.shape for n, t in src.tensors.items()}, expected, str(src.root))
-    check_out_dir(out_dir, force)
+    check_out_dir(out_dir, force, inputs)
     cast = None if dtype == "auto" else checks.DTYPES[dtype]
-    with Measure() as m, staged_dir(out_dir, force) as tmp:
+    with Measure() as m, staged_dir(out_dir, force, inputs) as tmp:
         source = HFUnitSource(src, mapping, tpl, expected, tp, cast)
         shards: dict[str, object] = {**mcore_io.objects(tpl), **source.meta_shards()}
         stored = sorted({str(st.dtype).removeprefix("torch.") for v in shards.values()
@@ -126,19 +129,26 @@ def _write_side_files(ck: mcore_io.McoreCheckpoint, like: Optional[Path], out: P
 
 
 def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, like: Optional[str | Path] = None,
-                max_shard_size: str = "5GB", dtype: str = "auto", force: bool = False) -> ConvertReport:
-    """Write sharded safetensors + index + config/generation/tokenizer files from a dist checkpoint."""
+                max_shard_size: str = "5GB", dtype: str = "auto", force: bool = False,
+                trust_checkpoint: bool = False) -> ConvertReport:
+    """Write sharded safetensors + index + config/generation/tokenizer files from a dist checkpoint.
+
+    ``trust_checkpoint``: skip the allow-list check of the checkpoint's pickled metadata
+    (:mod:`.untrusted`); only for checkpoints from a source you trust.
+    """
     if dtype != "auto" and dtype not in checks.DTYPES:
         raise ConvertError(f"--dtype: got {dtype!r}; allowed: auto, {', '.join(checks.DTYPES)}")
-    ck = mcore_io.open_mcore(mcore_dir, like)
+    inputs = {"--mcore": mcore_dir, "--like": like}
+    check_separate(out_dir, inputs)
+    ck = mcore_io.open_mcore(mcore_dir, like, trust=trust_checkpoint)
     cfg, mapping = ck.hf_config, checks.architecture(ck.hf_config)
     tpl = mcore_io.template(cfg, ck.padded_vocab)
     checks.check_mcore_keys(ck.shapes, tpl.sharded, str(ck.ckpt_dir))
     expected = checks.expected_hf(mapping, cfg, tpl.params)
     plan = _hf_plan(expected, ck, hf_io.parse_size(max_shard_size))
-    check_out_dir(out_dir, force)
+    check_out_dir(out_dir, force, inputs)
     cast = None if dtype == "auto" else checks.DTYPES[dtype]
-    with Measure() as m, staged_dir(out_dir, force) as tmp:
+    with Measure() as m, staged_dir(out_dir, force, inputs) as tmp:
         pending: dict[int, dict] = {}
         total, written_dtype = 0, None
         for k, names in enumerate(plan):

@@ -14,6 +14,9 @@ Directory layout (Megatron-LM's, so ``--load DIR`` works there too):
   ``common.pt`` holds ``checkpoint_version`` and ``iteration``, the model under key ``model``),
   ``skpo_convert.json`` (tp, pp, dtype, vocab sizes) and ``hf/`` (config.json,
   generation_config.json and tokenizer files: what is needed to rebuild the model and an HF copy).
+
+Reading: the ``.metadata`` pickle of a checkpoint is checked against an allow-list before any
+torch reader unpickles it (:mod:`.untrusted`), unless the caller trusts the checkpoint.
 """
 from __future__ import annotations
 
@@ -28,9 +31,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
 from megatron_skpo.model.mappings.sharding import parallel_kind
 from checkpoint_convert.staging import ConvertError
+from checkpoint_convert.untrusted import (
+    UntrustedCheckpointError, check_common, load_dist_metadata, metadata_digest, metadata_path)
 
 TRACKER, RELEASE, META, HF_SIDE = "latest_checkpointed_iteration.txt", "release", "skpo_convert.json", "hf"
 FORMAT_VERSION = 1
@@ -147,6 +153,7 @@ class McoreCheckpoint:
     hf_config: dict
     meta: dict
     shapes: dict[str, tuple[torch.Size, torch.dtype]]  # sharded key -> stored global shape, dtype
+    metadata_sha256: Optional[str] = None  # .metadata as checked by open_mcore (None: trusted, unchecked)
 
     @property
     def padded_vocab(self) -> int:
@@ -167,8 +174,24 @@ def checkpoint_dir(root: Path) -> Path:
     return sub
 
 
-def open_mcore(root: str | Path, like: str | Path | None = None) -> McoreCheckpoint:
-    """Inspect a Megatron checkpoint: its HF config (``hf/`` or ``like``) and stored tensor shapes."""
+class _PreloadedMetadata(TorchDistLoadShardedStrategy):
+    """Megatron's torch_dist load strategy, answering tensor-metadata queries from an already read
+    (and checked) ``Metadata`` instead of unpickling ``.metadata`` again."""
+
+    def __init__(self, metadata: object):
+        super().__init__()
+        self.metadata = metadata
+
+    def load_tensors_metadata(self, checkpoint_dir: Path, metadata: object = None):
+        return super().load_tensors_metadata(checkpoint_dir, metadata if metadata is not None else self.metadata)
+
+
+def open_mcore(root: str | Path, like: str | Path | None = None, trust: bool = False) -> McoreCheckpoint:
+    """Inspect a Megatron checkpoint: its HF config (``hf/`` or ``like``) and stored tensor shapes.
+
+    The checkpoint's ``.metadata`` pickle is read with :func:`.untrusted.load_dist_metadata`'s
+    allow-list unless ``trust`` (a crafted one would otherwise run code right here).
+    """
     root = Path(root)
     ckpt = checkpoint_dir(root)
     cfg_dir = Path(like) if like else root / HF_SIDE
@@ -176,9 +199,21 @@ def open_mcore(root: str | Path, like: str | Path | None = None) -> McoreCheckpo
         raise ConvertError(f"{cfg_dir}: no config.json (pass --like HF_DIR with the model's config)")
     meta = json.loads((root / META).read_text()) if (root / META).is_file() else {}
     ensure_single_process_group()
-    stored = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    digest = None if trust else metadata_digest(ckpt)
+    metadata = load_dist_metadata(ckpt, trust=trust)
+    if not trust:
+        check_common(ckpt)  # read by every dist_checkpointing.load
+    stored = dist_checkpointing.load_tensors_metadata(str(ckpt), sharded_strategy=_PreloadedMetadata(metadata))
     shapes = {k: (torch.Size(v.global_shape), v.dtype) for k, v in stored.items()}
-    return McoreCheckpoint(root, ckpt, json.loads((cfg_dir / "config.json").read_text()), meta, shapes)
+    return McoreCheckpoint(root, ckpt, json.loads((cfg_dir / "config.json").read_text()), meta, shapes, digest)
+
+
+def check_unchanged(ck: McoreCheckpoint) -> None:
+    """UntrustedCheckpointError if ``.metadata`` changed since :func:`open_mcore` checked it: the
+    torch reader that loads tensors unpickles it again."""
+    if ck.metadata_sha256 is not None and metadata_digest(ck.ckpt_dir) != ck.metadata_sha256:
+        raise UntrustedCheckpointError(f"{metadata_path(ck.ckpt_dir)}: changed after it was checked; "
+                                       "refusing to load it")
 
 
 def _built(entry: object) -> list[ShardedTensor]:
@@ -214,6 +249,7 @@ def load_params(ck: McoreCheckpoint, tpl: Template, names: list[str]) -> dict[st
         for j, st in enumerate(_built(entry)):
             request[f"{name}#{j}"] = _region_request(st, dtype)
             regions.append((name, f"{name}#{j}", st))
+    check_unchanged(ck)
     # One layer of the layer-stacked global tensors: the "every shard read exactly once" check
     # is for whole-model loads, so it is off here.
     loaded = dist_checkpointing.load({"model": request}, str(ck.ckpt_dir), validate_access_integrity=False)

@@ -147,14 +147,24 @@ def mcore_logits(tp: int, hf_config: dict, ckpt_dir: str, prompts: list[torch.Te
     return pickle.loads(next(v for r, v, _ in results if r == 0))
 
 
-def verify(hf_dir: str | Path, mcore_dir: str | Path, tp: int = 1, th: Thresholds = Thresholds()) -> dict:
-    """Run both models on the same prompts; the result dict has ``ok`` and the failed metric names."""
-    from checkpoint_convert.mcore_io import checkpoint_dir, open_mcore
+def verify(hf_dir: str | Path, mcore_dir: str | Path, tp: int = 1, th: Thresholds = Thresholds(),
+           trust_checkpoint: bool = False) -> dict:
+    """Run both models on the same prompts; the result dict has ``ok`` and the failed metric names.
+
+    The Megatron model loads everything in the checkpoint, pickled byte objects included, so unless
+    ``trust_checkpoint`` those are checked first (:func:`.untrusted.check_byte_objects`).
+    """
+    from checkpoint_convert.mcore_io import check_unchanged, checkpoint_dir, open_mcore
+    from checkpoint_convert.untrusted import check_byte_objects, load_dist_metadata
 
     hf_dir = Path(hf_dir)
-    ck = open_mcore(mcore_dir, like=None if (Path(mcore_dir) / "hf" / "config.json").is_file() else hf_dir)
+    ck = open_mcore(mcore_dir, like=None if (Path(mcore_dir) / "hf" / "config.json").is_file() else hf_dir,
+                    trust=trust_checkpoint)
+    if not trust_checkpoint:
+        check_byte_objects(ck.ckpt_dir, load_dist_metadata(ck.ckpt_dir))
     prompts = prompt_ids(hf_dir, int(ck.hf_config["vocab_size"]))
     ref = hf_logits(hf_dir, prompts)
+    check_unchanged(ck)
     got = mcore_logits(tp, ck.hf_config, str(checkpoint_dir(Path(mcore_dir))), prompts)
     metrics = compare_logits(ref, got)
     bad = failures(metrics, th)

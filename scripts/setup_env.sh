@@ -12,6 +12,17 @@ py="${PYTHON:-python3}"
 import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
 
+# Code rewards run candidate programs in a bubblewrap sandbox and refuse to run without it.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } \
+      || echo "setup_env: could not install bubblewrap with apt-get; code rewards will refuse to run" >&2
+  else
+    echo "setup_env: bubblewrap (bwrap) is missing: code rewards will refuse to run. Install it with" \
+         "'sudo apt-get install bubblewrap' (Debian/Ubuntu) or 'sudo dnf install bubblewrap' (Fedora/RHEL)." >&2
+  fi
+fi
+
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 stamp=".venv/.skpo-setup-stamp"
 want="$(cat setup.py scripts/setup_env.sh | sha256sum | cut -c1-16)-$extras"

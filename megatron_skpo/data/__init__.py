@@ -5,7 +5,10 @@ Public API:
 - :func:`load_recipe` ``(name) -> (problems, LoadReport)`` for the built-in recipes (``RECIPES``);
 - :func:`load_file` for a JSONL/Parquet file with dotted field paths
   (dapo-math-17k: ``prompt_field="prompt"``, ``answer_field="reward_model.ground_truth"``);
-- :func:`render` / :func:`render_all` for prompts, :class:`EpochSampler` for the sampling order.
+- :func:`render` / :func:`render_all` for prompts, :class:`EpochSampler` for the sampling order;
+- :class:`LoadReport`: rows read, kept and skipped per reason and per file (``render_all(...,
+  report=report)`` adds the prompts dropped for length), as one-line summaries
+  (``summary_lines()``) and flat metrics (``metrics()``: ``data/skipped/<reason>``, ...).
 """
 from __future__ import annotations
 

@@ -2,7 +2,11 @@
 
 Every problem remembers the file and 1-based row it came from, so each validation failure names
 both. The policy is ``error`` (raise :class:`DataError` at the first bad row) or ``skip`` (drop
-the row and count the reason in :class:`LoadReport`).
+the row and count it in :class:`LoadReport`, per reason and per file, with the first rows of each
+so a log line can point at them). A JSONL line that is not UTF-8 is a bad row like any other
+(reason ``not_utf8``, named by file and line), not an exception that ends the load.
+:class:`LoadReport` prints itself (:meth:`LoadReport.summary_lines`) and flattens into metrics
+(:meth:`LoadReport.metrics`); prompts dropped for length by ``render_all`` join the same report.
 """
 from __future__ import annotations
 
@@ -39,15 +43,58 @@ class Problem:
         return f"{Path(self.source).name}:{self.row}"
 
 
+EXAMPLE_ROWS = 5  # rows remembered per (file, reason) for the summary
+
+
 @dataclass
 class LoadReport:
-    """What validation dropped (policy ``skip``) or saw (duplicates kept for benchmarks)."""
+    """What validation dropped (policy ``skip``) or saw (duplicates kept for benchmarks).
+
+    ``skipped`` counts by reason over all files; ``skipped_by_file`` by file, then reason; ``examples``
+    keeps the first :data:`EXAMPLE_ROWS` rows and the first message of each (file, reason).
+    """
 
     file: str
     rows: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     duplicates_kept: int = 0
+    skipped_by_file: dict[str, Counter] = field(default_factory=dict)  # file -> reason -> count
+    examples: dict[tuple[str, str], tuple[list[int], str]] = field(default_factory=dict)
+
+    def skip(self, error: DataError) -> None:
+        """Count ``error``'s row as skipped (per reason and per file)."""
+        self.skipped[error.kind] += 1
+        self.skipped_by_file.setdefault(error.file, Counter())[error.kind] += 1
+        rows, _ = self.examples.setdefault((error.file, error.kind), ([], error.reason))
+        if len(rows) < EXAMPLE_ROWS:
+            rows.append(error.row)
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary_lines(self) -> list[str]:
+        """Printable one-line summaries: the totals, then one line per file and reason skipped."""
+        counts = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items()))
+        head = f"{self.file}: {self.rows} rows read, {self.kept} kept, {self.skipped_total} skipped"
+        lines = [head + (f" ({counts})" if counts else "")
+                 + (f", {self.duplicates_kept} duplicate prompts kept" if self.duplicates_kept else "")]
+        for file, reasons in sorted(self.skipped_by_file.items()):
+            for reason, n in sorted(reasons.items()):
+                rows, first = self.examples[(file, reason)]
+                more = ", ..." if n > len(rows) else ""
+                lines.append(f"{file}: skipped {n} {reason} (rows {', '.join(map(str, rows))}{more}; "
+                             f"first: {first})")
+        return lines
+
+    def metrics(self, prefix: str = "data") -> dict[str, float]:
+        """Flat numbers for a metrics log: ``{prefix}/rows``, ``/kept``, ``/skipped``,
+        ``/skipped/<reason>`` (every file together) and ``/duplicates_kept``."""
+        out = {f"{prefix}/rows": float(self.rows), f"{prefix}/kept": float(self.kept),
+               f"{prefix}/skipped": float(self.skipped_total), f"{prefix}/duplicates_kept": float(self.duplicates_kept)}
+        out.update({f"{prefix}/skipped/{reason}": float(n) for reason, n in sorted(self.skipped.items())})
+        return out
 
 
 class FieldMissing(KeyError):
@@ -68,7 +115,8 @@ def get_field(row: Any, dotted: str) -> Any:
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(1-based row, record) of a ``.jsonl`` or ``.parquet`` file; undecodable JSON yields a DataError."""
+    """(1-based row, record) of a ``.jsonl`` or ``.parquet`` file; a line that is not UTF-8 or not
+    JSON yields a DataError (reasons ``not_utf8``, ``invalid_json``) in place of its record."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset {path}: no such file")
@@ -80,8 +128,14 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
         return
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(str(path), 0, "unknown format: use .jsonl or .parquet")
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: each line is decoded on its own, so one bad byte costs one row
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a leading BOM is not data
+            except UnicodeDecodeError as e:
+                yield i, DataError(str(path), i, f"not UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of "
+                                   "the line", "not_utf8")
+                continue
             if not line.strip():
                 continue
             try:
@@ -139,7 +193,7 @@ def load_problems(path: str | Path, prompt_of: Callable[[Any], Any], answer_of: 
         except DataError as e:
             if policy == "error":
                 raise
-            report.skipped[e.kind] += 1
+            report.skip(e)
             continue
         problems.append(problem)
         if limit is not None and len(problems) >= limit:

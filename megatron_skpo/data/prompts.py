@@ -5,8 +5,8 @@ Named templates:
   reason step by step, and put your final answer within \\boxed{}." (we put it in the user turn,
   as SimpleRL-Zoo and Dr. GRPO do, rather than in a system turn);
 - ``fewshot_plain``: four plain-text Question/Answer shots ending in "The answer is N.", then
-  ``Question: {problem}\\nAnswer:``; a completion prompt, never wrapped in a chat template (the
-  format measured learnable for SmolLM2-135M on CPU); grade it with the
+  ``Question: {problem}\\nAnswer:``; a completion prompt, never wrapped in a chat template (a
+  format small models such as SmolLM2-135M can learn on CPU); grade it with the
   ``the_answer_is`` / ``last_number`` extractors;
 - ``raw``: the problem text unchanged.
 Any other string containing ``{problem}`` is used as a format string.
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from megatron_skpo.data.loaders import DataError, Problem
+from megatron_skpo.data.loaders import DataError, LoadReport, Problem
 
 QWEN_MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -78,10 +78,13 @@ def render(problem: Problem, template: str = "qwen_math", tokenizer: Any = None,
 
 
 def render_all(problems: Sequence[Problem], template: str, tokenizer: Any, use_chat_template: bool,
-               max_tokens: Optional[int] = None, policy: str = "error") -> tuple[list[Problem], list[str], int]:
+               max_tokens: Optional[int] = None, policy: str = "error",
+               report: Optional[LoadReport] = None) -> tuple[list[Problem], list[str], int]:
     """Render every problem; those over ``max_tokens`` raise a DataError (file, row) or are skipped.
 
-    Returns the kept problems, their prompts, and how many were skipped for length.
+    Returns the kept problems, their prompts, and how many were skipped for length. With the
+    ``report`` of the load, each skipped prompt is also counted there (reason ``too_long``, by
+    file, with its row) and leaves ``report.kept``, so one report covers every dropped row.
     """
     kept, prompts, skipped = [], [], 0
     for p in problems:
@@ -89,9 +92,13 @@ def render_all(problems: Sequence[Problem], template: str, tokenizer: Any, use_c
         if max_tokens is not None and tokenizer is not None:
             n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
             if n > max_tokens:
+                error = DataError(p.source, p.row, f"prompt has {n} tokens > limit {max_tokens}", "too_long")
                 if policy == "error":
-                    raise DataError(p.source, p.row, f"prompt has {n} tokens > limit {max_tokens}", "too_long")
+                    raise error
                 skipped += 1
+                if report is not None:
+                    report.skip(error)
+                    report.kept -= 1
                 continue
         kept.append(p)
         prompts.append(text)

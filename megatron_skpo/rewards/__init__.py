@@ -5,7 +5,8 @@ Public API:
   worker pool with a hard 5 s timeout per call (started on first use, closed at exit);
 - :class:`RewardPool` ``.score(responses, golds) -> (rewards, RewardStats)`` for batches;
 - :func:`extract_answer`, :class:`RewardSpec` (``pm1`` / ``zero_one`` / format penalty);
-- :mod:`megatron_skpo.rewards.code_sandbox` for program-by-tests rewards.
+- :mod:`megatron_skpo.rewards.code_sandbox` for program-by-tests rewards (a bubblewrap sandbox;
+  see docs/security.md).
 """
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import threading
 from typing import Optional
 
 from megatron_skpo.rewards.extract import EXTRACTORS, extract_answer, normalize_answer
-from megatron_skpo.rewards.grader import Grade, RewardSpec, grade_math, reward_of
+from megatron_skpo.rewards.grader import Gold, Grade, RewardSpec, gold_text, grade_math, reward_of
 from megatron_skpo.rewards.pool import RewardPool, RewardStats
 
 __all__ = [
-    "EXTRACTORS", "Grade", "RewardPool", "RewardSpec", "RewardStats", "extract_answer",
-    "grade_math", "math_reward", "normalize_answer", "reward_of",
+    "EXTRACTORS", "Gold", "Grade", "RewardPool", "RewardSpec", "RewardStats", "extract_answer",
+    "gold_text", "grade_math", "math_reward", "normalize_answer", "reward_of",
 ]
 
 _default: Optional[RewardPool] = None
@@ -35,11 +36,13 @@ def _default_pool() -> RewardPool:
         return _default
 
 
-def math_reward(response: str, gold: str) -> float:
+def math_reward(response: str, gold: Gold) -> float:
     """+1.0 if the final answer of ``response`` equals ``gold`` (math-verify), else -1.0.
 
-    Timeouts (5 s) and parser crashes score -1.0 and never raise. For batches and counts of
-    timeouts use :class:`RewardPool` directly.
+    Timeouts (5 s) and parser crashes score -1.0 and never raise. ``gold`` may be a number
+    (``3``); other types raise TypeError. Works from any script, with or without an
+    ``if __name__ == "__main__":`` guard. For batches and counts of timeouts use
+    :class:`RewardPool` directly.
     """
     with _lock:  # one shared worker: calls from several threads take turns
         rewards, _ = _default_pool().score([response], [gold])

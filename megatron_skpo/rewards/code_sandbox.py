@@ -1,27 +1,40 @@
-"""Run candidate Python programs against stdin/stdout test cases in a sandboxed subprocess.
+"""Run candidate Python programs against stdin/stdout test cases in a bubblewrap sandbox.
 
 Reward = fraction of test cases whose stripped stdout equals the expected output.
 
-Isolation of each run (set up in the child between fork and exec, ``preexec_fn``):
-- **no network**: a new, empty network namespace (``unshare(CLONE_NEWNET)``, kernel-level; not
-  even loopback is up). As root this needs nothing else; as an ordinary user we add a user
-  namespace (``CLONE_NEWUSER | CLONE_NEWNET``). Where the kernel forbids both, the run falls back
-  to the second layer alone and :func:`network_isolation` reports ``"audit_hook"``;
-- a second layer in every run: a ``sys.addaudithook`` in the runner that refuses every
-  ``socket.*`` event (pure Python; defeated by ctypes tricks, hence only a fallback);
-- **resource limits** (``setrlimit``): address space, CPU seconds, processes, file size, no core
-  files; as root the child also drops to uid/gid ``nobody``, because RLIMIT_NPROC does not bind root;
-- a fresh temporary working directory, removed afterwards; a minimal environment; ``python -I``;
-- a wall-clock timeout that SIGKILLs the whole process group (``setsid`` makes the child a leader).
+Each run is one ``bwrap`` sandbox (command line and filesystem view: :mod:`.bwrap`):
+
+- **containment**: fresh PID, user, mount, network, IPC and UTS namespaces. Our runner is the
+  sandbox's PID 1 and starts the program as its child; when the program exits, or the wall-clock
+  timeout kills PID 1, the kernel kills every process left in the namespace (a ``setsid`` child, a
+  fork bomb) and they are reaped before :func:`run_program` returns, so nothing keeps running,
+  writing or holding memory, and no zombie is left to count against the next run's process limit;
+- **no filesystem access**: read-only ``/usr`` (and the interpreter), private size-limited tmpfs
+  ``/tmp`` and ``/dev/shm`` that vanish with the sandbox, no project, home, ``/etc`` or host
+  ``/proc`` (the sandbox's ``/proc`` lists only its own processes);
+- **no network**: an empty network namespace (a loopback device only), plus an audit hook in the
+  runner that refuses every ``socket.*`` event (a second layer);
+- **resource limits** set by the runner before the program starts (``setrlimit``): address space,
+  CPU seconds, file size, no core files, processes. The process limit counts only the sandbox's
+  processes (it binds per user *namespace*, and each sandbox has its own), so other sandboxes or
+  processes of the same user do not eat into it. Memory is bounded by ``nproc x memory_mb`` plus
+  the two tmpfs sizes. Why rlimits and not a cgroup: cgroup files are writable only as root, on a
+  delegated cgroup v2 subtree or a writable v1 mount, which varies by machine and container; the
+  PID namespace plus rlimits work wherever bwrap itself runs;
+- **privileges**: as root, bwrap is started as user ``nobody`` (bwrap run by root would keep all
+  capabilities inside, and RLIMIT_NPROC never binds host uid 0);
+- a wall-clock timeout (SIGKILL to the sandbox's PID 1), a minimal environment, ``python -I -S``.
+
+Without a working ``bwrap`` every run raises :class:`SandboxUnavailable` with what to install or
+change; nothing ever runs unsandboxed.
 """
 from __future__ import annotations
 
-import ctypes
+import json
 import os
-import resource
+import select
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,29 +42,47 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
 
-CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
-NOBODY = 65534
+from megatron_skpo.rewards.bwrap import (
+    NOBODY, SandboxUnavailable, bwrap_command, bwrap_path, check_version, drops_to_nobody, sandbox_interpreter,
+    spawn_user)
 
-_RUNNER = """import sys
+__all__ = ["NOBODY", "RunResult", "SandboxLimits", "SandboxUnavailable", "TestCase", "check_sandbox", "code_reward",
+           "network_isolation", "run_program", "run_tests", "sandbox_python"]
+
+# PID 1 of the sandbox: limits, then the program in a child; it reaps every orphan re-parented to
+# it and exits with the program's status, which makes the kernel kill whatever is left.
+_RUNNER = """import os, resource, sys
+for _res, _value in zip((resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_FSIZE, resource.RLIMIT_CORE,
+                         resource.RLIMIT_NPROC), map(int, sys.argv[1:6])):
+    resource.setrlimit(_res, (_value, _value))
+_main = os.fork()
+if _main:
+    while True:
+        _pid, _status = os.wait()
+        if _pid == _main:
+            _code = os.waitstatus_to_exitcode(_status)
+            os._exit(_code if _code >= 0 else 128 - _code)
 def _no_net(event, args):
     if event.startswith("socket."):
         raise PermissionError("network access is disabled in the sandbox")
 sys.addaudithook(_no_net)
 sys.argv = ["main.py"]
 import runpy
-runpy.run_path("main.py", run_name="__main__")
+runpy.run_path("/sandbox/main.py", run_name="__main__")
 """
+_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
 
 
 @dataclass(frozen=True)
 class SandboxLimits:
     """Per-run limits."""
 
-    wall_s: float = 10.0  # wall-clock timeout; the process group is killed after it
+    wall_s: float = 10.0  # wall-clock timeout; the whole sandbox is killed after it
     cpu_s: int = 5  # RLIMIT_CPU (SIGXCPU, then SIGKILL one second later)
-    memory_mb: int = 512  # RLIMIT_AS
-    nproc: int = 32  # RLIMIT_NPROC (processes of the sandbox user)
+    memory_mb: int = 512  # RLIMIT_AS, per process
+    nproc: int = 32  # RLIMIT_NPROC: processes (and threads) in the sandbox, its PID 1 included
     fsize_mb: int = 16  # RLIMIT_FSIZE (also caps stdout/stderr, which go to files)
+    tmpfs_mb: int = 64  # size of each private tmpfs (/tmp, the working directory, and /dev/shm)
 
 
 @dataclass(frozen=True)
@@ -64,94 +95,148 @@ class TestCase:
 
 @dataclass(frozen=True)
 class RunResult:
-    returncode: Optional[int]  # None when killed by the wall-clock timeout
+    returncode: Optional[int]  # None when killed by the wall-clock timeout; 128+N for death by signal N
     stdout: str
     stderr: str
     timed_out: bool
     seconds: float
 
 
-def _libc_unshare(flags: int) -> bool:
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.unshare(flags) == 0
-
-
-@lru_cache(maxsize=1)
-def network_isolation() -> str:
-    """``"netns"`` if a child here can enter an empty network namespace, else ``"audit_hook"``."""
-    flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
-    probe = subprocess.run(
-        [sys.executable, "-I", "-c", f"import ctypes,sys; sys.exit(ctypes.CDLL(None).unshare({flags}) != 0)"],
-        capture_output=True, timeout=30)
-    return "netns" if probe.returncode == 0 else "audit_hook"
-
-
-def _world_executable(path: str) -> bool:
-    p = Path(os.path.realpath(path))
-    return all(os.stat(d).st_mode & 0o001 for d in [p, *p.parents])
-
-
-@lru_cache(maxsize=1)
 def sandbox_python() -> str:
-    """Interpreter for candidates: when we drop to ``nobody`` it must be reachable by that user."""
-    if os.geteuid() != 0:
-        return sys.executable
-    for cand in (sys.executable, "/usr/bin/python3"):
-        if os.path.exists(cand) and _world_executable(cand):
-            return cand
-    raise RuntimeError("code sandbox: no Python interpreter executable by user 'nobody' "
-                       f"(tried {sys.executable}, /usr/bin/python3)")
+    """Path of the interpreter candidate programs run with (see :func:`.bwrap.sandbox_interpreter`)."""
+    return sandbox_interpreter().path
 
 
-def _preexec(limits: SandboxLimits, netns: bool) -> None:
-    """Runs in the child after fork, before exec: namespace, limits, then privileges."""
-    os.setsid()
-    if netns:
-        _libc_unshare(CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET)
-    mb = 2**20
-    for res, value in ((resource.RLIMIT_AS, limits.memory_mb * mb), (resource.RLIMIT_CPU, limits.cpu_s),
-                       (resource.RLIMIT_FSIZE, limits.fsize_mb * mb), (resource.RLIMIT_CORE, 0),
-                       (resource.RLIMIT_NPROC, limits.nproc)):
-        resource.setrlimit(res, (value, value))
-    if os.geteuid() == 0:
-        os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
+@lru_cache(maxsize=1)
+def check_sandbox() -> str:
+    """Start one trivial sandbox; :class:`SandboxUnavailable` naming the cause if it cannot start.
+
+    Returns bwrap's path. Cached after the first success; a failure is checked again next call.
+    """
+    bwrap = bwrap_path()
+    check_version(bwrap)
+    result = _run("print('sandbox ok')", "", SandboxLimits(wall_s=60.0))
+    if result.returncode == 0 and result.stdout.strip() == "sandbox ok":
+        return bwrap
+    who = "as user 'nobody' " if drops_to_nobody() else ""
+    raise SandboxUnavailable(
+        f"code sandbox: {bwrap} failed to start a sandbox {who}(exit code {result.returncode}): "
+        f"{result.stderr.strip()[-500:] or 'no message'}. bwrap needs unprivileged user namespaces: check "
+        "`sysctl user.max_user_namespaces` (> 0), `sysctl kernel.unprivileged_userns_clone` (= 1 on Debian "
+        "kernels that have it), on Ubuntu 24.04+ `sysctl kernel.apparmor_restrict_unprivileged_userns` (= 0, or "
+        "an AppArmor profile for bwrap); in a container, allow unshare/mount (e.g. Docker's --security-opt "
+        "seccomp=unconfined --security-opt apparmor=unconfined)")
 
 
-def run_program(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimits()) -> RunResult:
-    """Run Python ``source`` once in the sandbox with ``stdin``; never raises on program behaviour."""
-    netns = network_isolation() == "netns"
-    with tempfile.TemporaryDirectory(prefix="skpo-sandbox-") as tmp:
-        work = Path(tmp)
-        (work / "main.py").write_text(source)
-        (work / "runner.py").write_text(_RUNNER)
-        (work / "stdin").write_text(stdin)
-        if os.geteuid() == 0:
-            os.chown(work, NOBODY, NOBODY)
-        t0, timed_out = time.monotonic(), False
-        with open(work / "stdin", "rb") as fin, open(work / "stdout", "wb") as fout, \
-                open(work / "stderr", "wb") as ferr:
-            proc = subprocess.Popen(
-                [sandbox_python(), "-I", "-S", "runner.py"], cwd=work, stdin=fin, stdout=fout, stderr=ferr,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, close_fds=True,
-                preexec_fn=lambda: _preexec(limits, netns))
+def network_isolation() -> str:
+    """``"netns"``: every run has an empty network namespace of its own (only a loopback device).
+
+    Kept for callers of the earlier API, which could fall back to ``"audit_hook"``; there is no
+    fallback now: :class:`SandboxUnavailable` if the sandbox cannot run here.
+    """
+    check_sandbox()
+    return "netns"
+
+
+def _read_init_pid(fd: int, timeout: float) -> Optional[int]:
+    """Host pid of the sandbox's PID 1 from bwrap's ``--info-fd`` JSON; None if bwrap wrote none."""
+    buf, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 4096) if ready else b""
+        if not chunk:
+            return None
+        buf += chunk
+        try:
+            return int(json.loads(buf)["child-pid"])
+        except (ValueError, KeyError):  # not complete yet
+            continue
+    return None
+
+
+class _SandboxInit:
+    """A pidfd on the sandbox's PID 1: killing it kills the whole PID namespace, and bwrap (its
+    parent, which we wait for) reaps it, so no zombie is left even where host PID 1 never reaps."""
+
+    def __init__(self, pid: Optional[int], bwrap: subprocess.Popen):
+        self.bwrap, self.pidfd = bwrap, None
+        if pid is None:
+            return
+        try:
+            self.pidfd = os.pidfd_open(pid)
+            # A pid is only ours while bwrap has not reaped it; a recycled pid has another parent.
+            status = Path(f"/proc/{pid}/status").read_text()
+            if int(status.split("PPid:")[1].split()[0]) != bwrap.pid:
+                self.close()
+        except (OSError, IndexError, ValueError):
+            self.close()
+
+    def kill(self) -> None:
+        if self.bwrap.poll() is not None:
+            return
+        if self.pidfd is not None:
             try:
-                proc.wait(timeout=limits.wall_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            _kill_group(proc.pid)  # also reaps children left behind by a program that exited
-            proc.wait()
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                return
+            except ProcessLookupError:
+                return
+        self.bwrap.kill()  # no pid from bwrap: --die-with-parent takes the sandbox down with it
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def _run(source: str, stdin: str, limits: SandboxLimits) -> RunResult:
+    """One sandboxed run (no availability check)."""
+    interp = sandbox_interpreter()
+    mb = 2**20
+    rlimits = (limits.memory_mb * mb, limits.cpu_s, limits.fsize_mb * mb, 0, limits.nproc)
+    with tempfile.TemporaryDirectory(prefix="skpo-sandbox-") as tmp:  # host side only, never bound
+        work = Path(tmp)
+        # surrogatepass: text that is not valid Unicode reaches the program as bytes it fails on
+        (work / "main.py").write_text(source, encoding="utf-8", errors="surrogatepass")
+        (work / "runner.py").write_text(_RUNNER)
+        (work / "stdin").write_text(stdin, encoding="utf-8", errors="surrogatepass")
+        info_r, info_w = os.pipe()
+        t0, timed_out = time.monotonic(), False
+        try:
+            with open(work / "main.py", "rb") as fmain, open(work / "runner.py", "rb") as frunner, \
+                    open(work / "stdin", "rb") as fin, open(work / "stdout", "wb") as fout, \
+                    open(work / "stderr", "wb") as ferr:
+                fds = (fmain.fileno(), frunner.fileno(), info_w)
+                argv = bwrap_command(interp, fmain.fileno(), frunner.fileno(), info_w, limits.tmpfs_mb,
+                                     tuple(str(v) for v in rlimits))
+                proc = subprocess.Popen(argv, stdin=fin, stdout=fout, stderr=ferr, env=_ENV, close_fds=True,
+                                        pass_fds=fds, start_new_session=True, cwd="/", **spawn_user())
+                os.close(info_w)
+                info_w = -1
+                init = _SandboxInit(_read_init_pid(info_r, limits.wall_s), proc)
+                try:
+                    proc.wait(timeout=max(0.0, limits.wall_s - (time.monotonic() - t0)))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                init.kill()  # also ends a namespace whose program exited a moment ago
+                proc.wait()
+                init.close()
+        finally:
+            os.close(info_r)
+            if info_w >= 0:
+                os.close(info_w)
         read = lambda name: (work / name).read_bytes()[: 1 << 20].decode("utf-8", "replace")  # noqa: E731
         return RunResult(None if timed_out else proc.returncode, read("stdout"), read("stderr"),
                          timed_out, time.monotonic() - t0)
 
 
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def run_program(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimits()) -> RunResult:
+    """Run Python ``source`` once in the sandbox with ``stdin``.
+
+    Never raises on program behaviour; raises :class:`SandboxUnavailable` when no sandbox can run
+    here (bwrap missing or unable to create namespaces), rather than run the program unsandboxed.
+    """
+    check_sandbox()
+    return _run(source, stdin, limits)
 
 
 def _same_output(actual: str, expected: str) -> bool:

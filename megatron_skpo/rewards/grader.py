@@ -8,11 +8,14 @@ input; :func:`megatron_skpo.rewards.math_reward` is the safe entry point.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 from megatron_skpo.rewards.extract import extract_answer, normalize_answer
 
+Gold = Union[str, int, float]
 Status = Literal["correct", "incorrect", "no_answer", "timeout", "error"]
 STATUSES: tuple[Status, ...] = ("correct", "incorrect", "no_answer", "timeout", "error")
 
@@ -40,6 +43,24 @@ class RewardSpec:
         if name not in presets:
             raise ValueError(f"reward preset: got {name!r}; allowed values: {', '.join(presets)}")
         return cls(*presets[name], format_penalty=format_penalty)
+
+
+def gold_text(gold: object, index: int = 0) -> str:
+    """A gold answer as text: strings unchanged, numbers as written (``3`` -> ``"3"``, ``145.0`` ->
+    ``"145"``, ``2.5`` -> ``"2.5"``), as JSON or Parquet fields deliver them.
+
+    Anything else (None, bool, lists, NaN) is a data error, not a wrong answer: :class:`TypeError`
+    naming item ``index`` of the batch, instead of an "error" grade that scores every response -1.
+    """
+    if isinstance(gold, str):
+        return gold
+    if isinstance(gold, numbers.Real) and not isinstance(gold, bool) and math.isfinite(gold):
+        if isinstance(gold, numbers.Integral):
+            return str(int(gold))
+        value = float(gold)
+        return str(int(value)) if value.is_integer() else repr(value)
+    raise TypeError(f"gold answer {index}: must be a string or a finite number, "
+                    f"got {type(gold).__name__} {gold!r:.60}")
 
 
 def reward_of(status: Status, spec: RewardSpec) -> float:
@@ -81,8 +102,10 @@ def _plain(s: str) -> str:
     return re.sub(r"\s+", " ", s).strip().lower()
 
 
-def grade_math(response: str, gold: str, extractors: Sequence[str] = ("boxed", "the_answer_is")) -> Grade:
-    """Grade ``response`` against ``gold``; never raises (errors become status "error")."""
+def grade_math(response: str, gold: Gold, extractors: Sequence[str] = ("boxed", "the_answer_is")) -> Grade:
+    """Grade ``response`` against ``gold``; never raises on the response (errors become status
+    "error"). A gold answer that is neither text nor a number is a TypeError (:func:`gold_text`)."""
+    gold = gold_text(gold)
     try:
         pred = extract_answer(response, extractors)
         if pred is None:

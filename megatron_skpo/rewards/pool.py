@@ -6,41 +6,41 @@ its main thread; the parent gives every item a deadline and, when it passes, SIG
 and starts a replacement. Timeouts and crashed workers score as incorrect and are counted in
 :class:`RewardStats`; :meth:`RewardPool.score` never raises on model output.
 
-Workers are started with the ``spawn`` method: the parent may hold threads (vLLM, torch) that a
-``fork`` would copy in a broken state.
+Workers are fresh interpreters started with :mod:`subprocess` as ``python -m
+megatron_skpo.rewards.grade_worker`` (:mod:`.grade_worker`): not ``fork`` (the parent may hold
+threads, vLLM's or torch's, that a fork would copy in a broken state) and not multiprocessing's
+``spawn``, which re-imports the caller's ``__main__`` and so breaks scripts without an
+``if __name__ == "__main__":`` guard. Each worker imports this same ``megatron_skpo`` checkout
+(its directory comes first on the worker's ``sys.path``), and dies with the process that started
+it, even one killed with SIGKILL (:mod:`.grade_worker`).
 """
 from __future__ import annotations
 
-import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_skpo.rewards.grader import STATUSES, Grade, RewardSpec, grade_math, reward_of
+from megatron_skpo.rewards.grader import STATUSES, Gold, Grade, RewardSpec, gold_text, reward_of
 
 START_TIMEOUT_S = 120.0  # importing sympy + math-verify in a fresh process on a busy 2-core box
+WORKER_MODULE = "megatron_skpo.rewards.grade_worker"
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the directory that holds megatron_skpo/
+# Workers die with the thread that started them (PR_SET_PDEATHSIG, see grade_worker): start them
+# all from this one thread, which lives as long as the process, not from the caller's thread.
+_STARTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skpo-grader-start")
 
 
-def _worker_main(conn: Connection, extractors: tuple[str, ...], memory_mb: int) -> None:
-    """Worker loop: receive (response, gold), send back a Grade; runs until the pipe closes."""
-    import logging
-    import resource
-
-    # We turn math-verify's signal timeouts off on purpose (the parent kills slow workers).
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    if memory_mb > 0:  # a runaway sympy expansion fails with MemoryError instead of swapping
-        limit = memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    grade_math("\\boxed{1}", "1", extractors)  # warm the imports before reporting ready
-    conn.send("ready")
-    while True:
-        try:
-            response, gold = conn.recv()
-        except (EOFError, OSError):
-            return
-        conn.send(grade_math(response, gold, extractors))
+def start_worker(argv: list[str], **popen_kwargs) -> subprocess.Popen:
+    """``subprocess.Popen(argv, **popen_kwargs)`` run on the long-lived starter thread."""
+    return _STARTER.submit(subprocess.Popen, argv, **popen_kwargs).result()
 
 
 @dataclass
@@ -64,20 +64,35 @@ class RewardStats:
 
 
 class _Worker:
-    def __init__(self, ctx, extractors: tuple[str, ...], memory_mb: int):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, extractors, memory_mb), daemon=True)
-        self.proc.start()
-        child.close()
+    """One grading process and our end of its socket pair."""
+
+    def __init__(self, extractors: tuple[str, ...], memory_mb: int):
+        mine, theirs = socket.socketpair()
+        # -m puts the working directory first on sys.path: run the worker from our package root so
+        # it imports this checkout (PYTHONPATH too, for interpreters started with -P/PYTHONSAFEPATH).
+        path = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
+        argv = [sys.executable, "-m", WORKER_MODULE, str(theirs.fileno()), str(memory_mb), str(os.getpid()),
+                *extractors]
+        with theirs:
+            self.proc = start_worker(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                     cwd=_PACKAGE_ROOT, env={**os.environ, "PYTHONPATH": path})
+        self.conn = Connection(mine.detach())
         self.ready = False
         self.started = time.monotonic()
         self.item: Optional[int] = None
         self.deadline = float("inf")
 
+    def exit_code(self) -> Optional[int]:
+        """The exit status once the process has ended (waits up to 5 s for a closing one)."""
+        try:
+            return self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return None
+
     def kill(self) -> None:
-        if self.proc.is_alive():
+        if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.join(timeout=5)
+        self.exit_code()
         self.conn.close()
 
 
@@ -87,7 +102,8 @@ class RewardPool:
     Args:
         workers: number of grading processes.
         timeout_s: hard wall-clock limit per item, measured from when a ready worker receives it.
-        extractors: answer extraction order (names in ``rewards.extract.EXTRACTORS``).
+        extractors: answer extractors (names in ``rewards.extract.EXTRACTORS``): the answer stated
+            last among ``boxed``/``the_answer_is`` wins; ``last_number`` is a fallback.
         spec: reward values (+1/-1 by default).
         memory_mb: address-space limit of each worker (0 = none).
     """
@@ -103,8 +119,7 @@ class RewardPool:
             EXTRACTORS.get(name)  # unknown names fail here, not in a worker
         self.timeout_s, self.spec = timeout_s, spec
         self._args = (tuple(extractors), memory_mb)
-        self._ctx = mp.get_context("spawn")
-        self._workers = [_Worker(self._ctx, *self._args) for _ in range(workers)]
+        self._workers = [_Worker(*self._args) for _ in range(workers)]
 
     @classmethod
     def from_config(cls, cfg) -> "RewardPool":
@@ -125,12 +140,17 @@ class RewardPool:
             w.kill()
         self._workers = []
 
-    def grade(self, responses: Sequence[str], golds: Sequence[str]) -> list[Grade]:
-        """Grades in input order; timeouts and crashed workers become Grade("timeout"/"error")."""
+    def grade(self, responses: Sequence[str], golds: Sequence[Gold]) -> list[Grade]:
+        """Grades in input order; timeouts and crashed workers become Grade("timeout"/"error").
+
+        Gold answers may be numbers (converted, ``3`` -> ``"3"``); any other type is a TypeError
+        naming the item, raised before anything is graded.
+        """
         if len(responses) != len(golds):
             raise ValueError(f"grade: {len(responses)} responses but {len(golds)} gold answers")
         if not self._workers:
             raise RuntimeError("RewardPool is closed")
+        golds = [gold_text(g, i) for i, g in enumerate(golds)]
         out: list[Optional[Grade]] = [None] * len(responses)
         todo = deque(range(len(responses)))
         while todo or any(w.item is not None for w in self._workers):
@@ -151,8 +171,9 @@ class RewardPool:
                 msg = w.conn.recv() if w.conn.poll() else None
             except (EOFError, OSError):  # worker died (segfault, OOM kill): the item is an error
                 if not w.ready:
-                    raise RuntimeError(f"grading worker failed to start (exit code {w.proc.exitcode})") from None
-                self._replace(i, out, Grade("error", None, f"worker exited with code {w.proc.exitcode}"))
+                    raise RuntimeError(f"grading worker failed to start (exit code {w.exit_code()}; its error "
+                                       f"output is above: `python -m {WORKER_MODULE}`)") from None
+                self._replace(i, out, Grade("error", None, f"worker exited with code {w.exit_code()}"))
                 continue
             if msg == "ready":
                 w.ready = True
@@ -168,9 +189,9 @@ class RewardPool:
         if w.item is not None:
             out[w.item] = grade
         w.kill()
-        self._workers[i] = _Worker(self._ctx, *self._args)
+        self._workers[i] = _Worker(*self._args)
 
-    def score(self, responses: Sequence[str], golds: Sequence[str]) -> tuple[list[float], RewardStats]:
+    def score(self, responses: Sequence[str], golds: Sequence[Gold]) -> tuple[list[float], RewardStats]:
         """Rewards (``spec`` values) in input order, and counts of every outcome."""
         t0 = time.monotonic()
         grades = self.grade(responses, golds)

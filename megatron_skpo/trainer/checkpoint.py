@@ -3,35 +3,48 @@
 Layout under the checkpoint root::
 
     latest                    # one line: the name of the newest complete checkpoint ("step_00000050")
-    step_00000050/COMPLETE    # marker, written last inside the temporary directory (JSON: step, parts)
-    step_00000050/<part files>
+    step_00000050/MANIFEST.json  # sha256 and size of every part file, written just before the marker
+    step_00000050/COMPLETE    # marker, written last inside the temporary directory (JSON: step, parts,
+                              # the manifest's own sha256)
+    step_00000050/<part>/<files>
     .tmp-step_00000060/       # a save in progress; removed by the next save or resume
 
-A save writes every part into ``.tmp-<name>`` beside the target, fsyncs the files, writes the marker,
-renames the directory into place, and only then replaces ``latest`` (write-temp, fsync, ``os.replace``).
-A kill at any point therefore leaves ``latest`` naming a complete checkpoint (or no ``latest`` before
-the first save). Old checkpoints are renamed to ``.trash-*`` before deletion, so a directory either
-has its marker or is not a checkpoint at all.
+A save writes every part into ``.tmp-<name>`` beside the target, hashes every file into the
+manifest, writes the marker, fsyncs the files, renames the directory into place, and only then
+replaces ``latest`` (write-temp, fsync, ``os.replace``). A kill at any point therefore leaves ``latest``
+naming a complete checkpoint (or no ``latest`` before the first save). Old checkpoints are renamed to
+``.trash-*`` before deletion, so a directory either has its marker or is not a checkpoint at all.
 
-Parts (see :mod:`megatron_skpo.trainer.parts`) have ``save(dir)``/``load(dir)``; a part with
-``collective = True`` (RNG states, Megatron ``dist_checkpointing``) is saved by every rank, other parts
-by rank 0 only. Every rank loads every part.
+A restore first checks the marker's record of the manifest, then the sha256 of every file it is about
+to load (the files a part lists with ``files(dir)``, else every file in the part's directory), and
+only then loads the parts: a flipped bit, a truncated or replaced file, a file added or removed after
+the save is a :class:`CheckpointError` naming the file, never a silently different resume. Every
+load error (unreadable marker, a part that fails to load) is a :class:`CheckpointError` naming the
+checkpoint, the part and the file, and saying which earlier checkpoint a resume could use instead.
+
+Parts (see :mod:`megatron_skpo.trainer.parts`) have ``save(dir)``/``load(dir)`` and optionally
+``files(dir)`` (the files this rank reads); a part with ``collective = True`` (RNG states, Megatron
+``dist_checkpointing``) is saved by every rank, other parts by rank 0 only. Every rank loads every part.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Protocol, runtime_checkable
+from typing import Callable, Iterable, Mapping, Optional, Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+MANIFEST = "MANIFEST.json"
 LATEST = "latest"
+HASH_CHUNK = 1 << 20  # files are hashed in 1 MiB reads: memory stays flat for any checkpoint size
 _NAME = re.compile(r"^step_(\d{8,})$")
 
 
@@ -41,7 +54,12 @@ class CheckpointError(RuntimeError):
 
 @runtime_checkable
 class StatePart(Protocol):
-    """One named piece of training state stored in its own files inside a checkpoint directory."""
+    """One named piece of training state stored in its own files inside a checkpoint directory.
+
+    A part may also define ``files(directory) -> Iterable[Path]``: the files *this rank* reads. A
+    restore verifies those against the manifest; without it, every file of the part's directory
+    (a collective part then has each rank hash every rank's files).
+    """
 
     collective: bool
 
@@ -93,6 +111,34 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def is_complete(path: Path) -> bool:
     return path.is_dir() and (path / MARKER).is_file()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_all(paths: list[Path]) -> list[str]:
+    # hashlib releases the GIL while it hashes a large chunk: a few threads hash many files in parallel.
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
+def write_manifest(directory: Path) -> str:
+    """Write ``MANIFEST.json`` (sha256 and size of every file under ``directory`` but the manifest and
+    the marker); returns the manifest's own sha256, which the marker records."""
+    files = sorted(p for p in directory.rglob("*")
+                   if p.is_file() and p.relative_to(directory).as_posix() not in (MANIFEST, MARKER))
+    digests = _hash_all(files)
+    entries = {p.relative_to(directory).as_posix(): {"sha256": d, "bytes": p.stat().st_size}
+               for p, d in zip(files, digests)}
+    text = json.dumps({"format": 1, "algorithm": "sha256", "files": entries}, indent=1, sort_keys=True) + "\n"
+    (directory / MANIFEST).write_text(text)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _noop() -> None:
@@ -176,7 +222,8 @@ class CheckpointManager:
         return final
 
     def _commit(self, step: int, tmp: Path, final: Path, part_names: list[str]) -> None:
-        (tmp / MARKER).write_text(json.dumps({"step": step, "parts": part_names}) + "\n")
+        manifest = write_manifest(tmp)
+        (tmp / MARKER).write_text(json.dumps({"step": step, "parts": part_names, "manifest_sha256": manifest}) + "\n")
         fsync_tree(tmp)
         if final.exists():  # re-saving a step (e.g. after a fallback resume): move the old one aside first
             final.rename(self.root / f".trash-{final.name}")
@@ -207,18 +254,89 @@ class CheckpointManager:
     # ----- restore ---------------------------------------------------------------------------
     def restore(self, parts: Mapping[str, StatePart], checkpoint: Optional[Checkpoint] = None
                 ) -> Optional[Checkpoint]:
-        """Load ``parts`` from ``checkpoint`` (default: :meth:`latest`); None when there is none."""
+        """Load ``parts`` from ``checkpoint`` (default: :meth:`latest`); None when there is none.
+
+        Every file a part is about to read is checked against the manifest first; any mismatch or
+        load error is a :class:`CheckpointError` naming the checkpoint, the part and the file.
+        """
         ck = checkpoint if checkpoint is not None else self.latest()
         if ck is None:
             return None
-        meta = json.loads((ck.path / MARKER).read_text())
+        meta = self._read_marker(ck)
         missing = [n for n in parts if n not in meta["parts"]]
         if missing:
             raise CheckpointError(f"checkpoint {ck.path}: has no part(s) {', '.join(missing)} "
                                   f"(it holds {', '.join(meta['parts'])})")
+        manifest = self._read_manifest(ck, meta)
+        for part_name, part in parts.items():
+            self._verify_part(ck, part_name, part, manifest)
         for part_name, part in parts.items():
             try:
                 part.load(ck.path / part_name)
-            except (OSError, KeyError, ValueError, RuntimeError) as e:
-                raise CheckpointError(f"checkpoint {ck.path}: part {part_name!r} failed to load: {e}") from e
+            except Exception as e:  # any failure, named: a raw UnpicklingError says nothing about where
+                raise CheckpointError(f"checkpoint {ck.path}: part {part_name!r} failed to load: "
+                                      f"{type(e).__name__}: {e}{self._instead(ck)}") from e
         return ck
+
+    def _instead(self, ck: Checkpoint) -> str:
+        """What to do about a damaged checkpoint: the resume that remains possible."""
+        earlier = [c for c in self.complete() if c.step < ck.step]
+        if earlier:
+            return (f". The checkpoint is damaged: move {ck.path} out of {self.root} to resume from the previous "
+                    f"one ({earlier[-1].path.name})")
+        return f". The checkpoint is damaged and there is no earlier one in {self.root}"
+
+    def _read_marker(self, ck: Checkpoint) -> dict:
+        path = ck.path / MARKER
+        try:
+            meta = json.loads(path.read_text())
+            if not isinstance(meta, dict) or not isinstance(meta.get("parts"), list):
+                raise ValueError(f"expected an object with a 'parts' list, got {str(meta)[:80]!r}")
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {ck.path}: unreadable {MARKER} marker {path}: {e}"
+                                  f"{self._instead(ck)}") from None
+        return meta
+
+    def _read_manifest(self, ck: Checkpoint, meta: dict) -> dict:
+        path = ck.path / MANIFEST
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {ck.path}: no {MANIFEST}, so its files cannot be verified (it was "
+                                  f"written before checkpoints carried checksums, or the manifest was deleted)"
+                                  f"{self._instead(ck)}")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta.get("manifest_sha256"):
+            raise CheckpointError(f"checkpoint {ck.path}: {path} does not match the sha256 the {MARKER} marker "
+                                  f"recorded for it: the manifest is corrupt{self._instead(ck)}")
+        try:
+            return json.loads(data)["files"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {ck.path}: corrupt {path}: {e}{self._instead(ck)}") from None
+
+    def _verify_part(self, ck: Checkpoint, part_name: str, part: StatePart, manifest: dict) -> None:
+        """sha256 of every file this rank will read for ``part_name`` against the manifest."""
+        part_dir = ck.path / part_name
+        files_of: Optional[Callable[[Path], Iterable[Path]]] = getattr(part, "files", None)
+        if files_of is not None:
+            files = sorted(Path(f) for f in files_of(part_dir))
+        else:  # every file of the part: those on disk, and those the manifest promises
+            on_disk = {p for p in part_dir.rglob("*") if p.is_file()} if part_dir.is_dir() else set()
+            promised = {ck.path / rel for rel in manifest if rel.startswith(f"{part_name}/")}
+            files = sorted(on_disk | promised)
+        where = f"checkpoint {ck.path}: part {part_name!r}"
+        present = [f for f in files if f.is_file()]
+        for f, digest in zip(present, _hash_all(present)):
+            rel = f.relative_to(ck.path).as_posix()
+            entry = manifest.get(rel)
+            if entry is None:
+                raise CheckpointError(f"{where}: file {f} is not in {MANIFEST} (added after the checkpoint was "
+                                      f"written){self._instead(ck)}")
+            if digest != entry.get("sha256"):
+                size = f.stat().st_size
+                what = f"{size} bytes, {entry.get('bytes')} recorded" if size != entry.get("bytes") else "same size"
+                raise CheckpointError(f"{where}: file {f} is corrupt: sha256 {digest[:16]}... differs from the "
+                                      f"{str(entry.get('sha256'))[:16]}... recorded at save ({what})"
+                                      f"{self._instead(ck)}")
+        absent = [f for f in files if not f.is_file() and f.relative_to(ck.path).as_posix() in manifest]
+        if absent:
+            raise CheckpointError(f"{where}: file {absent[0]} is missing (the manifest lists it)"
+                                  f"{self._instead(ck)}")

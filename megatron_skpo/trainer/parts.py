@@ -1,8 +1,11 @@
 """Built-in checkpoint parts: state-dict objects, JSON state, RNG streams of every rank, loop progress.
 
 Every file is read back with ``torch.load(weights_only=True)`` or ``json``: a checkpoint never
-unpickles arbitrary objects. The model and optimizer parts come from Megatron's
-``dist_checkpointing`` (a collective part with ``save(dir)``/``load(dir)``, added with the loop).
+unpickles arbitrary objects. Every read error names the file (a bare ``UnpicklingError`` or
+``JSONDecodeError`` does not say which of a checkpoint's files is bad). Each part lists the files it
+reads (``files(dir)``), which the checkpoint manager verifies against the manifest before loading.
+The model and optimizer parts come from Megatron's ``dist_checkpointing`` (a collective part with
+``save(dir)``/``load(dir)``, added with the loop).
 """
 from __future__ import annotations
 
@@ -28,6 +31,33 @@ def _require(path: Path) -> Path:
     return path
 
 
+def load_torch_file(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``; a ValueError naming ``path`` when it cannot be read."""
+    _require(path)
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # UnpicklingError, a truncated zip (RuntimeError), EOFError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"checkpoint file {path}: unreadable ({type(e).__name__}: {first[:300]})") from e
+
+
+def load_json_file(path: Path) -> Any:
+    """JSON content of ``path``; a ValueError naming ``path`` when it is not valid JSON (or UTF-8)."""
+    _require(path)
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"checkpoint file {path}: not valid JSON ({e})") from e
+
+
+def _restore(obj: "Stateful", state: Any, path: Path) -> None:
+    try:
+        obj.load_state_dict(state)
+    except Exception as e:
+        raise ValueError(f"checkpoint file {path}: its state does not fit {type(obj).__name__} "
+                         f"({type(e).__name__}: {e})") from e
+
+
 class StateDictPart:
     """Stores ``obj.state_dict()`` in ``state.pt`` (tensors, lists, dicts, numbers and strings only).
 
@@ -42,8 +72,12 @@ class StateDictPart:
     def save(self, directory: Path) -> None:
         torch.save(self.obj.state_dict(), directory / "state.pt")
 
+    def files(self, directory: Path) -> list[Path]:
+        return [directory / "state.pt"]
+
     def load(self, directory: Path) -> None:
-        self.obj.load_state_dict(torch.load(_require(directory / "state.pt"), weights_only=True))
+        path = directory / "state.pt"
+        _restore(self.obj, load_torch_file(path), path)
 
 
 class JsonPart:
@@ -57,8 +91,12 @@ class JsonPart:
     def save(self, directory: Path) -> None:
         (directory / "state.json").write_text(json.dumps(self.obj.state_dict(), indent=1, sort_keys=True) + "\n")
 
+    def files(self, directory: Path) -> list[Path]:
+        return [directory / "state.json"]
+
     def load(self, directory: Path) -> None:
-        self.obj.load_state_dict(json.loads(_require(directory / "state.json").read_text()))
+        path = directory / "state.json"
+        _restore(self.obj, load_json_file(path), path)
 
 
 @dataclass
@@ -149,13 +187,20 @@ class RNGPart:
     def save(self, directory: Path) -> None:
         torch.save(get_rng_state(self.tracker), self._file(directory))
 
+    def files(self, directory: Path) -> list[Path]:
+        return [self._file(directory)]  # this rank's only: each rank verifies what it reads
+
     def load(self, directory: Path) -> None:
         path = self._file(directory)
         if not path.is_file():
             ranks = sorted(p.name for p in directory.glob("rank_*.pt"))
             raise FileNotFoundError(f"missing checkpoint file {path} (saved ranks: {', '.join(ranks) or 'none'}; "
                                     f"resume with the same world size)")
-        set_rng_state(torch.load(path, weights_only=True), self.tracker)
+        state = load_torch_file(path)
+        try:
+            set_rng_state(state, self.tracker)
+        except Exception as e:
+            raise ValueError(f"checkpoint file {path}: not a usable RNG state ({type(e).__name__}: {e})") from e
 
 
 def training_parts(rank: int, progress: TrainProgress, sampler: Optional[Stateful] = None,

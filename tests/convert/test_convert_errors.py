@@ -101,7 +101,7 @@ def test_non_empty_output_needs_force(hf, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     hf_to_mcore(hf, out, force=True)
     assert not (out / "keep.txt").exists() and (out / "release" / "metadata.json").is_file()
-    with pytest.raises(ConvertError, match="not empty"):
+    with pytest.raises(ConvertError, match="is the input --mcore"):  # refused before "not empty"
         mcore_to_hf(out, out)
 
 

@@ -165,3 +165,71 @@ def test_offset_and_limit_select_a_disjoint_slice():
     assert [p.prompt for p in everything[40:70]] == [p.prompt for p in tail]
     with pytest.raises(ValueError, match="offset 1000 leaves no problems"):
         load_dataset(DatasetConfig(name="mawps_easy", offset=1000), "skip")
+
+
+# ----- accounting: every dropped row is counted per reason and file, and reported -----------------
+def _bytes_jsonl(path, lines: list[bytes]):
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def _row(i: int) -> bytes:
+    return json.dumps({"problem": f"p{i}", "answer": str(i)}).encode()
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path):
+    bad = b'{"problem": "caf\xe9", "answer": "1"}'  # Latin-1 e-acute: not UTF-8
+    path = _bytes_jsonl(tmp_path / "d.jsonl", [_row(1), bad, _row(3)])
+    with pytest.raises(DataError, match=r"d\.jsonl: row 2: not UTF-8: byte 0xe9 at byte 17 of the line") as e:
+        load_file(path, "problem", "answer", policy="error")
+    assert e.value.kind == "not_utf8"
+    problems, report = load_file(path, "problem", "answer", policy="skip")
+    assert [p.row for p in problems] == [1, 3]  # the rows after the bad byte still load
+    assert dict(report.skipped) == {"not_utf8": 1} and (report.rows, report.kept) == (3, 2)
+
+
+def test_utf8_bom_is_not_a_bad_row(tmp_path):
+    path = _bytes_jsonl(tmp_path / "d.jsonl", [b"\xef\xbb\xbf" + _row(1), _row(2)])
+    problems, report = load_file(path, "problem", "answer", policy="error")
+    assert [p.answer for p in problems] == ["1", "2"] and not report.skipped
+
+
+def test_report_summary_lines_and_metrics(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", [r for r, _ in BAD_ROWS] + [{"problem": "last", "answer": 3.0}])
+    _, report = load_file(path, "problem", "answer", policy="skip")
+    lines = report.summary_lines()
+    assert lines[0] == (f"{path}: 9 rows read, 2 kept, 7 skipped (bad_answer 2, bad_prompt 1, duplicate 1, "
+                        "invalid_json 2, missing_field 1)")
+    assert lines[4].startswith(f"{path}: skipped 2 invalid_json (rows 2, 8; first: invalid JSON: ")
+    assert any(line.startswith(f"{path}: skipped 1 duplicate (rows 7; first: duplicate: same prompt as row 1)")
+               for line in lines)
+    assert len(lines) == 6 and all("\n" not in line for line in lines)
+    assert report.metrics() == {"data/rows": 9.0, "data/kept": 2.0, "data/skipped": 7.0, "data/duplicates_kept": 0.0,
+                                "data/skipped/bad_answer": 2.0, "data/skipped/bad_prompt": 1.0,
+                                "data/skipped/duplicate": 1.0, "data/skipped/invalid_json": 2.0,
+                                "data/skipped/missing_field": 1.0}
+    assert "data/train/skipped/duplicate" in report.metrics("data/train")
+
+
+def test_many_skips_show_the_first_rows(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", [{"problem": f"p{i}"} for i in range(12)])
+    _, report = load_file(path, "problem", "answer", policy="skip")
+    assert report.summary_lines()[1] == (f"{path}: skipped 12 missing_field (rows 1, 2, 3, 4, 5, ...; "
+                                         "first: missing field 'answer' (no 'answer'))")
+
+
+def test_too_long_prompts_join_the_load_report(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", [{"problem": "short one", "answer": "1"},
+                                      {"problem": "a much longer problem text here", "answer": "2"}])
+    b = _jsonl(tmp_path / "b.jsonl", [{"problem": "another rather long problem text", "answer": "3"}])
+    problems, report = load_file(a, "problem", "answer", policy="skip")
+    problems += load_file(b, "problem", "answer")[0]
+    report.rows, report.kept = report.rows + 1, report.kept + 1  # both files in one report
+    kept, prompts, skipped = render_all(problems, "raw", WordTokenizer(), False, max_tokens=3, policy="skip",
+                                        report=report)
+    assert [p.answer for p in kept] == ["1"] and skipped == 2
+    assert report.kept == 1 and report.skipped == {"too_long": 2}
+    assert {f: dict(c) for f, c in report.skipped_by_file.items()} == {str(a): {"too_long": 1},
+                                                                       str(b): {"too_long": 1}}
+    assert report.metrics()["data/skipped/too_long"] == 2.0
+    assert f"{b}: skipped 1 too_long (rows 1; first: prompt has 5 tokens > limit 3)" in report.summary_lines()

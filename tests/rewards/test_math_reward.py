@@ -1,4 +1,7 @@
 """math_reward / RewardPool on the hand-checked table, adversarial outputs, and the reward variants."""
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -9,6 +12,7 @@ import yaml
 from megatron_skpo.rewards import RewardPool, RewardSpec, math_reward, reward_of
 from megatron_skpo.rewards.extract import answer_is, extract_answer, last_boxed, last_number
 
+ROOT = Path(__file__).resolve().parents[2]
 TABLE = yaml.safe_load((Path(__file__).parent / "math_cases.yaml").read_text())
 DEFAULT = [(s, c) for s, cases in TABLE.items() if s != "with_last_number" for c in cases]
 LAST_NUMBER = [("with_last_number", c) for c in TABLE["with_last_number"]]
@@ -157,3 +161,103 @@ def test_pool_from_config():
     cfg = load_config(None, ["reward.incorrect=0.0", "reward.format_penalty=-0.5", "reward.workers=1"]).reward
     with RewardPool.from_config(cfg) as p:
         assert p.score(["\\boxed{2}", "\\boxed{3}", "nothing"], ["2", "2", "2"])[0] == [1.0, 0.0, -0.5]
+
+
+# ----- the final stated answer, LaTeX number forms, gold types, and scripts without a main guard ----
+@pytest.mark.parametrize("response,gold,expected", [
+    ("The answer is $3$ dollars.", "3", 1.0),
+    ("The answer is $3$ dollars.", "4", -1.0),
+    ("The answer is \\(12\\) apples.", "12", 1.0),
+    ("The answer is 1\\,000.", "1000", 1.0),
+    ("\\boxed{1\\,000}", "1000", 1.0),
+    ("\\boxed{1\\,000\\,000}", "1000000", 1.0),
+    ("\\boxed{1\\,000}", "100", -1.0),
+    ("the answer is 3.\n...Wait, that's wrong. The answer is 5.", "3", -1.0),
+    ("the answer is 3.\n...Wait, that's wrong. The answer is 5.", "5", 1.0),
+    ("So \\boxed{3}.\n...Wait, that's wrong. The answer is 5.", "3", -1.0),  # a retracted box loses
+    ("So \\boxed{3}.\n...Wait, that's wrong. The answer is 5.", "5", 1.0),
+    ("The answer is 5. Let me box it: \\boxed{5}", "5", 1.0),
+    ("The answer is 3. Wait, no: \\boxed{5}", "3", -1.0),
+    ("The final answer is $\\boxed{7}$.", "7", 1.0),
+])
+def test_final_stated_answer_and_latex_numbers(pool, response, gold, expected):
+    assert pool.score([response], [gold])[0] == [expected]
+
+
+@pytest.mark.parametrize("gold,response", [(3, "\\boxed{3}"), (1000, "The answer is 1,000."), (2.5, "\\boxed{5/2}"),
+                                           (145.0, "\\boxed{145}"), (-4, "The answer is -4.")])
+def test_numeric_gold_answers_are_graded(pool, gold, response):
+    rewards, stats = pool.score([response], [gold])
+    assert rewards == [1.0] and stats.error == 0
+
+
+@pytest.mark.parametrize("gold", [None, [1, 2], {"a": 1}, True, float("nan")])
+def test_other_gold_types_are_a_clear_error(pool, gold):
+    with pytest.raises(TypeError, match=r"gold answer 1: .*string or a (finite )?number"):
+        pool.score(["\\boxed{1}", "\\boxed{1}"], ["1", gold])
+
+
+NO_MAIN_GUARD = """from megatron_skpo.rewards import RewardPool, math_reward
+
+print(math_reward("so \\\\boxed{3}", "3"), math_reward("The answer is 5.", 5))
+with RewardPool(workers=2, timeout_s=10.0) as pool:
+    print(pool.score(["\\\\boxed{4}", "\\\\boxed{2}"], ["4", "4"])[0])
+"""
+
+
+@pytest.mark.slow
+def test_plain_script_without_main_guard(tmp_path):
+    """Grading workers must not re-import the caller's __main__ (multiprocessing's spawn does)."""
+    script = tmp_path / "grade.py"
+    script.write_text(NO_MAIN_GUARD)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == ["1.0 1.0", "[1.0, -1.0]"]
+
+
+def test_worker_that_cannot_start_is_reported(monkeypatch):
+    from megatron_skpo.rewards import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "WORKER_MODULE", "megatron_skpo.rewards.no_such_worker")
+    with RewardPool(workers=1) as p:
+        with pytest.raises(RuntimeError, match=r"grading worker failed to start \(exit code 1"):
+            p.score(["\\boxed{1}"], ["1"])
+
+
+KILLED_PARENT = """import os
+from megatron_skpo.rewards import RewardPool
+
+if __name__ == "__main__":
+    pool = RewardPool(workers=1, timeout_s=600.0)
+    assert pool.score(["\\\\boxed{1}"], ["1"])[0] == [1.0]
+    print(pool._workers[0].proc.pid, flush=True)
+    pool._workers[0].conn.send(("\\\\boxed{9^{9^{9^{9}}}}", "1"))  # busy in C code for hours
+    os.kill(os.getpid(), 9)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """A worker stuck in sympy must not outlive a trainer killed with SIGKILL."""
+    script, out = tmp_path / "killed.py", tmp_path / "out.txt"
+    script.write_text(KILLED_PARENT)
+    with open(out, "w") as f:  # a file, not a pipe: a surviving worker would hold a pipe open
+        r = subprocess.run([sys.executable, str(script)], stdout=f, stderr=subprocess.STDOUT, timeout=600,
+                           env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    assert r.returncode == -9, out.read_text()[-2000:]
+    worker = int(out.read_text().split()[0])
+    deadline = time.monotonic() + 10
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survived = _running(worker)
+    if survived:
+        os.kill(worker, 9)  # do not leave it burning a core after the failure
+    assert not survived
