@@ -1,88 +1,100 @@
-"""SPO's KL-adaptive EMA tracker (Xu & Ding 2025, used by SKPO's upstream phase; docs/algorithm.md §4).
+"""SPO's KL-adaptive value tracker (Xu & Ding 2025), used by SPO and SKPO's upstream phase
+(docs/algorithm.md §4), and the EMA it is built on.
 
 Per key (a prompt id) the tracker holds a value V and an effective count N. On an observation x
-made when the policy has moved by D (a KL estimate) since it last acted on that key:
+made when the policy has drifted by D since it last acted on that key:
 
-    rho = clip(2^(-max(D, 0) / tau_half), rho_min, rho_max)
+    rho = clip(2^(-max(D, 0) / D_half), rho_min, rho_max)
     N  <- rho * N + 1
-    V  <- V + (x - V) / N          (equivalently eta = 1 / (rho * N_prev + 1))
+    V  <- V + (x - V) / N
+
+This is the Beta(alpha, beta) posterior of the SPO recipe written as (V, N): with alpha = V N and
+beta = (1 - V) N, the update alpha <- rho alpha + x, beta <- rho beta + (1 - x) gives exactly the
+lines above. The prior alpha = beta = 0.5 is V = 0.5, N = 1 (``prior="beta"``); ``N = 0`` makes the
+first observation overwrite V (``prior="first_observation"``).
+
+D (SPO's definition, :func:`policy_drift`): per prompt, the token mean of |log pi_then - log pi_now|
+over the prompt's previous sampled response; the trainer measures it (``trainer/drift.py``).
 
 ``kl_adaptive_update`` is the pure, vectorised core. ``KeyedEMA`` keeps one (V, N) per key and
-applies repeated keys of one batch sequentially in batch order. ``ValueTracker`` is SPO's value
+applies repeated keys of one batch sequentially in batch order. ``ValueTracker`` is the value
 baseline in reward space [-1, 1] (tracked in [0, 1] via r' = (r + 1) / 2) with prioritised prompt
 sampling; SKPO's length tracker (``megatron_skpo.skpo.split``) reuses ``KeyedEMA`` unmapped.
 
-Deviations (ours): D is clamped at 0 (a k1 estimate can be negative); unseen prompts get the
-maximum sampling weight; ``policy_kl`` falls back to the batch-mean KL for rows without a group.
+Deviations (ours): D is clamped at 0 (only matters for other drift estimators, which can be
+negative); unseen prompts get the maximum sampling weight.
 """
 from __future__ import annotations
 
-from typing import Hashable, Optional, Sequence, Union
+from typing import Hashable, Literal, Sequence, Union
 
 import torch
 from torch import Tensor
 
 Key = Union[int, str]
 KLArg = Union[float, Tensor]
+Prior = Literal["beta", "first_observation"]
+PRIOR_COUNT = {"beta": 1.0, "first_observation": 0.0}
 
 
-def kl_adaptive_update(value: Tensor, count: Tensor, obs: Tensor, kl: KLArg, rho_min: float,
-                       rho_max: float, tau_half: float) -> tuple[Tensor, Tensor]:
-    """One KL-adaptive EMA step for a batch of distinct keys (elementwise, no state).
+def forgetting_factor(d: KLArg, rho_min: float, rho_max: float, d_half: float) -> tuple[Tensor, Tensor]:
+    """(rho, clipped): rho = clip(2^(-max(D, 0) / d_half), rho_min, rho_max) and whether a bound was hit.
 
     Args:
-        value: [K] current V. count: [K] current effective count N (0 = never observed).
-        obs: [K] observations x. kl: [K] or scalar KL estimate D per key.
-    Returns:
-        (value, count): [K] each, V + (x - V) / N' and N' = rho * N + 1.
-
-    D is clamped at 0 first: a sampled-token KL estimate can be negative, and 2^(-D/tau) > 1 would
-    then overflow for large |D|; since rho_max <= 1 the clipped rho is the same either way.
+        d: [K] or scalar drift D. Returns two [K] (or scalar) tensors (float64, bool).
     """
     if not 0 < rho_min <= rho_max <= 1:
         raise ValueError(f"need 0 < rho_min <= rho_max <= 1, got rho_min={rho_min}, rho_max={rho_max}")
-    if tau_half <= 0:
-        raise ValueError(f"tau_half must be > 0, got {tau_half}")
-    d = torch.as_tensor(kl, dtype=value.dtype, device=value.device).clamp(min=0.0)
-    rho = torch.exp2(-d / tau_half).clamp(rho_min, rho_max)
+    if d_half <= 0:
+        raise ValueError(f"d_half must be > 0, got {d_half}")
+    raw = torch.exp2(-torch.as_tensor(d, dtype=torch.float64).clamp(min=0.0) / d_half)
+    rho = raw.clamp(rho_min, rho_max)
+    return rho, (raw < rho_min) | (raw > rho_max)
+
+
+def kl_adaptive_update(value: Tensor, count: Tensor, obs: Tensor, d: KLArg, rho_min: float,
+                       rho_max: float, d_half: float) -> tuple[Tensor, Tensor]:
+    """One KL-adaptive EMA step for a batch of distinct keys (elementwise, no state).
+
+    Args:
+        value: [K] current V. count: [K] current effective count N.
+        obs: [K] observations x. d: [K] or scalar drift D per key.
+    Returns:
+        (value, count): [K] each, V + (x - V) / N' and N' = rho * N + 1.
+    """
+    rho, _ = forgetting_factor(d, rho_min, rho_max, d_half)
+    rho = rho.to(device=value.device, dtype=value.dtype)
     new_count = rho * count + 1.0
     new_value = value + (obs.to(value.dtype) - value) / new_count
     return new_value, new_count
 
 
-def policy_kl(logp_now: Tensor, logp_then: Tensor, mask: Tensor,
-              group_index: Optional[Tensor] = None) -> Tensor:
-    """Per-row estimate of D = KL(pi_now || pi_then): mean over sampled tokens of logp_now - logp_then.
+def policy_drift(logp_then: Tensor, logp_now: Tensor, mask: Tensor) -> Tensor:
+    """SPO's D per row: the token mean of |log pi_then - log pi_now| over the valid tokens.
 
     Args:
-        logp_now, logp_then: [B, T] log-probs of the sampled tokens. mask: [B, T] 1 on sampled tokens.
-        group_index: [B] long prompt id per row; the token mean is taken over all rows of a group.
-            None (ours: per-prompt log-probs unavailable) -> the batch-mean KL for every row.
+        logp_then, logp_now: [B, T] log-probs of the same sampled tokens under the policy that
+            sampled them and under the current one. mask: [B, T] 1 on the response tokens.
     Returns:
-        [B] float. An unbiased (k1) estimate when tokens come from pi_now; it can be negative for
-        one prompt. Groups without a valid token also get the batch mean.
+        [B] float64 (0 for a row without a valid token).
     """
-    if logp_now.shape != logp_then.shape or logp_now.shape != mask.shape or logp_now.dim() != 2:
-        raise ValueError(f"policy_kl: logp_now {tuple(logp_now.shape)}, logp_then "
-                         f"{tuple(logp_then.shape)} and mask {tuple(mask.shape)} must be equal [B, T]")
-    m = mask.to(logp_now.dtype)
-    diff = (logp_now - logp_then) * m
-    batch_mean = diff.sum() / m.sum().clamp(min=1.0)
-    if group_index is None:
-        return batch_mean.expand(logp_now.shape[0]).clone()
-    _, inv = torch.unique(group_index, return_inverse=True)
-    num = diff.new_zeros(int(inv.max()) + 1).index_add_(0, inv, diff.sum(1))
-    den = torch.zeros_like(num).index_add_(0, inv, m.sum(1))
-    per_group = torch.where(den > 0, num / den.clamp(min=1.0), batch_mean)
-    return per_group[inv]
+    if logp_then.shape != logp_now.shape or logp_now.shape != mask.shape or logp_now.dim() != 2:
+        raise ValueError(f"policy_drift: logp_then {tuple(logp_then.shape)}, logp_now {tuple(logp_now.shape)} "
+                         f"and mask {tuple(mask.shape)} must be equal [B, T]")
+    m = mask.to(torch.float64)
+    diff = (logp_then.to(torch.float64) - logp_now.to(torch.float64)).abs() * m
+    return diff.sum(1) / m.sum(1).clamp(min=1.0)
 
 
 class KeyedEMA:
-    """One KL-adaptive EMA (V, N) per hashable key; unseen keys read (init_value, 0)."""
+    """One KL-adaptive EMA (V, N) per hashable key; unseen keys read (init_value, init_count)."""
 
-    def __init__(self, init_value: float, rho_min: float = 0.875, rho_max: float = 0.96,
-                 tau_half: float = 8.0):
-        self.init_value, self.rho_min, self.rho_max, self.tau_half = init_value, rho_min, rho_max, tau_half
+    def __init__(self, init_value: float, rho_min: float = 0.875, rho_max: float = 0.96, d_half: float = 0.06,
+                 init_count: float = 0.0):
+        if init_count < 0:
+            raise ValueError(f"init_count must be >= 0, got {init_count}")
+        self.init_value, self.rho_min, self.rho_max, self.d_half = init_value, rho_min, rho_max, d_half
+        self.init_count = float(init_count)
         self._slot: dict[Hashable, int] = {}
         self._value = torch.zeros(0, dtype=torch.float64)
         self._count = torch.zeros(0, dtype=torch.float64)
@@ -102,15 +114,15 @@ class KeyedEMA:
             if new:
                 self._value = torch.cat([self._value, torch.full((len(new),), float(self.init_value),
                                                                   dtype=torch.float64)])
-                self._count = torch.cat([self._count, torch.zeros(len(new), dtype=torch.float64)])
+                self._count = torch.cat([self._count, torch.full((len(new),), self.init_count, dtype=torch.float64)])
         return torch.tensor([self._slot.get(k, -1) for k in keys], dtype=torch.long)
 
     def read(self, keys: Sequence[Hashable]) -> tuple[Tensor, Tensor]:
-        """([K] value, [K] count) before any update; unseen keys give (init_value, 0)."""
+        """([K] value, [K] count) before any update; unseen keys give (init_value, init_count)."""
         slots = self._slots(keys, create=False)
         seen = slots >= 0
         value = torch.full((len(keys),), float(self.init_value), dtype=torch.float64)
-        count = torch.zeros(len(keys), dtype=torch.float64)
+        count = torch.full((len(keys),), self.init_count, dtype=torch.float64)
         value[seen], count[seen] = self._value[slots[seen]], self._count[slots[seen]]
         return value, count
 
@@ -136,7 +148,7 @@ class KeyedEMA:
             s = slots[sel]
             self._value[s], self._count[s] = kl_adaptive_update(
                 self._value[s], self._count[s], obs[sel], kl_t[sel], self.rho_min, self.rho_max,
-                self.tau_half)
+                self.d_half)
 
     def state_dict(self) -> dict:
         """Plain keys list and float64 tensors; loads under torch.load(weights_only=True)."""
@@ -156,13 +168,21 @@ class KeyedEMA:
 class ValueTracker(KeyedEMA):
     """SPO's per-prompt value V(q) for rewards in [-1, 1], tracked in [0, 1] as r' = (r + 1) / 2.
 
-    Starts at V = 0 in reward space (0.5 tracked) with N = 0, so the first observation sets V.
+    Starts at V = 0 in reward space (0.5 tracked) with the Beta(0.5, 0.5) prior's N = 1 (``prior="beta"``,
+    the SPO recipe), or N = 0 so that the first observation sets V (``"first_observation"``).
     """
 
-    def __init__(self, rho_min: float = 0.875, rho_max: float = 0.96, tau_half: float = 8.0,
-                 priority_floor: float = 0.05):
-        super().__init__(0.5, rho_min, rho_max, tau_half)
+    def __init__(self, rho_min: float = 0.875, rho_max: float = 0.96, d_half: float = 0.06,
+                 priority_floor: float = 0.05, prior: Prior = "beta"):
+        if prior not in PRIOR_COUNT:
+            raise ValueError(f"ValueTracker: prior must be one of {', '.join(PRIOR_COUNT)}, got {prior!r}")
+        super().__init__(0.5, rho_min, rho_max, d_half, PRIOR_COUNT[prior])
         self.priority_floor = priority_floor
+
+    def beta_params(self, keys: Sequence[Key]) -> tuple[Tensor, Tensor]:
+        """([K] alpha, [K] beta) of the Beta posterior over the success probability (alpha = V N)."""
+        v, n = self.read(keys)
+        return v * n, (1.0 - v) * n
 
     def success_prob(self, keys: Sequence[Key]) -> Tensor:
         """[K] tracked v(q) in [0, 1] (0.5 for unseen keys)."""

@@ -52,16 +52,21 @@ class TISConfig:
 
 @dataclass
 class TrackerConfig:
-    """SPO's KL-adaptive value tracker (also drives SKPO's length tracker)."""
+    """SPO's KL-adaptive value tracker (also drives SKPO's length tracker); docs/algorithm.md §4."""
 
     rho_min: float = doc(0.875, "lower clip of the forgetting factor rho")
     rho_max: float = doc(0.96, "upper clip of the forgetting factor rho")
-    tau_half: float = doc(8.0, "KL half-life: rho = 2^(-D/tau_half)")
+    d_half: float = doc(0.06, "drift half-life: rho = clip(2^(-D/d_half), rho_min, rho_max)")
+    drift: Literal["per_prompt", "batch_kl"] = doc(
+        "per_prompt", "D: per_prompt = token-mean |log pi_then - log pi_now| over the prompt's previous response "
+        "(SPO's); batch_kl = the previous step's token-mean k3 KL(old || updated), the same for every prompt")
+    prior: Literal["beta", "first_observation"] = doc(
+        "beta", "beta = Beta(0.5, 0.5) prior (V = 0, N = 1; the SPO recipe); first_observation = N = 0")
     priority_floor: float = doc(0.05, "prioritised sampling weight = sqrt(v(1-v)) + floor")
 
     def __post_init__(self):
         check(0 < self.rho_min <= self.rho_max <= 1, "rho_min/rho_max", "need 0 < rho_min <= rho_max <= 1")
-        check(self.tau_half > 0, "tau_half", "must be > 0")
+        check(self.d_half > 0, "d_half", "must be > 0")
         check(self.priority_floor >= 0, "priority_floor", "must be >= 0")
 
 

@@ -37,6 +37,8 @@ class ParallelConfig:
     pp: int = doc(1, "pipeline-parallel size of the trainer")
     sequence_parallel: bool = doc(False, "Megatron sequence parallelism (GPU only, needs tp > 1)")
     distributed_optimizer: bool = doc(True, "shard optimizer state over data-parallel ranks")
+    share_prompts: bool = doc(True, "pack rows with the same prompt so it is computed once (model/packing.py); "
+                                    "local layer spec only: Transformer Engine's varlen attention runs each row")
     micro_batch_tokens: int = doc(8192, "token budget of one packed micro-batch")
 
     def __post_init__(self):

@@ -214,6 +214,17 @@ def _broadcast_from_last_stage_obj(obj):
     return box[0]
 
 
+def share_from_last_stage(micro_batches: list[PackedBatch], key: str) -> None:
+    """Copy ``token_values[key]`` (``[S]``, computed by the loss on the last pipeline stage) to every
+    stage; a no-op without pipeline parallelism."""
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    for mb in micro_batches:
+        t = mb.token_values[key].float().contiguous() if last else torch.empty(mb.num_tokens, device=mb.tokens.device)
+        mb.token_values[key] = _broadcast_from_last_stage(t)
+
+
 def forward_backward(policy: Policy, micro_batches: list[PackedBatch], loss_fn: Optional[LossFn],
                      normalizer: Optional[float] = None, forward_only: bool = False) -> list[dict]:
     """Run the (pipeline) schedule; returns the last stage's per-micro-batch metric dicts."""

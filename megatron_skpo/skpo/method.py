@@ -51,7 +51,7 @@ def skpo_credit(s: CreditSettings, lengths: LengthTracker, length_source: str, u
 @METHODS.register("skpo")
 def build_skpo(cfg, tokenizer) -> Method:
     k, t, r = cfg.algo.skpo, cfg.algo.tracker, cfg.rollout
-    lengths = LengthTracker(k.init_length, t.rho_min, t.rho_max, t.tau_half)
+    lengths = LengthTracker(k.init_length, t.rho_min, t.rho_max, t.d_half)
     sampler = SKPOSampler(tokenizer, cfg.algo.group_size, r.max_response_tokens, selector=k.selection,
                           skip_mode=k.skip_mode, template=k.skip_template, downstream_budget=r.downstream_budget,
                           split_min_frac=k.split_min_frac, split_max_frac=k.split_max_frac, split_mode=k.split_mode,

@@ -30,10 +30,10 @@ class LengthTracker(KeyedEMA):
     """Per-prompt running response length L_q (KL-adaptive EMA, no reward mapping)."""
 
     def __init__(self, init_length: float = 1024.0, rho_min: float = 0.875, rho_max: float = 0.96,
-                 tau_half: float = 8.0):
+                 d_half: float = 0.06):
         if init_length < 1:
             raise ValueError(f"LengthTracker: init_length must be >= 1, got {init_length}")
-        super().__init__(float(init_length), rho_min, rho_max, tau_half)
+        super().__init__(float(init_length), rho_min, rho_max, d_half, init_count=0.0)
 
     def lengths(self, keys: Sequence[Hashable]) -> Tensor:
         """[P] float64 L_q (init_length for unseen prompts)."""

@@ -39,20 +39,24 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
             clock, t0 = stages.Clock(), time.perf_counter()
             with clock("sample_prompts"):
                 prompts = stages.sample_prompts(run, step)
+            with clock("drift"):
+                drift_of, drift_metrics = stages.drift(run, prompts)
             with clock("generate"):
                 batch = stages.rollout(run, prompts, step)
             with clock("rewards"):
                 rewards, reward_metrics = stages.grade(run, batch)
             with clock("advantages"):
-                cr = stages.credit(run, batch, rewards)
+                cr = stages.credit(run, batch, rewards, drift_of)
             with clock("logprobs"):
-                minis, parity = stages.prepare(run, batch, cr, len(prompts))
+                minis = stages.prepare(run, batch, cr, len(prompts))
             with clock("train"):
                 train_metrics = stages.update(run, minis)
+                stages.remember(run, batch, minis)
             with clock("sync"):
                 sync_metrics = stages.sync_weights(run)
             seconds = time.perf_counter() - t0
-            metrics = {**reward_metrics, **stages.batch_metrics(batch, cr), **parity, **train_metrics,
+            metrics = {**reward_metrics, **drift_metrics, **stages.batch_metrics(batch, cr), **stages.parity(run, minis),
+                       **train_metrics,
                        **sync_metrics, **run.guard.metrics(), **clock.times, "time/step": seconds,
                        "perf/tokens_per_s": batch.generated_tokens() / max(seconds, 1e-9)}
             run.progress.step = run.progress.metrics_step = step

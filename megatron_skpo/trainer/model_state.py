@@ -23,6 +23,9 @@ class ModelPart:
     def _file(self, directory: Path) -> Path:
         return directory / f"rank_{self.rank:05d}.pt"
 
+    def files(self, directory: Path) -> list[Path]:
+        return [self._file(directory)]  # this rank's only: each rank verifies what it reads
+
     def _masters(self) -> list[torch.Tensor]:
         return [p for g in self.policy.optimizer.optimizer.param_groups for p in g["params"]]
 

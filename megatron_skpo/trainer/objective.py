@@ -56,6 +56,8 @@ def make_loss_fn(rows: TrainRows, counts: dict[str, PhaseCounts], phases: tuple[
     """``loss_fn(logp [S], entropy [S], batch) -> (local loss, {name|sum, name|n})``."""
 
     def loss_fn(logp: Tensor, entropy: Tensor, batch: PackedBatch):
+        if "old_logp" not in batch.token_values:  # on-policy: this forward's own log-probs are pi_old
+            batch.token_values["old_logp"] = logp.detach().float()
         cols = {"logp": logp, "entropy": entropy, "mask": batch.loss_mask,
                 **{k: v for k, v in batch.token_values.items() if k in ("adv", "old_logp", "sampler_logp", "ref_logp")}}
         cols = {k: split_rows(v, batch) for k, v in cols.items()}

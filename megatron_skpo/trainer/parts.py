@@ -80,6 +80,29 @@ class StateDictPart:
         _restore(self.obj, load_torch_file(path), path)
 
 
+class RankStateDictPart:
+    """Stores ``obj.state_dict()`` of every rank in ``rank_<r>.pt`` (collective): state that differs
+    between data-parallel ranks, such as the drift store's responses of the prompts this rank trained."""
+
+    collective = True
+
+    def __init__(self, obj: Stateful, rank: int):
+        self.obj, self.rank = obj, rank
+
+    def _file(self, directory: Path) -> Path:
+        return directory / f"rank_{self.rank:05d}.pt"
+
+    def save(self, directory: Path) -> None:
+        torch.save(self.obj.state_dict(), self._file(directory))
+
+    def files(self, directory: Path) -> list[Path]:
+        return [self._file(directory)]
+
+    def load(self, directory: Path) -> None:
+        path = self._file(directory)
+        _restore(self.obj, load_torch_file(path), path)
+
+
 class JsonPart:
     """Stores ``obj.state_dict()`` (JSON-serialisable) in ``state.json``: small, human-readable state."""
 

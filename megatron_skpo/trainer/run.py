@@ -20,10 +20,11 @@ from megatron_skpo.rewards import RewardPool
 from megatron_skpo.rollout.engine import VLLMEngine
 from megatron_skpo.trainer import build
 from megatron_skpo.trainer.build import Parallel, Problems
+from megatron_skpo.trainer.drift import DriftStore
 from megatron_skpo.trainer.guard import NonFiniteGuard
 from megatron_skpo.trainer.model_state import ModelPart
 from megatron_skpo.trainer.objective import objective_settings
-from megatron_skpo.trainer.parts import StateDictPart, TrainProgress, training_parts
+from megatron_skpo.trainer.parts import RankStateDictPart, StateDictPart, TrainProgress, training_parts
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Run:
     objective: ObjectiveSettings
     epochs: EpochSampler
     tracker: ValueTracker
+    drift: DriftStore  # each prompt's previous response, for the trackers' per-prompt D
     guard: NonFiniteGuard
     progress: TrainProgress
     pool: Optional[RewardPool] = None  # opened by the loop
@@ -59,6 +61,7 @@ class Run:
         parts = training_parts(self.rank, self.progress, self.epochs, self.tracker, self.guard,
                                tensor_parallel.get_cuda_rng_tracker())
         parts.update({name: StateDictPart(obj) for name, obj in self.method.state.items()})
+        parts["drift"] = RankStateDictPart(self.drift, self.rank)
         parts["model"] = ModelPart(self.policy, self.rank)
         return parts
 
@@ -89,5 +92,5 @@ def build_run(cfg: Config, engine: Optional[VLLMEngine] = None) -> Run:
                reference=reference, hf_config=hf_config, problems=problems,
                method=build_method(cfg, engine.tokenizer), objective=objective_settings(cfg.algo),
                epochs=build.epoch_sampler(cfg, len(problems.items)),
-               tracker=ValueTracker(t.rho_min, t.rho_max, t.tau_half, t.priority_floor),
-               guard=NonFiniteGuard(), progress=TrainProgress())
+               tracker=ValueTracker(t.rho_min, t.rho_max, t.d_half, t.priority_floor, t.prior),
+               drift=DriftStore(), guard=NonFiniteGuard(), progress=TrainProgress())

@@ -82,10 +82,25 @@ def grade(run: Run, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]
                      "time/grade": stats.seconds}
 
 
-def credit(run: Run, batch: RolloutBatch, rewards: torch.Tensor) -> Credit:
-    """The method's advantages; the trackers see D = the last step's update KL for every prompt."""
-    drift = {s.prompt_key: run.progress.update_kl for s in batch.samples}
-    return run.method.credit(CreditInput(batch, rewards, run.tracker, drift))
+def drift(run: Run, prompts: list[PromptItem]) -> tuple[dict, dict[str, float]]:
+    """D per prompt of this step for the trackers (``algo.tracker.drift``), and its metrics."""
+    from megatron_skpo.algo.tracker import forgetting_factor
+
+    t, keys = run.cfg.algo.tracker, [p.key for p in prompts]
+    if t.drift == "per_prompt":
+        measured = run.drift.measure(run.policy, keys, run.cfg.parallel.micro_batch_tokens, run.par.dp_group)
+    else:  # batch_kl: the previous step's update KL, the same for every prompt
+        measured = {k: run.progress.update_kl for k in keys}
+    d = torch.tensor([measured.get(k, 0.0) for k in keys], dtype=torch.float64)
+    rho, clipped = forgetting_factor(d, t.rho_min, t.rho_max, t.d_half)
+    return measured, {"spo/D": float(d.mean()), "spo/D_max": float(d.max()), "spo/rho": float(rho.mean()),
+                      "spo/rho_clip_rate": float(clipped.double().mean()),
+                      "spo/revisited_rate": sum(k in measured for k in keys) / len(keys)}
+
+
+def credit(run: Run, batch: RolloutBatch, rewards: torch.Tensor, drift_of: dict) -> Credit:
+    """The method's advantages; its trackers see ``drift_of`` (prompt key -> D, 0 if absent)."""
+    return run.method.credit(CreditInput(batch, rewards, run.tracker, drift_of))
 
 
 @dataclass
@@ -93,30 +108,59 @@ class MiniBatch:
     rows: TrainRows
     micro: list[PackedBatch]
     counts: dict[str, PhaseCounts]
+    on_policy: bool  # one update per step: pi_old is the update's own log-probs (no separate pass)
 
 
-def prepare(run: Run, batch: RolloutBatch, cr: Credit, num_prompts: int) -> tuple[list[MiniBatch], dict]:
-    """Pack every mini-batch and attach old (and reference) log-probs before any update."""
-    from megatron_skpo.model.train_step import forward_logprobs
+def prepare(run: Run, batch: RolloutBatch, cr: Credit, num_prompts: int) -> list[MiniBatch]:
+    """Pack every mini-batch (rows sharing a prompt share its trunk, ``parallel.share_prompts``) and
+    attach reference log-probs and, with several updates per step, old log-probs before any update.
+    With one update per step the update's own detached log-probs are pi_old (on-policy, exact), so
+    that forward pass is skipped (``update`` fills ``old_logp`` in)."""
+    from megatron_skpo.model.train_step import forward_logprobs, uses_te
 
     par = run.par
     rows = mini_batches(batch, cr.advantages, cr.dropped_rows, num_prompts, run.cfg.train.mini_batch_prompts,
                         par.dp_rank, par.dp_size, run.cfg.algo.overlong_filter)
+    share = run.cfg.parallel.share_prompts and not uses_te(run.policy.gpt)
+    recompute_old = len(rows) > 1
     out = []
     for r in rows:
-        micro = pack(r, run.cfg.parallel.micro_batch_tokens)
-        for name, policy in (("old_logp", run.policy), ("ref_logp", run.reference)):
+        micro = pack(r, run.cfg.parallel.micro_batch_tokens, share)
+        for name, policy in (("old_logp", run.policy if recompute_old else None), ("ref_logp", run.reference)):
             if policy is not None and micro:
                 for mb, (logp, _) in zip(micro, forward_logprobs(policy, micro)):
                     mb.token_values[name] = logp
-        out.append(MiniBatch(r, micro, global_counts(r, run.method.phases, par.dp_group)))
-    micro = [mb for m in out for mb in m.micro]
+        out.append(MiniBatch(r, micro, global_counts(r, run.method.phases, par.dp_group), not recompute_old))
+    return out
+
+
+def parity(run: Run, minis: list[MiniBatch]) -> dict[str, float]:
+    """Trainer vs sampler log-probs of the trained tokens (pi_old against the rollout's)."""
+    micro = [mb for m in minis for mb in m.micro]
     if not micro:
-        return out, {}
+        return {}
     cat = lambda k: torch.cat([mb.token_values[k] for mb in micro])[None]  # noqa: E731
     mask = torch.cat([mb.loss_mask for mb in micro])[None] > 0
     c = run.cfg.algo.clip
-    return out, logprob_parity(cat("old_logp"), cat("sampler_logp"), mask, c.eps_low, c.eps_high)
+    return logprob_parity(cat("old_logp"), cat("sampler_logp"), mask, c.eps_low, c.eps_high)
+
+
+def remember(run: Run, batch: RolloutBatch, minis: list[MiniBatch]) -> None:
+    """Store each prompt's response of the method's drift phase with its pi_old log-probs (the drift
+    store's log pi_then); prompts of this step trained by another rank move there."""
+    from megatron_skpo.model.packing import unpack
+
+    kept: set = set()
+    for m in minis:
+        for mb in m.micro:
+            logp = unpack(mb.token_values["old_logp"], mb, len(m.rows.rows))
+            for i in mb.seq_index:
+                s = batch.samples[m.rows.rows[i]] if i >= 0 else None
+                if s is None or s.phase != run.method.drift_phase or s.prompt_key in kept:
+                    continue
+                kept.add(s.prompt_key)
+                run.drift.remember(s.prompt_key, m.rows.tokens[i], len(s.prompt_ids), logp[i][len(s.prompt_ids):])
+    run.drift.forget({s.prompt_key for s in batch.samples} - kept)
 
 
 def grads_finite(policy) -> bool:
@@ -131,13 +175,16 @@ def grads_finite(policy) -> bool:
 
 def update(run: Run, minis: list[MiniBatch]) -> dict[str, float]:
     """One optimizer step per mini-batch; non-finite loss or gradients skip the step (counted)."""
-    from megatron_skpo.model.train_step import reduce_metrics, forward_backward, optimizer_step, zero_grads
+    from megatron_skpo.model.train_step import (forward_backward, optimizer_step, reduce_metrics, share_from_last_stage,
+                                                zero_grads)
 
     sums: dict[str, float] = {}
     for m in minis:
         zero_grads(run.policy)
         loss_fn = make_loss_fn(m.rows, m.counts, run.method.phases, run.objective)
         stores = forward_backward(run.policy, m.micro, loss_fn, normalizer=1.0)
+        if m.on_policy:  # the loss recorded pi_old on the last pipeline stage
+            share_from_last_stage(m.micro, "old_logp")
         reduced = reduce_metrics(stores)
         finite = grads_finite(run.policy)
         if run.guard.check(reduced.get("loss", 0.0), 0.0 if finite else float("nan")):

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_skpo.algo.tracker import KeyedEMA, ValueTracker, kl_adaptive_update, policy_kl
+from megatron_skpo.algo.tracker import KeyedEMA, ValueTracker, forgetting_factor, kl_adaptive_update, policy_drift
 
-DEF = dict(rho_min=0.875, rho_max=0.96, tau_half=8.0)
+DEF = dict(rho_min=0.875, rho_max=0.96, d_half=8.0)  # the rule's shape at a round half-life
 
 
 def _upd(v, n, x, d):
@@ -40,40 +40,67 @@ def test_update_rejects_bad_rho():
         kl_adaptive_update(torch.zeros(1), torch.zeros(1), torch.zeros(1), 0.0, 0.9, 0.8, 8.0)
 
 
-def test_policy_kl_per_prompt_and_fallback():
-    now = torch.tensor([[0.0, -1.0], [-2.0, 0.0], [-1.0, -1.0]])
-    then = torch.tensor([[-1.0, -1.5], [-1.0, 0.0], [-1.0, -4.0]])
-    mask = torch.tensor([[1, 1], [1, 0], [0, 0]])
-    # diffs on valid tokens: row0 [1, 0.5], row1 [-1]; batch mean = 0.5 / 3.
-    per = policy_kl(now, then, mask, torch.tensor([9, 9, 4]))
-    torch.testing.assert_close(per, torch.tensor([0.5 / 3, 0.5 / 3, 0.5 / 3]))
-    per = policy_kl(now, then, mask, torch.tensor([9, 2, 4]))  # group 4 has no token -> batch mean
-    torch.testing.assert_close(per, torch.tensor([0.75, -1.0, 0.5 / 3]))
-    torch.testing.assert_close(policy_kl(now, then, mask), torch.full((3,), 0.5 / 3))
+def test_policy_drift_is_the_token_mean_absolute_difference():
+    then = torch.tensor([[-1.0, -1.5, 0.0], [-1.0, 0.0, 0.0], [-1.0, -4.0, 0.0]])
+    now = torch.tensor([[0.0, -1.0, 9.0], [-2.0, 5.0, 0.0], [-1.0, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    # |diffs| on valid tokens: row0 (1, 0.5) -> 0.75; row1 (1) -> 1; row2 has none -> 0
+    torch.testing.assert_close(policy_drift(then, now, mask), torch.tensor([0.75, 1.0, 0.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="logp_now"):
-        policy_kl(now, then[:, :1], mask)
+        policy_drift(then, now[:, :1], mask)
 
 
-def _loop_reference(events, init):
-    """Scalar per-key replay of (key, obs, kl) events in order."""
+@pytest.mark.parametrize("d,rho,clipped", [
+    (0.0, 0.96, True),  # a prompt seen for the first time: rho_max
+    (0.06 * 0.5, 2 ** -0.5, True),  # 0.707 < 0.875: clipped up to rho_min
+    (0.06 * 0.1, 2 ** -0.1, False),  # 0.933, inside [0.875, 0.96]
+    (0.06, 0.875, True),  # the half-life: 0.5 -> rho_min
+], ids=["unseen", "fast", "inside", "half-life"])
+def test_forgetting_factor_with_the_spo_half_life(d, rho, clipped):
+    got, hit = forgetting_factor(torch.tensor([d]), 0.875, 0.96, 0.06)
+    assert got.item() == pytest.approx(min(max(rho, 0.875), 0.96)) and bool(hit) == clipped
+
+
+def test_beta_prior_and_update_hand_worked():
+    """Prior Beta(0.5, 0.5); observe r = +1 (r' = 1) at D = 0 (rho = 0.96), then r = -1 at D = 0.006."""
+    tr = ValueTracker()  # prior="beta", d_half = 0.06
+    a, b = tr.beta_params(["q"])
+    assert (a.item(), b.item()) == (0.5, 0.5) and tr.value(["q"]).item() == 0.0
+    tr.observe(["q"], torch.tensor([1.0]), 0.0)
+    a1, b1 = 0.96 * 0.5 + 1, 0.96 * 0.5 + 0  # alpha <- rho alpha + r', beta <- rho beta + (1 - r')
+    a, b = tr.beta_params(["q"])
+    assert (a.item(), b.item()) == (pytest.approx(a1), pytest.approx(b1))
+    rho = 2 ** -0.1
+    tr.observe(["q"], torch.tensor([-1.0]), 0.006)
+    a2, b2 = rho * a1 + 0, rho * b1 + 1
+    assert tr.success_prob(["q"]).item() == pytest.approx(a2 / (a2 + b2))
+    assert tr.counts(["q"]).item() == pytest.approx(a2 + b2)
+    assert ValueTracker(prior="first_observation").counts(["new"]).item() == 0.0
+    with pytest.raises(ValueError, match="prior"):
+        ValueTracker(prior="uniform")
+
+
+def _loop_reference(events, init, init_count):
+    """Scalar per-key replay of (key, obs, D) events in order."""
     state = {}
     for k, x, d in events:
-        v, n = state.get(k, (init, 0.0))
-        rho = min(max(2 ** (-max(d, 0.0) / 8.0), 0.875), 0.96)
+        v, n = state.get(k, (init, init_count))
+        rho = min(max(2 ** (-max(d, 0.0) / 0.06), 0.875), 0.96)
         n = rho * n + 1
         state[k] = (v + (x - v) / n, n)
     return state
 
 
+@pytest.mark.parametrize("prior,count", [("beta", 1.0), ("first_observation", 0.0)])
 @settings(max_examples=30, deadline=None)
 @given(batches=st.lists(st.lists(st.tuples(st.sampled_from(["a", "b", 3, 7]), st.floats(-1, 1),
-                                           st.floats(-2, 40)), min_size=1, max_size=8), min_size=1, max_size=4))
-def test_value_tracker_matches_loop_with_repeated_keys(batches):
-    tr = ValueTracker()
+                                           st.floats(-2, 0.5)), min_size=1, max_size=8), min_size=1, max_size=4))
+def test_value_tracker_matches_loop_with_repeated_keys(prior, count, batches):
+    tr = ValueTracker(prior=prior)
     for batch in batches:
         keys = [k for k, _, _ in batch]
         tr.observe(keys, torch.tensor([x for _, x, _ in batch]), torch.tensor([d for _, _, d in batch]))
-    ref = _loop_reference([(k, (x + 1) / 2, d) for b in batches for k, x, d in b], 0.5)
+    ref = _loop_reference([(k, (x + 1) / 2, d) for b in batches for k, x, d in b], 0.5, count)
     keys = list(ref)
     torch.testing.assert_close(tr.success_prob(keys), torch.tensor([ref[k][0] for k in keys], dtype=torch.float64))
     torch.testing.assert_close(tr.counts(keys), torch.tensor([ref[k][1] for k in keys], dtype=torch.float64))
@@ -81,17 +108,17 @@ def test_value_tracker_matches_loop_with_repeated_keys(batches):
 
 def test_repeated_keys_apply_in_batch_order():
     # "q" observed -1 then +1 in one batch, D = 0: v = 0 (overwrite), then 0 + 1 / 1.96.
-    tr = ValueTracker()
+    tr = ValueTracker(prior="first_observation")
     tr.observe(["q", "p", "q"], torch.tensor([-1.0, 1.0, 1.0]), 0.0)
     assert float(tr.success_prob(["q"])) == pytest.approx(1 / 1.96)
     assert float(tr.counts(["q"])) == pytest.approx(1.96)
-    reversed_order = ValueTracker()
+    reversed_order = ValueTracker(prior="first_observation")
     reversed_order.observe(["q", "q"], torch.tensor([1.0, -1.0]), 0.0)
     assert float(reversed_order.success_prob(["q"])) == pytest.approx(1 - 1 / 1.96)
 
 
 def test_value_mapping_and_unseen_defaults():
-    tr = ValueTracker()
+    tr = ValueTracker(prior="first_observation")
     assert tr.value(["new"]).tolist() == [0.0] and tr.success_prob(["new"]).tolist() == [0.5]
     tr.observe([1], torch.tensor([0.5]), 0.0)  # r' = 0.75 overwrites
     assert tr.success_prob([1]).tolist() == [0.75] and tr.value([1]).tolist() == [0.5]
@@ -100,14 +127,14 @@ def test_value_mapping_and_unseen_defaults():
 
 
 def test_weights():
-    tr = ValueTracker(priority_floor=0.05)
+    tr = ValueTracker(priority_floor=0.05, prior="first_observation")
     tr.observe(["solved", "failed", "half"], torch.tensor([1.0, -1.0, 0.0]), 0.0)
     w = tr.weights(["solved", "failed", "half", "unseen"])
     torch.testing.assert_close(w, torch.tensor([0.05, 0.05, 0.55, 0.55], dtype=torch.float64))
 
 
 def test_sample_prompts_deterministic_distinct_and_weighted():
-    tr = ValueTracker()
+    tr = ValueTracker(prior="first_observation")
     tr.observe(["solved"], torch.tensor([1.0]), 0.0)
     cands = ["solved", "u1", "u2", "u3"]
     a = tr.sample_prompts(cands, 3, torch.Generator().manual_seed(1))

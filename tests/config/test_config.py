@@ -19,7 +19,8 @@ def test_defaults_are_the_paper_settings():
     assert (cfg.algo.clip.eps_low, cfg.algo.clip.eps_high) == (0.2, 0.28)
     assert (cfg.algo.skpo.w_up, cfg.algo.skpo.w_down) == (0.5, 0.5)
     assert cfg.algo.kl.coef == 0.0 and cfg.algo.entropy_coef == 0.0
-    assert (cfg.algo.tracker.rho_min, cfg.algo.tracker.rho_max, cfg.algo.tracker.tau_half) == (0.875, 0.96, 8.0)
+    t = cfg.algo.tracker
+    assert (t.rho_min, t.rho_max, t.d_half, t.drift, t.prior) == (0.875, 0.96, 0.06, "per_prompt", "beta")
     assert cfg.optim.lr == 1e-6 and cfg.optim.warmup_steps == 10 and cfg.optim.weight_decay == 0.1
     assert cfg.train.prompts_per_step // cfg.train.mini_batch_prompts == 4
 
@@ -86,7 +87,7 @@ def _cli(*args, cwd=ROOT):
 
 def test_cli_help_dry_run_and_errors():
     out = _cli("--help")
-    assert out.returncode == 0 and "tau_half: 8.0" in out.stdout
+    assert out.returncode == 0 and "d_half: 0.06" in out.stdout
     out = _cli("configs/skpo.yaml", "--dry-run", "algo.group_size=4")
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout)["algo"]["group_size"] == 4

@@ -52,8 +52,8 @@ def test_skpo_credit_upstream_is_mean_of_downstream_and_tracker_order():
     recs = [SkpoRecord(0, 2, [2, 2], [False, False], [2, 2], [0.5, 0.5], 0, 0, [1, 2]),
             SkpoRecord(1, 1, [1, 1], [False, False], [1, 1], [0.5, 0.5], 0, 3, [4, 5])]
     batch = RolloutBatch(q0 + q1, recs)
-    tracker = ValueTracker()
-    tracker.observe([1], torch.tensor([1.0]), 0.0)  # V(q1) = 1 before the step
+    tracker = ValueTracker(prior="first_observation")
+    tracker.observe([1], torch.tensor([1.0]), 0.0)  # V(q1) = 1 before the step (the first observation sets V)
     lengths = LengthTracker(10.0)
     cr = skpo_credit(settings(), lengths, "segment_plus_downstream", "mc", inp(batch, [0, 1, -1, 0, 1, 1.0], tracker))
     # R_I = (0, 1); A = R_I - V_prev = (0 - 0, 1 - 1) = (0, 0): equal -> whitened to exactly 0

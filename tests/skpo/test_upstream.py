@@ -46,8 +46,9 @@ def test_upstream_advantages_hand_values():
 
 
 def test_three_steps_use_pre_update_value():
-    """Hand-worked V, N and A~ for three steps with a changing per-prompt KL (eps = 0)."""
-    tr, keys = ValueTracker(), ["q0", "q1", "q2"]
+    """Hand-worked V, N and A~ for three steps with a changing per-prompt drift (eps = 0), with the
+    first-observation prior and the rule's shape at d_half = 8."""
+    tr, keys = ValueTracker(d_half=8.0, prior="first_observation"), ["q0", "q1", "q2"]
 
     # Step 1: V_prev = 0 (unseen) -> A = R = [1, -1, 0]; mean 0, unbiased std 1. Update (N: 0 -> 1)
     # overwrites: V = R. Had the update come first, A would be [0, 0, 0].
@@ -81,8 +82,30 @@ def test_three_steps_use_pre_update_value():
     torch.testing.assert_close(tr.value(keys), 2 * v - 1)
 
 
+def test_beta_prior_with_the_spo_half_life_hand_worked():
+    """The defaults: Beta(0.5, 0.5) prior (V = 0, N = 1), D_half = 0.06, rho in [0.875, 0.96]."""
+    tr, keys = ValueTracker(), ["q0", "q1"]
+    # step 1: V_prev = 0 -> A = R = (1, -1) -> A~ = (1, -1)/sqrt(2). D = (0, 0.06): rho = (0.96, 0.875)
+    s1 = upstream_step(tr, keys, torch.tensor([1.0, -1.0]), torch.tensor([0.0, 0.06]), eps=0.0)
+    assert s1.v_prev.tolist() == [0.0, 0.0]
+    torch.testing.assert_close(s1.advantages, torch.tensor([1.0, -1.0], dtype=torch.float64) / math.sqrt(2))
+    n1 = torch.tensor([0.96 * 1 + 1, 0.875 * 1 + 1], dtype=torch.float64)  # N <- rho N + 1
+    v1 = torch.tensor([0.5 + 0.5 / n1[0], 0.5 - 0.5 / n1[1]], dtype=torch.float64)  # v + (r' - v) / N
+    torch.testing.assert_close(tr.counts(keys), n1)
+    torch.testing.assert_close(tr.value(keys), 2 * v1 - 1)
+    # step 2: D = (0.006, 0): rho = (2^-0.1, 0.96); R = (-1, 1): r' = (0, 1)
+    s2 = upstream_step(tr, keys, torch.tensor([-1.0, 1.0]), torch.tensor([0.006, 0.0]), eps=0.0)
+    torch.testing.assert_close(s2.v_prev, 2 * v1 - 1)
+    n2 = torch.tensor([2 ** -0.1 * n1[0] + 1, 0.96 * n1[1] + 1], dtype=torch.float64)
+    v2 = torch.tensor([v1[0] - v1[0] / n2[0], v1[1] + (1 - v1[1]) / n2[1]], dtype=torch.float64)
+    torch.testing.assert_close(tr.counts(keys), n2)
+    torch.testing.assert_close(tr.value(keys), 2 * v2 - 1)
+    alpha, beta = tr.beta_params(keys)
+    torch.testing.assert_close(alpha + beta, n2)
+
+
 def test_repeated_prompt_reads_same_pre_update_value():
-    tr = ValueTracker()
+    tr = ValueTracker(prior="first_observation")
     tr.observe(["q"], torch.tensor([0.5]), 0.0)
     step = upstream_step(tr, ["q", "q"], torch.tensor([1.0, -1.0]), 0.0, batch_norm=False)
     assert step.v_prev.tolist() == [0.5, 0.5] and step.advantages.tolist() == [0.5, -1.5]

@@ -22,8 +22,12 @@ from megatron_skpo.trainer.logging import read_metrics
 pytestmark = pytest.mark.slow
 CHILD = Path(__file__).with_name("loop_child.py")
 ALGOS = ["skpo", "grpo", "dr_grpo", "dapo", "cispo", "gspo", "spo", "rloo", "reinforce_pp", "dense_mc"]
-# one recipe exercises the reference model and KL penalty, one TIS and the W&B-missing warning
-EXTRA = {"rloo": ":algo.kl.coef=0.05", "cispo": ":algo.tis.enabled=true,algo.tis.cap=2.0,logging.wandb=true"}
+# one recipe exercises the reference model and KL penalty, one TIS and the W&B-missing warning, one
+# the on-policy step (one update: no separate old-log-prob pass)
+EXTRA = {"rloo": ":algo.kl.coef=0.05", "cispo": ":algo.tis.enabled=true,algo.tis.cap=2.0,logging.wandb=true",
+         "dapo": ":train.mini_batch_prompts=4"}
+# the 4-step SKPO run trains on 8 problems, so steps 3 and 4 revisit prompts (the per-prompt drift D)
+SKPO4 = "skpo:4:data.train.limit=8"
 TIMING_PREFIXES = ("time/", "perf/")
 
 
@@ -51,7 +55,7 @@ def work(tmp_path_factory):
     """All recipes (2 steps) and the 4-step SKPO reference, on one engine in one child."""
     work = tmp_path_factory.mktemp("loop")
     extra = {**EXTRA, "grpo": f":checkpoint.export_hf={work / 'grpo' / 'hf'}"}
-    runs = [f"{a}:{a}:2{extra.get(a, '')}" for a in ALGOS] + ["reference:skpo:4"]
+    runs = [f"{a}:{a}:2{extra.get(a, '')}" for a in ALGOS] + [f"reference:{SKPO4}"]
     finish(child(work, *runs, track=True), work, timeout=600)
     return work
 
@@ -98,12 +102,29 @@ def test_skpo_trains_both_phases(work):
         assert "adv/upstream/std" in r and "adv/downstream/zero_group_rate" in r
 
 
+def test_on_policy_step_uses_the_updates_own_log_probs(work):
+    """One update per step: pi_old is the update's own log-probs, so every ratio is exactly 1."""
+    for r in read_metrics(work / "dapo" / "metrics.jsonl"):
+        assert r["loss/ratio"] == 1.0 and r["loss/clip_low"] == 0 and r["loss/clip_high"] == 0
+        assert r["parity/mean_abs_diff"] < 1e-3 and r["loss/update_kl"] == 0.0
+
+
+def test_revisited_prompts_get_a_measured_drift(work):
+    """Steps 1-2 see 8 new prompts (D = 0, rho = rho_max); steps 3-4 revisit them: D > 0 measured by
+    re-scoring their stored responses with the updated policy."""
+    records = read_metrics(work / "reference" / "metrics.jsonl")
+    for r in records[:2]:
+        assert r["spo/revisited_rate"] == 0 and r["spo/D"] == 0 and r["spo/rho"] == pytest.approx(0.96)
+    for r in records[2:]:
+        assert r["spo/revisited_rate"] == 1 and r["spo/D"] > 0 and 0.875 <= r["spo/rho"] <= 0.96
+
+
 def test_kill_and_resume_reproduces_metrics(work):
     """SIGKILL at a random point of a 4-step run (saving every step), resume, compare with the reference."""
     rng = random.Random()
     lines = rng.randint(1, 2)
     path = work / "killed" / "metrics.jsonl"
-    proc = child(work, "killed:skpo:4")
+    proc = child(work, f"killed:{SKPO4}")
     deadline = time.monotonic() + 300
     while not (path.is_file() and len(path.read_text().splitlines()) >= lines):
         assert proc.poll() is None and time.monotonic() < deadline, "the child ended before the kill"
@@ -112,7 +133,7 @@ def test_kill_and_resume_reproduces_metrics(work):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(read_metrics(path)) < 4, "killed too late: the run had finished"
-    finish(child(work, "killed:skpo:4"), work, timeout=300)
+    finish(child(work, f"killed:{SKPO4}"), work, timeout=300)
     resumed = untimed(read_metrics(path))
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert resumed == untimed(read_metrics(work / "reference" / "metrics.jsonl"))
