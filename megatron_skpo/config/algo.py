@@ -85,9 +85,10 @@ class SKPOConfig:
                          "the paper's; min, max, random, minmax_alternating are ablations")
     skip_mode: Literal["skip", "hard_prefix"] = doc(
         "skip", "skip = [segment, problem] prompt; hard_prefix = the 'w/o skip' ablation")
-    skip_template: str = doc(
-        "Partial reasoning:\n{segment}\n\nProblem:\n{problem}",
-        "(ours) user-turn template of the skip prompt; must contain {segment} and {problem}")
+    skip_template: Optional[str] = doc(
+        None, "(ours) the skip content put in the prompt's problem slot, with {segment} and {problem}; null = "
+              "the prompt template's own (data/prompts.py: a chat turn's 'Partial reasoning: ... Problem: ...', "
+              "the few-shot block's partial answer then question)")
     upstream_reward: Literal["mc", "own_completion"] = doc(
         "mc", "mc = mean downstream reward; own_completion = 'w/o MC' ablation")
     upstream_loss: str = doc("ppo_clip", "policy loss of the upstream phase (registry name)")
@@ -102,7 +103,8 @@ class SKPOConfig:
               "need 0 < min <= max <= 1")
         check(self.init_length >= 1, "init_length", "must be >= 1")
         for key in ("{segment}", "{problem}"):
-            check(key in self.skip_template, "skip_template", f"must contain {key}")
+            check(self.skip_template is None or self.skip_template.count(key) == 1, "skip_template",
+                  f"must contain {key} exactly once")
         check(self.w_up >= 0 and self.w_down >= 0, "w_up/w_down", "must be >= 0")
 
 

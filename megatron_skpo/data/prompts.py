@@ -35,18 +35,26 @@ FEWSHOT_PLAIN_SHOTS = (
 )
 
 
+# SKPO's skip content in a chat turn's problem slot (docs/algorithm.md §2 step 4): segment first.
+CHAT_SKIP = "Partial reasoning:\n{segment}\n\nProblem:\n{problem}"
+# ... and in the few-shot completion prompt's last "Question:" block: the partial answer, then the problem.
+FEWSHOT_SKIP = "(partial answer:{segment})\n{problem}"
+
+
 @dataclass(frozen=True)
 class Template:
     text: str  # format string with {problem}
     chat: bool  # may be wrapped in the tokenizer's chat template
     stop: tuple[str, ...] = ()  # generation stop strings (few-shot: do not write the next question)
     extractors: tuple[str, ...] = ("boxed", "the_answer_is")  # answer extraction that fits the format
+    skip: str = CHAT_SKIP  # SKPO's skip content for the problem slot, with {segment} and {problem}
 
 
 TEMPLATES = {
     "qwen_math": Template("{problem}\n" + QWEN_MATH_INSTRUCTION, chat=True),
     "fewshot_plain": Template(FEWSHOT_PLAIN_SHOTS + "Question: {problem}\nAnswer:", chat=False,
-                              stop=("\nQuestion:", "\n\n"), extractors=("the_answer_is", "last_number")),
+                              stop=("\nQuestion:", "\n\n"), extractors=("the_answer_is", "last_number"),
+                              skip=FEWSHOT_SKIP),
     "raw": Template("{problem}", chat=True),
 }
 
@@ -60,21 +68,61 @@ def get_template(name_or_format: str) -> Template:
                      "or a format string containing {problem}")
 
 
+@dataclass(frozen=True)
+class PromptSlot:
+    """How one problem's prompt is rendered, with any content in its *problem slot*: the
+    ``{problem}`` of the template, or the last user message of dataset chat messages. The problem
+    itself renders the prompt; SKPO renders its skip content [s, q] in the same slot, so the
+    downstream is asked in the format of the task."""
+
+    template: Template
+    use_chat: bool
+    messages: Optional[tuple] = None  # dataset chat messages ({role, content} dicts)
+
+    @classmethod
+    def of(cls, problem: Problem, template: str, use_chat_template: bool) -> "PromptSlot":
+        msgs = tuple(dict(m) for m in problem.prompt) if isinstance(problem.prompt, list) else None
+        if msgs is not None and not any(m["role"] == "user" for m in msgs):
+            raise ValueError(f"{problem.uid}: chat messages without a user message have no problem slot")
+        return cls(get_template(template), use_chat_template, msgs)
+
+    @property
+    def chat_rendered(self) -> bool:
+        """The text comes from the tokenizer's chat template (which writes its special tokens)."""
+        return self.messages is not None or (self.use_chat and self.template.chat)
+
+    @property
+    def add_special_tokens(self) -> bool:
+        """Whether encoding the rendered text adds the tokenizer's special tokens (e.g. BOS)."""
+        return not self.chat_rendered
+
+    def content(self, problem: Problem) -> str:
+        """What the problem puts in the slot: the problem text, or the last user message's content."""
+        if self.messages is None:
+            return str(problem.prompt)
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
+    def text(self, content: str, tokenizer: Any = None, uid: str = "prompt") -> str:
+        """The prompt text with ``content`` in the problem slot."""
+        if self.messages is not None:
+            last = max(i for i, m in enumerate(self.messages) if m["role"] == "user")
+            messages = [dict(m, content=content) if i == last else dict(m) for i, m in enumerate(self.messages)]
+        else:
+            body = self.template.text.replace("{problem}", content)  # not str.format: LaTeX is full of braces
+            if not self.chat_rendered:
+                return body
+            messages = [{"role": "user", "content": body}]
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{uid}: a chat template is needed but the tokenizer has none "
+                             "(set use_chat_template: false or use a completion template)")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def render(problem: Problem, template: str = "qwen_math", tokenizer: Any = None,
            use_chat_template: bool = True) -> str:
     """Prompt text of ``problem``; the chat template applies when asked for and allowed."""
-    tpl = get_template(template)
-    if isinstance(problem.prompt, list):
-        messages = problem.prompt
-    else:
-        text = tpl.text.replace("{problem}", problem.prompt)  # not str.format: LaTeX is full of braces
-        if not (use_chat_template and tpl.chat):
-            return text
-        messages = [{"role": "user", "content": text}]
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"{problem.uid}: a chat template is needed but the tokenizer has none "
-                         "(set use_chat_template: false or use a completion template)")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    slot = PromptSlot.of(problem, template, use_chat_template)
+    return slot.text(slot.content(problem), tokenizer, problem.uid)
 
 
 def render_all(problems: Sequence[Problem], template: str, tokenizer: Any, use_chat_template: bool,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_skpo.data.prompts import get_template
 from megatron_skpo.methods.base import METHODS, Credit, CreditInput, Method
 from megatron_skpo.methods.common import CreditSettings, constant_groups, group_advantages
 from megatron_skpo.skpo.objective import skpo_phases
@@ -53,7 +54,8 @@ def build_skpo(cfg, tokenizer) -> Method:
     k, t, r = cfg.algo.skpo, cfg.algo.tracker, cfg.rollout
     lengths = LengthTracker(k.init_length, t.rho_min, t.rho_max, t.d_half)
     sampler = SKPOSampler(tokenizer, cfg.algo.group_size, r.max_response_tokens, selector=k.selection,
-                          skip_mode=k.skip_mode, template=k.skip_template, downstream_budget=r.downstream_budget,
+                          skip_mode=k.skip_mode, downstream_budget=r.downstream_budget,
+                          template=k.skip_template or get_template(cfg.data.prompt_template).skip,
                           split_min_frac=k.split_min_frac, split_max_frac=k.split_max_frac, split_mode=k.split_mode,
                           length_tracker=lengths, own_completion=k.upstream_reward == "own_completion",
                           seed=r.seed, timeout_s=r.timeout_s)

@@ -1,14 +1,18 @@
 """The skip-prompt builder (docs/algorithm.md §2 step 4): the downstream prompt q~ = [s, q].
 
 Modes:
-- ``skip`` (the paper's, our template): the user turn of the tokenizer's chat template holds the
-  template rendered with the selected segment s and the problem q, default
-  "Partial reasoning:\\n{segment}\\n\\nProblem:\\n{problem}", followed by the generation prompt. The
-  model may use the partial reasoning or ignore it. The segment text is re-tokenized inside the
-  user turn (its ids differ from the sampled ones at the boundaries).
-- ``hard_prefix`` (the "w/o skip" ablation): the user turn holds the problem alone, and the
-  segment's sampled TOKEN IDS are appended as the start of the assistant turn, unchanged, so the
-  downstream continues exactly the upstream sequence.
+- ``skip`` (the paper's; the text is ours): the skip content, the skip template filled with the
+  selected segment s and the problem q (default for chat turns
+  "Partial reasoning:\\n{segment}\\n\\nProblem:\\n{problem}"), goes into the *problem slot of the
+  prompt the task uses* (:class:`~megatron_skpo.data.prompts.PromptSlot`): the chat turn with the
+  task's own instruction, the few-shot prompt's last question block, or the last user message of
+  dataset chat messages. So the downstream is asked in the format the model answers in. The model
+  may use the partial reasoning or ignore it. The segment text is re-tokenized inside the prompt
+  (its ids differ from the sampled ones at the boundaries).
+- ``hard_prefix`` (the "w/o skip" ablation): the prompt of q as it was sampled, continued with the
+  segment's sampled TOKEN IDS unchanged, so the downstream continues exactly the upstream sequence.
+
+A prompt without a slot (``slot=None``) is a chat user turn holding the content alone.
 
 Template placeholders are exactly ``{segment}`` and ``{problem}``, substituted in one pass: every
 other brace is literal (so "\\boxed{}" in a template works), and braces or placeholder-like text
@@ -22,11 +26,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-DEFAULT_TEMPLATE = "Partial reasoning:\n{segment}\n\nProblem:\n{problem}"
+from megatron_skpo.data.prompts import CHAT_SKIP, PromptSlot
+
+DEFAULT_TEMPLATE = CHAT_SKIP
 SkipMode = Literal["skip", "hard_prefix"]
 _PLACEHOLDER = re.compile(r"\{(segment|problem)\}")
 
@@ -81,9 +87,13 @@ def _token_span(offsets: Sequence[tuple[int, int]], char_span: tuple[int, int]) 
     return hits[0], hits[-1] + 1
 
 
-def _build_skip(problem: str, segment_text: str, tokenizer: PreTrainedTokenizerBase, template: str) -> DownstreamPrompt:
+def _build_skip(problem: str, segment_text: str, tokenizer: PreTrainedTokenizerBase, template: str,
+                slot: Optional[PromptSlot]) -> DownstreamPrompt:
     user, (cs, ce) = fill_template(template, segment_text, problem)
-    text, special = render_user_turn(tokenizer, user)
+    if slot is None:
+        text, special = render_user_turn(tokenizer, user)
+    else:
+        text, special = slot.text(user, tokenizer), slot.add_special_tokens
     where = text.find(user)
     if where < 0:  # templates that trim the message: locate the stripped text instead
         stripped = user.strip()
@@ -99,10 +109,14 @@ def _build_skip(problem: str, segment_text: str, tokenizer: PreTrainedTokenizerB
 
 
 def _build_hard_prefix(
-    problem: str, segment_ids: Sequence[int], segment_text: str, tokenizer: PreTrainedTokenizerBase
+    problem: str, segment_ids: Sequence[int], segment_text: str, tokenizer: PreTrainedTokenizerBase,
+    slot: Optional[PromptSlot], prompt_ids: Optional[Sequence[int]]
 ) -> DownstreamPrompt:
-    text, special = render_user_turn(tokenizer, problem)
-    ids = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    if slot is None:
+        text, special = render_user_turn(tokenizer, problem)
+    else:
+        text, special = slot.text(problem, tokenizer), slot.add_special_tokens
+    ids = list(prompt_ids) if prompt_ids is not None else list(tokenizer(text, add_special_tokens=special)["input_ids"])
     span = (len(ids), len(ids) + len(segment_ids))
     return DownstreamPrompt(
         token_ids=ids + [int(t) for t in segment_ids], text=text + segment_text, segment_span=span, mode="hard_prefix"
@@ -117,19 +131,23 @@ def build_downstream_prompt(
     *,
     template: str = DEFAULT_TEMPLATE,
     mode: SkipMode = "skip",
+    slot: Optional[PromptSlot] = None,
+    prompt_ids: Optional[Sequence[int]] = None,
 ) -> DownstreamPrompt:
     """Build the downstream prompt from the problem and the selected upstream segment.
 
     Args:
-        problem: the problem text q (as the user would see it).
+        problem: the problem slot's content q (the problem text, or the last user message).
         segment_ids: [|s|] the selected segment's sampled token ids.
         segment_text: the same segment decoded to text.
         tokenizer: the policy's HF tokenizer (fast; its chat template if it has one).
-        template: the user-turn template (``skip`` mode), with {segment} and {problem}.
+        template: the skip content (``skip`` mode), with {segment} and {problem}.
         mode: ``skip`` or ``hard_prefix``.
+        slot: how q's prompt is rendered (None: a chat user turn holding the content alone).
+        prompt_ids: [P] q's prompt as sampled (``hard_prefix`` continues exactly these ids).
     """
     if mode == "skip":
-        return _build_skip(problem, segment_text, tokenizer, template)
+        return _build_skip(problem, segment_text, tokenizer, template, slot)
     if mode == "hard_prefix":
-        return _build_hard_prefix(problem, segment_ids, segment_text, tokenizer)
+        return _build_hard_prefix(problem, segment_ids, segment_text, tokenizer, slot, prompt_ids)
     raise ValueError(f"unknown skip mode {mode!r}; allowed: 'skip', 'hard_prefix'")

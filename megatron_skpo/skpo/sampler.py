@@ -145,7 +145,7 @@ class _Pipeline:
         seg_ids, seg_logprobs = kept.token_ids[:cut], kept.logprobs[:cut]
         seg_text = s.tokenizer.decode(seg_ids, skip_special_tokens=False)
         down = build_downstream_prompt(p.problem, seg_ids, seg_text, s.tokenizer, template=s.template,
-                                       mode=s.skip_mode)
+                                       mode=s.skip_mode, slot=p.slot, prompt_ids=p.prompt_ids)
         self.upstream[i] = (cand, Sample(list(p.prompt_ids), list(seg_ids), list(seg_logprobs), "cut", p.key, i,
                                          "upstream"))
         self.down_prompts[i] = down

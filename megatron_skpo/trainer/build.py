@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megatron_skpo.config import Config
 from megatron_skpo.data import EpochSampler, load_dataset, render_all
-from megatron_skpo.data.prompts import get_template
+from megatron_skpo.data.prompts import PromptSlot, get_template
 from megatron_skpo.rollout.samplers import PromptItem
 
 
@@ -143,11 +143,11 @@ def load_problems(cfg: Config, tokenizer) -> Problems:
                                       cfg.rollout.max_prompt_tokens, cfg.data.invalid_policy)
     if not kept:
         raise ValueError(f"data.train: no usable problem (skipped {skipped} over rollout.max_prompt_tokens)")
-    chat = cfg.data.use_chat_template and get_template(cfg.data.prompt_template).chat
     items = []
     for i, (p, text) in enumerate(zip(kept, texts)):
-        ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]  # chat text carries its specials
-        items.append(PromptItem(i, p.prompt if isinstance(p.prompt, str) else text, list(ids)))
+        slot = PromptSlot.of(p, cfg.data.prompt_template, cfg.data.use_chat_template)
+        ids = tokenizer(text, add_special_tokens=slot.add_special_tokens)["input_ids"]  # chat text has its specials
+        items.append(PromptItem(i, slot.content(p), list(ids), slot))
     return Problems(items, [p.answer for p in kept], skipped)
 
 

@@ -143,3 +143,55 @@ def test_smollm2_tokenizer_both_modes():
     check_span_is_tight(tok, prompt, SEGMENT)
     hard = build_downstream_prompt(PROBLEM, seg_ids, SEGMENT, tok, mode="hard_prefix")
     assert hard.token_ids[-len(seg_ids):] == seg_ids and SEGMENT not in tok.decode(hard.token_ids[:-len(seg_ids)])
+
+
+# --- the skip content goes into the problem slot of the task's own prompt ----------------------
+
+from megatron_skpo.data.loaders import Problem  # noqa: E402
+from megatron_skpo.data.prompts import CHAT_SKIP, FEWSHOT_PLAIN_SHOTS, FEWSHOT_SKIP, PromptSlot, render  # noqa: E402
+
+
+def _segment_text_of(prompt, tok):
+    s, e = prompt.segment_span
+    return tok.decode(prompt.token_ids[s:e])
+
+
+def test_fewshot_completion_prompt_keeps_its_format(plain_tok):
+    problem = Problem("Tom has 3 apples. He buys 5 more. How many apples?", "8", "f.jsonl", 1)
+    slot = PromptSlot.of(problem, "fewshot_plain", use_chat_template=False)
+    seg = " 3 + 5 = 8. The"
+    down = build_downstream_prompt(slot.content(problem), [], seg, plain_tok, template=FEWSHOT_SKIP, slot=slot)
+    assert down.text == FEWSHOT_PLAIN_SHOTS + f"Question: (partial answer:{seg})\n{problem.prompt}\nAnswer:"
+    assert down.token_ids[0] == plain_tok.bos_token_id  # a completion prompt is encoded with BOS, like q's
+    assert seg.strip() in _segment_text_of(down, plain_tok)
+
+
+def test_chat_template_keeps_the_task_instruction(chat_tok):
+    problem = Problem("What is 2 + 2?", "4", "f.jsonl", 1)
+    slot = PromptSlot.of(problem, "qwen_math", use_chat_template=True)
+    seg = " First, 2 + 2 = 4"
+    down = build_downstream_prompt(slot.content(problem), [], seg, chat_tok, template=CHAT_SKIP, slot=slot)
+    user = f"Partial reasoning:\n{seg}\n\nProblem:\nWhat is 2 + 2?\nPlease reason step by step"
+    assert user in down.text and down.text.endswith("<|im_start|>assistant\n")
+    assert down.token_ids[0] != chat_tok.bos_token_id  # the chat template writes its own specials
+    assert seg.strip() in _segment_text_of(down, chat_tok)
+
+
+def test_dataset_chat_messages_use_their_last_user_message_as_the_slot(chat_tok):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Solve 3 * 4. Box it."}]
+    problem = Problem(msgs, "12", "dapo.parquet", 7)
+    slot = PromptSlot.of(problem, "raw", use_chat_template=True)
+    assert slot.content(problem) == "Solve 3 * 4. Box it." and render(problem, "raw", chat_tok) == slot.text(
+        slot.content(problem), chat_tok)
+    down = build_downstream_prompt(slot.content(problem), [], " 3 * 4", chat_tok, template=CHAT_SKIP, slot=slot)
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in down.text
+    assert "Partial reasoning:\n 3 * 4\n\nProblem:\nSolve 3 * 4. Box it." in down.text
+
+
+def test_hard_prefix_continues_the_sampled_prompt_ids(plain_tok):
+    problem = Problem("Tom has 3 apples.", "3", "f.jsonl", 1)
+    slot = PromptSlot.of(problem, "fewshot_plain", use_chat_template=False)
+    ids = plain_tok(render(problem, "fewshot_plain", plain_tok, False))["input_ids"]
+    down = build_downstream_prompt(slot.content(problem), [7, 8, 9], "xyz", plain_tok, mode="hard_prefix",
+                                   slot=slot, prompt_ids=ids)
+    assert down.token_ids == ids + [7, 8, 9] and down.segment_span == (len(ids), len(ids) + 3)

@@ -7,6 +7,7 @@ from typing import Hashable, Optional, Protocol, Sequence
 
 import torch
 
+from megatron_skpo.data.prompts import PromptSlot
 from megatron_skpo.rollout.engine import Engine, Generation
 from megatron_skpo.rollout.types import Phase, RolloutBatch, Sample
 
@@ -16,8 +17,9 @@ class PromptItem:
     """One problem of the rollout batch."""
 
     key: Hashable  # dataset problem id (tracker key, gold-answer lookup)
-    problem: str  # the problem text q (SKPO renders it again inside the skip prompt)
-    prompt_ids: list[int]  # [P] the rendered prompt of q (chat template + generation prompt)
+    problem: str  # q: the content of the prompt's problem slot (SKPO renders [s, q] in the same slot)
+    prompt_ids: list[int]  # [P] the rendered prompt of q (template, chat template, generation prompt)
+    slot: Optional[PromptSlot] = None  # how q's prompt is rendered; None = a chat user turn holding q
 
     def __post_init__(self):
         if not self.prompt_ids:
