@@ -18,7 +18,7 @@ from megatron_skpo.config.base import (ConfigError, apply_override, deep_merge, 
 from megatron_skpo.config.data import DataConfig, DatasetConfig, RewardConfig
 from megatron_skpo.config.model import ModelConfig, ParallelConfig
 from megatron_skpo.config.rollout import RolloutConfig
-from megatron_skpo.config.train import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
+from megatron_skpo.config.train import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig, ValidationConfig
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Config:
     train: TrainConfig = doc(factory=TrainConfig, help="outer loop")
     data: DataConfig = doc(factory=DataConfig, help="problems and prompts")
     reward: RewardConfig = doc(factory=RewardConfig, help="verifiable reward")
+    validation: ValidationConfig = doc(factory=ValidationConfig, help="validation on data.eval inside the loop")
     checkpoint: CheckpointConfig = doc(factory=CheckpointConfig, help="checkpointing")
     logging: LoggingConfig = doc(factory=LoggingConfig, help="metrics")
 
@@ -131,5 +132,5 @@ __all__ = [
     "ALGORITHMS", "family", "read_recipe",
     "Config", "ConfigError", "load_config", "dump_config", "describe", "to_dict", "from_dict",
     "AlgoConfig", "DataConfig", "DatasetConfig", "RewardConfig", "ModelConfig", "ParallelConfig",
-    "RolloutConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "LoggingConfig",
+    "RolloutConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "LoggingConfig", "ValidationConfig",
 ]

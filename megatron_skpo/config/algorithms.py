@@ -132,6 +132,7 @@ READ_WHEN: dict[str, tuple[Callable[[Any], bool], str]] = {
                                     "read only by train.prompt_sampling: prioritized"),
     "algo.kl.estimator": (lambda c: c.algo.kl.coef > 0, "read only when algo.kl.coef > 0"),
     "algo.tis.cap": (lambda c: c.algo.tis.enabled, "read only when algo.tis.enabled is true"),
+    "validation": (lambda c: c.data.eval is not None, "read only when data.eval names a held-out set"),
 }
 
 

@@ -31,7 +31,7 @@ class DataConfig:
     """Training and held-out problems and how prompts are rendered."""
 
     train: DatasetConfig = doc(factory=lambda: DatasetConfig(name="math_train"), help="training problems")
-    eval: Optional[DatasetConfig] = doc(None, "held-out problems evaluated before/after training")
+    eval: Optional[DatasetConfig] = doc(None, "held-out problems validated inside the loop (see validation)")
     prompt_template: str = doc(
         "qwen_math", "named template (qwen_math, fewshot_plain, raw) or a format string with {problem}")
     use_chat_template: bool = doc(True, "render through the tokenizer's chat template")

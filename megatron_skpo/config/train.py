@@ -38,6 +38,9 @@ class TrainConfig:
     seed: int = doc(1234, "global seed (data order, sampling, dropout)")
     prompt_sampling: Literal["uniform", "prioritized"] = doc(
         "uniform", "uniform, or SPO-prioritised by tracked success probability")
+    max_sampled_tokens: Optional[int] = doc(
+        None, "also stop once the run has sampled this many tokens (every phase, discarded SKPO candidates and "
+              "Monte Carlo continuations included); null = train.steps alone. Compares methods at equal cost")
 
     def __post_init__(self):
         check(self.steps >= 0, "train.steps", "must be >= 0")
@@ -45,6 +48,25 @@ class TrainConfig:
         check(self.mini_batch_prompts > 0, "train.mini_batch_prompts", "must be > 0")
         check(self.prompts_per_step % self.mini_batch_prompts == 0, "train.mini_batch_prompts",
               f"must divide train.prompts_per_step ({self.prompts_per_step})")
+        check(self.max_sampled_tokens is None or self.max_sampled_tokens > 0, "train.max_sampled_tokens",
+              "must be > 0 or null")
+
+
+@dataclass
+class ValidationConfig:
+    """Validation inside the loop on ``data.eval`` with the colocated engine (avg@k, pass@k)."""
+
+    interval: int = doc(0, "validate every N steps (0: only before the first and after the last step)")
+    at_start: bool = doc(True, "validate the starting policy before the first step (logged as step 0)")
+    k: int = doc(4, "samples per problem")
+    temperature: float = doc(0.6, "sampling temperature of validation")
+    max_tokens: Optional[int] = doc(None, "response cap; null = rollout.max_response_tokens")
+
+    def __post_init__(self):
+        check(self.interval >= 0, "validation.interval", "must be >= 0")
+        check(self.k >= 1, "validation.k", "must be >= 1")
+        check(self.temperature >= 0, "validation.temperature", "must be >= 0 (0 = greedy)")
+        check(self.max_tokens is None or self.max_tokens > 0, "validation.max_tokens", "must be > 0 or null")
 
 
 @dataclass

@@ -15,13 +15,13 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_skpo.config import Config
-from megatron_skpo.data import EpochSampler, load_dataset, render_all
+from megatron_skpo.config import Config, DatasetConfig
+from megatron_skpo.data import EpochSampler, LoadReport, load_dataset, render_all
 from megatron_skpo.data.prompts import PromptSlot, get_template
 from megatron_skpo.rollout.samplers import PromptItem
 
@@ -130,25 +130,27 @@ def build_reference(cfg: Config, hf_config: dict, weights: dict):
 
 @dataclass
 class Problems:
-    """The training problems with their tokenized prompts; ``items[i].key == i``."""
+    """Problems with their tokenized prompts (``items[i].key == i``) and the load's accounting."""
 
     items: list[PromptItem]
     answers: list[str]
-    skipped_too_long: int
+    report: LoadReport  # rows read, kept and skipped per reason and file (too-long prompts included)
 
 
-def load_problems(cfg: Config, tokenizer) -> Problems:
-    problems, _ = load_dataset(cfg.data.train, cfg.data.invalid_policy)
+def load_problems(cfg: Config, tokenizer, dataset: Optional[DatasetConfig] = None,
+                  field: str = "data.train") -> Problems:
+    """The problems of ``dataset`` (default ``data.train``) rendered with the run's prompt template."""
+    problems, report = load_dataset(dataset or cfg.data.train, cfg.data.invalid_policy)
     kept, texts, skipped = render_all(problems, cfg.data.prompt_template, tokenizer, cfg.data.use_chat_template,
-                                      cfg.rollout.max_prompt_tokens, cfg.data.invalid_policy)
+                                      cfg.rollout.max_prompt_tokens, cfg.data.invalid_policy, report=report)
     if not kept:
-        raise ValueError(f"data.train: no usable problem (skipped {skipped} over rollout.max_prompt_tokens)")
+        raise ValueError(f"{field}: no usable problem (skipped {skipped} over rollout.max_prompt_tokens)")
     items = []
     for i, (p, text) in enumerate(zip(kept, texts)):
         slot = PromptSlot.of(p, cfg.data.prompt_template, cfg.data.use_chat_template)
         ids = tokenizer(text, add_special_tokens=slot.add_special_tokens)["input_ids"]  # chat text has its specials
         items.append(PromptItem(i, slot.content(p), list(ids), slot))
-    return Problems(items, [p.answer for p in kept], skipped)
+    return Problems(items, [p.answer for p in kept], report)
 
 
 def checkpoint_root(cfg: Config) -> str:

@@ -1,11 +1,14 @@
 """The RL training loop: ``train(cfg)``, one screen, read top to bottom (stages in ``trainer.stages``).
 
-Per step: prompts -> rollouts (the algorithm's sampler) -> rewards -> advantages -> old/ref
-log-probs -> ``prompts_per_step / mini_batch_prompts`` PPO updates -> weight sync -> metrics, and
-a checkpoint every ``checkpoint.save_interval`` steps (and at the end). A run whose checkpoint
-directory has a ``latest`` resumes from it and repeats the uninterrupted run's metrics exactly
-(timing metrics aside), because each step re-seeds its randomness from (seed, step) and the
-weights are pushed into vLLM (prefix cache reset) before the first rollout of every process.
+Per step: prompts -> drift of revisited prompts -> rollouts (the method's sampler) -> rewards ->
+advantages -> old/ref log-probs -> ``prompts_per_step / mini_batch_prompts`` PPO updates -> weight
+sync -> metrics (and validation on ``data.eval`` every ``validation.interval`` steps), and a
+checkpoint every ``checkpoint.save_interval`` steps and at the end. The run ends after
+``train.steps`` steps or once ``train.max_sampled_tokens`` tokens were sampled.
+
+A run whose checkpoint directory has a ``latest`` resumes from it and repeats the uninterrupted
+run's metrics exactly (timing metrics aside), because each step re-seeds its randomness from
+(seed, step) and the weights are pushed into vLLM (prefix cache reset) before the first rollout.
 """
 from __future__ import annotations
 
@@ -26,15 +29,15 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
     from megatron_skpo.trainer.run import build_run
 
     run = build_run(cfg, engine)
-    ckpt = CheckpointManager(checkpoint_root(cfg), cfg.checkpoint.save_interval,
-                             cfg.checkpoint.keep_last, run.rank)
+    ckpt = CheckpointManager(checkpoint_root(cfg), cfg.checkpoint.save_interval, cfg.checkpoint.keep_last, run.rank)
     resumed = ckpt.restore(run.parts()) if cfg.checkpoint.resume else None
-    if resumed is not None and run.rank == 0:
-        print(f"skpo-train: resumed from {resumed.path} (step {resumed.step})", flush=True)
+    stages.announce(run, resumed)
     stages.sync_weights(run)  # the engine starts from hf_path; a resumed policy differs
     start = run.progress.step
     with RewardPool.from_config(cfg.reward) as run.pool, \
             MetricsLogger(cfg.logging, cfg.train.steps, resume_step=run.progress.metrics_step, rank=run.rank) as log:
+        if start == 0 and (first := stages.start_metrics(run)):
+            log.log(0, first)
         for step in range(start + 1, cfg.train.steps + 1):
             clock, t0 = stages.Clock(), time.perf_counter()
             with clock("sample_prompts"):
@@ -54,15 +57,19 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
                 stages.remember(run, batch, minis)
             with clock("sync"):
                 sync_metrics = stages.sync_weights(run)
-            seconds = time.perf_counter() - t0
+            last = stages.finished(run, step, batch)
+            with clock("validation"):
+                val_metrics = stages.validation(run, step, last)
             metrics = {**reward_metrics, **drift_metrics, **stages.batch_metrics(batch, cr), **stages.parity(run, minis),
-                       **train_metrics,
-                       **sync_metrics, **run.guard.metrics(), **clock.times, "time/step": seconds,
-                       "perf/tokens_per_s": batch.generated_tokens() / max(seconds, 1e-9)}
+                       **train_metrics, **sync_metrics, **val_metrics, **run.guard.metrics(), **clock.times,
+                       "time/step": time.perf_counter() - t0, "sampled_tokens": float(run.progress.sampled_tokens),
+                       "perf/tokens_per_s": batch.generated_tokens() / max(time.perf_counter() - t0, 1e-9)}
             run.progress.step = run.progress.metrics_step = step
             log.log(step, metrics)
-            if ckpt.should_save(step, cfg.train.steps):
+            if last or ckpt.should_save(step, cfg.train.steps):
                 ckpt.save(step, run.parts())
+            if last:
+                break
     out = export_hf or cfg.checkpoint.export_hf
     if out:
         write_hf(run.policy, run.hf_config, cfg.model.hf_path, out, run.rank, run.par.tp_group, run.par.pp_group)

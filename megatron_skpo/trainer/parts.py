@@ -135,19 +135,21 @@ class TrainProgress:
     step: int = 0
     metrics_step: int = 0
     consumed_prompts: int = 0
+    sampled_tokens: int = 0  # every token the rollouts generated (train.max_sampled_tokens)
     update_kl: float = 0.0
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("step", "metrics_step", "consumed_prompts"):
+        for key in ("step", "metrics_step", "consumed_prompts", "sampled_tokens"):
             if not isinstance(state.get(key), int):
                 raise ValueError(f"progress state: {key!r} must be an integer, got {state.get(key)!r}")
         if not isinstance(state.get("update_kl", 0.0), (int, float)):
             raise ValueError(f"progress state: 'update_kl' must be a number, got {state.get('update_kl')!r}")
         self.step, self.metrics_step = state["step"], state["metrics_step"]
         self.consumed_prompts, self.update_kl = state["consumed_prompts"], float(state.get("update_kl", 0.0))
+        self.sampled_tokens = state["sampled_tokens"]
 
 
 def get_rng_state(tracker: Optional[Any] = None) -> dict:

@@ -25,6 +25,7 @@ from megatron_skpo.trainer.guard import NonFiniteGuard
 from megatron_skpo.trainer.model_state import ModelPart
 from megatron_skpo.trainer.objective import objective_settings
 from megatron_skpo.trainer.parts import RankStateDictPart, StateDictPart, TrainProgress, training_parts
+from megatron_skpo.trainer.validation import load_validation
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Run:
     reference: Optional[Policy]  # frozen starting weights, only when algo.kl.coef > 0
     hf_config: dict
     problems: Problems
+    validation: Optional[Problems]  # data.eval, validated inside the loop
     method: Method  # sampler, credit, phases of algo.name's family
     objective: ObjectiveSettings
     epochs: EpochSampler
@@ -84,12 +86,13 @@ def build_run(cfg: Config, engine: Optional[VLLMEngine] = None) -> Run:
     reference = build.build_reference(cfg, hf_config, weights) if cfg.algo.kl.coef > 0 else None
     del weights
     problems = build.load_problems(cfg, engine.tokenizer)
+    held_out = load_validation(cfg, engine.tokenizer)
     if cfg.train.prompts_per_step > len(problems.items):
         raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} exceeds the "
                          f"{len(problems.items)} usable training problems")
     t = cfg.algo.tracker
     return Run(cfg=cfg, par=Parallel.current(), engine=engine, tokenizer=engine.tokenizer, policy=policy,
-               reference=reference, hf_config=hf_config, problems=problems,
+               reference=reference, hf_config=hf_config, problems=problems, validation=held_out,
                method=build_method(cfg, engine.tokenizer), objective=objective_settings(cfg.algo),
                epochs=build.epoch_sampler(cfg, len(problems.items)),
                tracker=ValueTracker(t.rho_min, t.rho_max, t.d_half, t.priority_floor, t.prior),

@@ -43,6 +43,44 @@ def stream_seed(seed: int, step: int, stream: int) -> int:
     return (seed * 1_000_003 + step * 16 + stream) % (2**63)
 
 
+def announce(run: Run, resumed) -> None:
+    """Print (rank 0) what the data loading kept and skipped, and where a resumed run picks up."""
+    if run.rank != 0:
+        return
+    for name, problems in (("data.train", run.problems), ("data.eval", run.validation)):
+        for line in problems.report.summary_lines() if problems is not None else []:
+            print(f"skpo-train: {name}: {line}", flush=True)
+    if resumed is not None:
+        print(f"skpo-train: resumed from {resumed.path} (step {resumed.step})", flush=True)
+
+
+def start_metrics(run: Run) -> dict[str, float]:
+    """Step 0 of a fresh run: the data accounting and, with ``validation.at_start``, the starting policy's."""
+    out = {**run.problems.report.metrics("data/train")}
+    if run.validation is not None:
+        out.update(run.validation.report.metrics("data/eval"))
+        if run.cfg.validation.at_start:
+            out.update(validation(run, 0, last=True))
+    return out
+
+
+def finished(run: Run, step: int, batch: RolloutBatch) -> bool:
+    """Count the step's sampled tokens; True at ``train.steps`` or once ``train.max_sampled_tokens`` is reached."""
+    run.progress.sampled_tokens += int(batch.stats.get("rollout/generated_tokens", batch.generated_tokens()))
+    budget = run.cfg.train.max_sampled_tokens
+    return step == run.cfg.train.steps or (budget is not None and run.progress.sampled_tokens >= budget)
+
+
+def validation(run: Run, step: int, last: bool) -> dict[str, float]:
+    """``val/*`` metrics every ``validation.interval`` steps and at the last step (with ``data.eval``)."""
+    from megatron_skpo.trainer.validation import validate
+
+    interval = run.cfg.validation.interval
+    if run.validation is None or not (last or (interval and step % interval == 0)):
+        return {}
+    return validate(run, run.validation, stream_seed(run.cfg.train.seed, step, 3))
+
+
 def sample_prompts(run: Run, step: int) -> list[PromptItem]:
     """Uniform epochs (``EpochSampler``) or SPO-prioritised by the value tracker."""
     n, items = run.cfg.train.prompts_per_step, run.problems.items

@@ -26,9 +26,16 @@ ALGOS = ["skpo", "grpo", "dr_grpo", "dapo", "cispo", "gspo", "spo", "rloo", "rei
 # the on-policy step (one update: no separate old-log-prob pass)
 EXTRA = {"rloo": ":algo.kl.coef=0.05", "cispo": ":algo.tis.enabled=true,algo.tis.cap=2.0,logging.wandb=true",
          "dapo": ":train.mini_batch_prompts=4"}
-# the 4-step SKPO run trains on 8 problems, so steps 3 and 4 revisit prompts (the per-prompt drift D)
-SKPO4 = "skpo:4:data.train.limit=8"
+# the 4-step SKPO run trains on 8 problems, so steps 3 and 4 revisit prompts (the per-prompt drift D),
+# and validates on 4 held-out problems before the first step, at step 2 and after the last
+SKPO4 = ("skpo:4:data.train.limit=8,data.eval.path={data},data.eval.prompt_field=prompt,"
+         "data.eval.answer_field=reward_model.ground_truth,data.eval.offset=8,data.eval.limit=4,"
+         "validation.interval=2,validation.k=2")
 TIMING_PREFIXES = ("time/", "perf/")
+
+
+def skpo4(work: Path) -> str:
+    return SKPO4.format(data=work / "problems.jsonl")
 
 
 def child(work: Path, *runs: str, track: bool = False, **kw) -> subprocess.Popen:
@@ -55,9 +62,15 @@ def work(tmp_path_factory):
     """All recipes (2 steps) and the 4-step SKPO reference, on one engine in one child."""
     work = tmp_path_factory.mktemp("loop")
     extra = {**EXTRA, "grpo": f":checkpoint.export_hf={work / 'grpo' / 'hf'}"}
-    runs = [f"{a}:{a}:2{extra.get(a, '')}" for a in ALGOS] + [f"reference:{SKPO4}"]
+    runs = [f"{a}:{a}:2{extra.get(a, '')}" for a in ALGOS] + [f"reference:{skpo4(work)}",
+                                                               "budget:grpo:3:train.max_sampled_tokens=1"]
     finish(child(work, *runs, track=True), work, timeout=600)
     return work
+
+
+def steps(path: Path) -> list[dict]:
+    """The training steps' records (step 0 holds the data accounting and the starting validation)."""
+    return [r for r in read_metrics(path) if r["step"] > 0]
 
 
 def untimed(records: list[dict]) -> list[dict]:
@@ -66,7 +79,8 @@ def untimed(records: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("algo", ALGOS)
 def test_recipe_runs_two_steps(work, algo):
-    records = read_metrics(work / algo / "metrics.jsonl")
+    assert read_metrics(work / algo / "metrics.jsonl")[0]["data/train/kept"] == 16
+    records = steps(work / algo / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
         assert r["nonfinite/skipped"] == 0 and r["grad_norm"] > 0 and r["lr"] > 0
@@ -94,7 +108,7 @@ def test_export_hf_after_training(work):
 
 
 def test_skpo_trains_both_phases(work):
-    for r in read_metrics(work / "skpo" / "metrics.jsonl"):
+    for r in steps(work / "skpo" / "metrics.jsonl"):
         for phase in ("up", "down"):
             assert r[f"loss/{phase}/tokens"] > 0 and r[f"loss/{phase}/seqs"] > 0
             assert r[f"loss/{phase}/loss"] != 0
@@ -104,7 +118,7 @@ def test_skpo_trains_both_phases(work):
 
 def test_on_policy_step_uses_the_updates_own_log_probs(work):
     """One update per step: pi_old is the update's own log-probs, so every ratio is exactly 1."""
-    for r in read_metrics(work / "dapo" / "metrics.jsonl"):
+    for r in steps(work / "dapo" / "metrics.jsonl"):
         assert r["loss/ratio"] == 1.0 and r["loss/clip_low"] == 0 and r["loss/clip_high"] == 0
         assert r["parity/mean_abs_diff"] < 1e-3 and r["loss/update_kl"] == 0.0
 
@@ -112,11 +126,29 @@ def test_on_policy_step_uses_the_updates_own_log_probs(work):
 def test_revisited_prompts_get_a_measured_drift(work):
     """Steps 1-2 see 8 new prompts (D = 0, rho = rho_max); steps 3-4 revisit them: D > 0 measured by
     re-scoring their stored responses with the updated policy."""
-    records = read_metrics(work / "reference" / "metrics.jsonl")
+    records = steps(work / "reference" / "metrics.jsonl")
     for r in records[:2]:
         assert r["spo/revisited_rate"] == 0 and r["spo/D"] == 0 and r["spo/rho"] == pytest.approx(0.96)
     for r in records[2:]:
         assert r["spo/revisited_rate"] == 1 and r["spo/D"] > 0 and 0.875 <= r["spo/rho"] <= 0.96
+
+
+def test_validation_inside_the_loop(work):
+    """data.eval + validation.interval=2: val/* at step 0 (the starting policy), 2 and 4 (the last)."""
+    records = {r["step"]: r for r in read_metrics(work / "reference" / "metrics.jsonl")}
+    assert sorted(records) == [0, 1, 2, 3, 4]
+    for step in (0, 2, 4):
+        r = records[step]
+        assert r["val/problems"] == 4 and 0 <= r["val/avg@2"] <= r["val/pass@2"] <= 1 and r["val/length"] > 0
+    assert not any(k.startswith("val/") for k in records[1]) and not any(k.startswith("val/") for k in records[3])
+    assert records[0]["data/train/kept"] == 8 and records[0]["data/eval/kept"] == 4
+
+
+def test_sampled_token_budget_stops_the_run(work):
+    """train.max_sampled_tokens=1: the first step exceeds it, so the 3-step run ends (and saves) after step 1."""
+    records = steps(work / "budget" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1] and records[0]["sampled_tokens"] > 1
+    assert (work / "budget" / "checkpoints" / "latest").read_text().strip() == "step_00000001"
 
 
 def test_kill_and_resume_reproduces_metrics(work):
@@ -124,7 +156,7 @@ def test_kill_and_resume_reproduces_metrics(work):
     rng = random.Random()
     lines = rng.randint(1, 2)
     path = work / "killed" / "metrics.jsonl"
-    proc = child(work, f"killed:{SKPO4}")
+    proc = child(work, f"killed:{skpo4(work)}")
     deadline = time.monotonic() + 300
     while not (path.is_file() and len(path.read_text().splitlines()) >= lines):
         assert proc.poll() is None and time.monotonic() < deadline, "the child ended before the kill"
@@ -132,10 +164,10 @@ def test_kill_and_resume_reproduces_metrics(work):
     time.sleep(rng.uniform(0.0, 0.3))  # anywhere inside the next step, its checkpoint save included
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(read_metrics(path)) < 4, "killed too late: the run had finished"
-    finish(child(work, f"killed:{SKPO4}"), work, timeout=300)
+    assert len(read_metrics(path)) < 5, "killed too late: the run had finished"
+    finish(child(work, f"killed:{skpo4(work)}"), work, timeout=300)
     resumed = untimed(read_metrics(path))
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
     assert resumed == untimed(read_metrics(work / "reference" / "metrics.jsonl"))
 
 
