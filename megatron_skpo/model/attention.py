@@ -59,8 +59,8 @@ class SDPAttention(DotProductAttention):
             else contextlib.nullcontext()
         with rng:
             if isinstance(attention_mask, AttentionBlocks):  # independent blocks: never compute across them
-                out = torch.cat([self._sdpa(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], m, p)
-                                 for s, e, m in attention_mask.blocks], dim=2)
+                out = torch.cat([self._sdpa(q[:, :, s:e], *_keys(k, v, s, e, keys), m, p)
+                                 for s, e, keys, m in attention_mask.blocks], dim=2)
             else:
                 out = self._sdpa(q, k, v, attention_mask, p)
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
@@ -70,3 +70,9 @@ class SDPAttention(DotProductAttention):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=None if masked is None else ~masked, dropout_p=p,
                                               is_causal=masked is None, scale=self.softmax_scale)
 
+
+def _keys(k: torch.Tensor, v: torch.Tensor, start: int, end: int, keys: Optional[torch.Tensor]):
+    """The block's keys and values ``[b, heads, n_k, d]``: its own range, or the given positions."""
+    if keys is None:
+        return k[:, :, start:end], v[:, :, start:end]
+    return k.index_select(2, keys), v.index_select(2, keys)

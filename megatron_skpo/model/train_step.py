@@ -139,9 +139,9 @@ def _model_inputs(gpt, batch: PackedBatch) -> dict:
     if uses_te(gpt):
         return dict(attention_mask=None, packed_seq_params=batch.packed_seq_params())
     if any(isinstance(m, SDPAttention) for m in gpt.modules()):
-        blocks = batch.attention_blocks()
-        return dict(attention_mask=AttentionBlocks([(s, e, None if m is None else m.to(batch.tokens.device))
-                                                    for s, e, m in blocks.blocks]))
+        dev = batch.tokens.device
+        return dict(attention_mask=AttentionBlocks([(s, e, None if k is None else k.to(dev), None if m is None else m.to(dev))
+                                                    for s, e, k, m in batch.attention_blocks().blocks]))
     return dict(attention_mask=batch.attention_mask().to(batch.tokens.device))
 
 

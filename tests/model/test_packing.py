@@ -74,7 +74,7 @@ def test_shared_prompt_tree_hand_worked():
     assert mb.targets.tolist() == [2, 3, 4, 5, 0, 6, 0]
     assert mb.loss_mask.tolist() == [0, 0, 1, 1, 0, 1, 0]
     assert mb.token_values["adv"].tolist() == [0, 0, 1, 1, 0, 2, 0]
-    assert mb.branch.tolist() == [0, 0, 1, 1, 1, 2, 2] and mb.shared
+    assert mb.segment.tolist() == [0, 0, 1, 1, 1, 2, 2] and mb.parents == [-1, 0, 0] and mb.shared
     assert [p.tolist() for p in mb.row_positions] == [[0, 1, 2, 3, 4], [0, 1, 5, 6]]
     allowed = (~mb.attention_mask()[0, 0]).int().tolist()
     assert allowed == [[1, 0, 0, 0, 0, 0, 0],
@@ -84,7 +84,7 @@ def test_shared_prompt_tree_hand_worked():
                        [1, 1, 1, 1, 1, 0, 0],
                        [1, 1, 0, 0, 0, 1, 0],  # the second branch sees the trunk and itself, not its sibling
                        [1, 1, 0, 0, 0, 1, 1]]
-    with pytest.raises(ValueError, match="shares prompt trunks"):
+    with pytest.raises(ValueError, match="shares prompt prefixes"):
         mb.packed_seq_params()
 
 
@@ -103,9 +103,9 @@ def test_shared_rows_read_back_exactly_as_unshared():
         [u.tolist() for u in unpack(plain[0].targets.float(), plain[0], 3)]
 
 
-def test_rows_share_only_when_the_trunk_agrees_and_trees_fit_the_budget():
+def test_rows_share_only_a_quiet_prompt_and_trees_fit_the_budget():
     tokens, masks, adv = _group([1, 2, 3], [[4], [5], [6]])
-    masks[1][1] = 1.0  # row 1 trains on a prompt token: it cannot share the trunk
+    masks[1][1] = 1.0  # row 1 trains on a prompt token: its prompt cannot be shared
     trees = find_trees(tokens, masks, [3, 3, 3], {"adv": adv})
     assert [(t.rows, t.trunk) for t in trees] == [((0, 2), 2), ((1,), 0)]
     tokens, masks, adv = _group([1, 2, 3], [[4, 4, 4]] * 4)  # tree of 2 + 4 * 4 = 18 tokens
@@ -113,6 +113,34 @@ def test_rows_share_only_when_the_trunk_agrees_and_trees_fit_the_budget():
     assert [(t.rows, t.trunk) for t in trees] == [((0, 1), 2), ((2, 3), 2)]  # each 2 + 2 * 4 = 10
     assert [t.size([6] * 4) for t in trees] == [10, 10]
     assert find_trees([torch.tensor([1, 2])], [torch.ones(2)], [2])[0].trunk == 0  # nothing after the prompt
+
+
+def test_prompts_with_a_common_prefix_share_it_across_trees():
+    # prompts [1, 2, 3, 4] and [1, 2, 7, 8] (two "shots" then a question): trunks (1, 2, 3) and (1, 2, 7)
+    t1, m1, a1 = _group([1, 2, 3, 4], [[5], [6, 6]])
+    t2, m2, a2 = _group([1, 2, 7, 8], [[9]])
+    (mb,) = pack_sequences(t1 + t2, m1 + m2, 64, {"adv": a1 + a2}, prompt_lens=[4, 4, 4])
+    # [1 2] shared node | [3] + branches [4 5], [4 6 6] | [7] + branch [8 9]
+    assert mb.tokens.tolist() == [[1, 2, 3, 4, 5, 4, 6, 6, 7, 8, 9]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 2, 3, 4]]
+    assert mb.targets.tolist() == [2, 0, 4, 5, 0, 6, 6, 0, 8, 9, 0]  # 2 has no single next token: 3 or 7
+    assert mb.parents == [-1, 0, 1, 1, 0, 4]
+    allowed = ~mb.attention_mask()[0, 0]
+    row2 = mb.row_positions[mb.seq_index.index(2)].tolist()
+    assert row2 == [0, 1, 8, 9, 10]
+    assert allowed[10].nonzero()[:, 0].tolist() == [0, 1, 8, 9, 10]  # the shared prefix, its own question, itself
+    assert allowed[4].nonzero()[:, 0].tolist() == [0, 1, 2, 3, 4]
+    plain = pack_sequences(t1 + t2, m1 + m2, 64, {"adv": a1 + a2})
+    for name in ("loss_mask",):
+        assert torch.equal(split_rows(getattr(mb, name), mb)[_order(mb)], split_rows(getattr(plain[0], name), plain[0]))
+    assert torch.equal(split_rows(mb.token_values["adv"], mb)[_order(mb)],
+                       split_rows(plain[0].token_values["adv"], plain[0]))
+
+
+def _order(mb):
+    """Indices that put a micro-batch's real rows in caller order."""
+    real = [i for i in mb.seq_index if i >= 0]
+    return torch.tensor(sorted(range(len(real)), key=lambda k: real[k]))
 
 
 def test_attention_blocks_are_the_mask_cut_per_tree():
@@ -123,9 +151,10 @@ def test_attention_blocks_are_the_mask_cut_per_tree():
     (mb,) = pack_sequences(tokens, masks, 32, {"adv": adv}, prompt_lens=[3, 3, 1], pad_to=4)
     full = mb.attention_mask()[0, 0]
     covered = torch.zeros_like(full)
-    for s, e, m in mb.attention_blocks().blocks:
+    for s, e, keys, m in mb.attention_blocks().blocks:
+        keys = torch.arange(s, e) if keys is None else keys
         block = torch.ones(e - s, e - s, dtype=torch.bool).triu_(1) if m is None else m[0, 0]
-        assert torch.equal(block, full[s:e, s:e])
-        covered[s:e, s:e] = True
-    assert bool(full[~covered].all())  # nothing is allowed across trees
-    assert [m is None for _, _, m in mb.attention_blocks().blocks] == [False, True, True]  # tree, row, padding
+        assert torch.equal(block, full[s:e][:, keys])
+        covered[torch.arange(s, e)[:, None], keys[None, :]] = True
+    assert bool(full[~covered].all())  # nothing outside the blocks is allowed
+    assert sorted(m is None for *_, m in mb.attention_blocks().blocks) == [False, True, True]  # tree; row, padding

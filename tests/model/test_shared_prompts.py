@@ -13,11 +13,14 @@ ARCHS = ["llama", "qwen2"]
 
 
 def groups(vocab: int = 200, seed: int = 2):
-    """3 prompts x 3 responses (prompt untrained, advantages 0 on it) and one row with its own prompt."""
+    """3 prompts x 3 responses (prompt untrained, advantages 0 on it) and one row with its own prompt;
+    the 3 prompts start with the same 6 "shots" tokens (shared across trees)."""
     g = torch.Generator().manual_seed(seed)
     tokens, masks, adv, plens = [], [], [], []
+    shots = torch.randint(0, vocab, (6,), generator=g)
     for _ in range(3):
-        prompt = torch.randint(0, vocab, (int(torch.randint(5, 12, (1,), generator=g)),), generator=g)
+        question = torch.randint(0, vocab, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)
+        prompt = torch.cat([shots, question])
         for _ in range(3):
             resp = torch.randint(0, vocab, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g)
             tokens.append(torch.cat([prompt, resp]))
