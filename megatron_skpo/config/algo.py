@@ -78,7 +78,8 @@ class SKPOConfig:
     split_max_frac: float = doc(1 / 2, "see split_min_frac")
     split_mode: Literal["uniform", "fixed_alternating"] = doc(
         "uniform", "uniform = the paper; fixed_alternating = ablation alternating min/max fraction")
-    init_length: float = doc(1024.0, "initial running response length L_q")
+    init_length: Optional[float] = doc(
+        None, "initial running response length L_q (the paper's 1024); null = min(1024, rollout.max_response_tokens)")
     length_source: Literal["segment_plus_downstream", "downstream"] = doc(
         "segment_plus_downstream", "(ours) what the length tracker observes")
     selection: str = doc("median", "segment chosen by mean NLL (SEGMENT_SELECTORS in skpo/segment.py): median = "
@@ -101,7 +102,7 @@ class SKPOConfig:
     def __post_init__(self):
         check(0 < self.split_min_frac <= self.split_max_frac <= 1, "split_min_frac/split_max_frac",
               "need 0 < min <= max <= 1")
-        check(self.init_length >= 1, "init_length", "must be >= 1")
+        check(self.init_length is None or self.init_length >= 1, "init_length", "must be >= 1 or null")
         for key in ("{segment}", "{problem}"):
             check(self.skip_template is None or self.skip_template.count(key) == 1, "skip_template",
                   f"must contain {key} exactly once")

@@ -1,0 +1,180 @@
+"""``skpo-bench learn``: does the method make the model better, and how does SKPO compare with its
+baselines at an equal budget of sampled tokens?
+
+Each (method, seed) trains the task recipe (default ``configs/demo_cpu.yaml``: SmolLM2-135M-Instruct,
+few-shot easy MAWPS, G = 8) with ``algo.name=<method>`` until it has sampled
+``--token-budget`` tokens (every phase, SKPO's discarded candidates and Monte Carlo continuations
+included), validating avg@k on the held-out set (``data.eval``) before the first step, every
+``--eval-every`` steps and at the end. Runs are separate ``skpo-train`` processes writing under
+``--out/<method>/seed<s>``; a finished run is not repeated, an interrupted one resumes from its
+checkpoint. The result: ``results.json`` (every curve, final numbers per run, mean and spread
+per method), ``curves.png`` (held-out avg@k against sampled tokens: mean and the seeds' min-max
+band per method) and ``table.md``.
+
+Methods at equal rows per step: SKPO, GRPO and CISPO sample ``prompts_per_step`` x G rows; SPO
+samples G x as many prompts with one response each; dense MC adds K continuations from M
+prefixes of every response (``--dense-mc-k``, ``--dense-mc-m``), so it takes fewer steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+METHODS = ("skpo", "grpo", "cispo", "spo", "dense_mc")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default=str(ROOT / "configs" / "demo_cpu.yaml"), help="the task recipe")
+    parser.add_argument("--model", default=str(ROOT / ".cache" / "smollm2-135m-instruct"), help="HF model dir")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated algo names")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--token-budget", type=int, default=40_000, help="sampled tokens per run")
+    parser.add_argument("--max-steps", type=int, default=200, help="hard cap on steps per run")
+    parser.add_argument("--eval-every", type=int, default=5, help="validation interval in steps")
+    parser.add_argument("--dense-mc-k", type=int, default=2, help="dense MC continuations per prefix")
+    parser.add_argument("--dense-mc-m", type=int, default=2, help="dense MC prefixes per response")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench_learn"), help="run directories and results")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 2 steps' worth of tokens, validation k=1 on 4 problems")
+    parser.add_argument("overrides", nargs="*", default=[], help="extra key=value overrides for every run")
+
+
+def method_overrides(method: str, args, prompts_per_step: int, group_size: int) -> list[str]:
+    """``algo.name`` and what equal rows per step need for ``method``."""
+    out = [f"algo.name={method}"]
+    if method == "spo":  # one response per prompt: G x the prompts
+        n = prompts_per_step * group_size
+        out += [f"train.prompts_per_step={n}", f"train.mini_batch_prompts={n}"]
+    if method == "dense_mc":
+        out += [f"algo.dense_mc.num_rollouts={args.dense_mc_k}", f"algo.dense_mc.num_positions={args.dense_mc_m}"]
+    return out
+
+
+def run_one(args, method: str, seed: int, run_dir: Path) -> dict:
+    """Train one (method, seed) unless it already finished; returns its summary."""
+    from megatron_skpo.config import load_config
+
+    base = load_config(args.recipe, [f"model.hf_path={args.model}", *args.overrides])
+    # G is the group methods' knob; SPO's G is 1 by definition (it samples G x the prompts instead)
+    extra = [o for o in args.overrides if not (method == "spo" and o.startswith("algo.group_size="))]
+    overrides = [f"model.hf_path={args.model}", f"logging.dir={run_dir}", f"train.seed={seed}",
+                 f"rollout.seed={seed}", f"data.shuffle_seed={seed}", f"train.steps={args.max_steps}",
+                 f"train.max_sampled_tokens={args.token_budget}", f"validation.interval={args.eval_every}",
+                 "logging.progress=false", "checkpoint.save_interval=5", "checkpoint.keep_last=1",
+                 *extra, *method_overrides(method, args, base.train.prompts_per_step, base.algo.group_size)]
+    if args.quick:
+        overrides += ["validation.k=1", "data.eval.limit=4"]
+    done = run_dir / "DONE"
+    if not done.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+        t0 = time.perf_counter()
+        with open(run_dir / "train.log", "a") as log:
+            proc = subprocess.run([sys.executable, "-m", "megatron_skpo.cli.train", args.recipe, *overrides],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{method} seed {seed}: skpo-train exited {proc.returncode}; see {run_dir / 'train.log'}")
+        done.write_text(json.dumps({"seconds": time.perf_counter() - t0}) + "\n")
+    return summarize_run(run_dir, json.loads(done.read_text())["seconds"])
+
+
+def summarize_run(run_dir: Path, seconds: float) -> dict:
+    """The run's validation curve (sampled tokens -> avg@k) and its final numbers."""
+    from megatron_skpo.trainer.logging import read_metrics
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    key = next((k for r in records for k in r if k.startswith("val/avg@")), None)
+    if key is None:
+        raise RuntimeError(f"{run_dir}: no validation metrics (does the recipe set data.eval?)")
+    curve = [(r.get("sampled_tokens", 0.0), r[key], r[key.replace("avg@", "pass@")]) for r in records if key in r]
+    steps = [r for r in records if r["step"] > 0]
+    return {"curve": curve, "metric": key, "steps": len(steps), "seconds": seconds,
+            "sampled_tokens": steps[-1]["sampled_tokens"] if steps else 0.0,
+            "start": curve[0][1], "final": curve[-1][1], "gain": curve[-1][1] - curve[0][1],
+            "train_accuracy": [r["accuracy"] for r in steps],
+            "step_seconds": statistics.median(r["time/step"] for r in steps) if steps else 0.0}
+
+
+def aggregate(results: dict[str, dict[int, dict]]) -> dict[str, dict]:
+    """Per method: mean and spread of the start, final and gain over seeds, and steps taken."""
+    out = {}
+    for method, runs in results.items():
+        col = lambda k: [r[k] for r in runs.values()]  # noqa: E731
+        sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
+        out[method] = {"seeds": sorted(runs), "start_mean": statistics.mean(col("start")),
+                       "final_mean": statistics.mean(col("final")), "final_std": sd(col("final")),
+                       "gain_mean": statistics.mean(col("gain")), "gain_std": sd(col("gain")),
+                       "gain_min": min(col("gain")), "gain_max": max(col("gain")),
+                       "steps_mean": statistics.mean(col("steps")), "step_seconds": statistics.mean(col("step_seconds")),
+                       "minutes_mean": statistics.mean(col("seconds")) / 60}
+    return out
+
+
+def markdown(agg: dict[str, dict], metric: str, budget: int) -> str:
+    lines = [f"Held-out {metric.removeprefix('val/')} (%) after {budget:,} sampled tokens per run; mean over seeds "
+             "(std); gain = final - start of the same run.", "",
+             "| method | seeds | start | final | gain | gain min..max | steps | s/step | min/run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, a in agg.items():
+        lines.append(f"| {m} | {len(a['seeds'])} | {100 * a['start_mean']:.1f} | {100 * a['final_mean']:.1f} "
+                     f"({100 * a['final_std']:.1f}) | {100 * a['gain_mean']:+.1f} ({100 * a['gain_std']:.1f}) | "
+                     f"{100 * a['gain_min']:+.1f}..{100 * a['gain_max']:+.1f} | {a['steps_mean']:.1f} | "
+                     f"{a['step_seconds']:.0f} | {a['minutes_mean']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, dict[int, dict]], metric: str, path: Path) -> None:
+    """Held-out metric against sampled tokens: each method's mean over seeds (interpolated onto a
+    common grid) with the seeds' min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, runs in results.items():
+        end = min(r["curve"][-1][0] for r in runs.values())
+        grid = np.linspace(0, end, 25)
+        ys = np.stack([np.interp(grid, [c[0] for c in r["curve"]], [c[1] for c in r["curve"]]) for r in runs.values()])
+        ax.plot(grid, 100 * ys.mean(0), label=f"{method} ({len(runs)} seeds)")
+        ax.fill_between(grid, 100 * ys.min(0), 100 * ys.max(0), alpha=0.2)
+    ax.set_xlabel("sampled tokens")
+    ax.set_ylabel(f"held-out {metric.removeprefix('val/')} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if not (Path(args.model) / "config.json").is_file():
+        raise SystemExit(f"skpo-bench learn: --model {args.model} has no config.json (convert SmolLM2 with "
+                         "scripts/demo.sh first, or pass an HF model directory)")
+    if args.quick:
+        args.token_budget, args.eval_every = min(args.token_budget, 1), 1
+    out = Path(args.out)
+    methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+    results: dict[str, dict[int, dict]] = {}
+    for seed in seeds:  # seed-major: every method has a first seed early
+        for method in methods:
+            results.setdefault(method, {})[seed] = run_one(args, method, seed, out / method / f"seed{seed}")
+            print(f"skpo-bench learn: {method} seed {seed}: {results[method][seed]['start']:.3f} -> "
+                  f"{results[method][seed]['final']:.3f} in {results[method][seed]['steps']} steps",
+                  file=sys.stderr, flush=True)
+    metric = next(iter(next(iter(results.values())).values()))["metric"]
+    agg = aggregate(results)
+    summary = {"bench": "learn", "recipe": args.recipe, "model": args.model, "token_budget": args.token_budget,
+               "metric": metric, "methods": agg, "runs": {m: {str(s): r for s, r in rs.items()} for m, rs in results.items()}}
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "table.md").write_text(markdown(agg, metric, args.token_budget))
+    plot(results, metric, out / "curves.png")
+    return {k: v for k, v in summary.items() if k != "runs"}

@@ -1,0 +1,70 @@
+"""``skpo-bench learn --quick`` end to end on a tiny model: every method family's special case (SPO's
+prompts per step, dense MC's K and M), one seed, results JSON, table and curves."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loop_child import build_assets  # noqa: E402
+
+from megatron_skpo.bench.learn import aggregate, markdown, method_overrides  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_method_overrides_keep_rows_per_step_equal():
+    class A:
+        dense_mc_k, dense_mc_m = 3, 2
+
+    assert method_overrides("grpo", A, 8, 8) == ["algo.name=grpo"]
+    assert method_overrides("spo", A, 8, 8) == ["algo.name=spo", "train.prompts_per_step=64",
+                                                "train.mini_batch_prompts=64"]
+    assert method_overrides("dense_mc", A, 8, 8)[1:] == ["algo.dense_mc.num_rollouts=3", "algo.dense_mc.num_positions=2"]
+
+
+def test_aggregate_and_table_hand_worked():
+    runs = {"grpo": {0: {"start": 0.3, "final": 0.5, "gain": 0.2, "steps": 10, "seconds": 60.0, "step_seconds": 5.0},
+                     1: {"start": 0.3, "final": 0.4, "gain": 0.1, "steps": 12, "seconds": 120.0, "step_seconds": 7.0}}}
+    agg = aggregate(runs)["grpo"]
+    assert agg["final_mean"] == pytest.approx(0.45) and agg["gain_mean"] == pytest.approx(0.15)
+    assert agg["gain_min"] == pytest.approx(0.1) and agg["minutes_mean"] == pytest.approx(1.5)
+    assert "| grpo | 2 | 30.0 | 45.0 (7.1) | +15.0 (7.1) | +10.0..+20.0 | 11.0 | 6 | 1.5 |" in markdown(
+        {"grpo": agg}, "val/avg@4", 1000)
+
+
+@pytest.mark.slow
+def test_quick_bench_end_to_end(tmp_path):
+    model = build_assets(tmp_path)
+    data = tmp_path / "problems.jsonl"
+    over = [f"data.train.path={data}", "data.train.name=null", "data.train.prompt_field=prompt",
+            "data.train.answer_field=reward_model.ground_truth", "data.train.limit=8", f"data.eval.path={data}",
+            "data.eval.name=null", "data.eval.prompt_field=prompt", "data.eval.answer_field=reward_model.ground_truth",
+            "data.eval.offset=8", "data.prompt_template=raw", "data.use_chat_template=true", "model.dtype=fp32",
+            "rollout.dtype=float32", "rollout.max_prompt_tokens=64", "rollout.max_response_tokens=12",
+            "rollout.max_model_len=256",
+            "train.prompts_per_step=2", "train.mini_batch_prompts=2", "algo.group_size=2",
+            "reward.answer_fallbacks=[last_number]", "reward.workers=1", "logging.tensorboard=false"]
+    out = tmp_path / "bench"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "megatron_skpo.cli.bench", "learn", "--quick", "--model", str(model),
+           "--methods", "skpo,spo,dense_mc", "--seeds", "0", "--out", str(out), *over]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(summary["methods"]) == {"skpo", "spo", "dense_mc"} and summary["metric"] == "val/avg@1"
+    results = json.loads((out / "results.json").read_text())
+    for method, runs in results["runs"].items():
+        run = runs["0"]
+        assert run["steps"] == 1 and run["curve"][0][0] == 0 and run["curve"][-1][0] == run["sampled_tokens"] > 0
+    spo = [json.loads(line) for line in (out / "spo" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert spo[-1]["rollout/generated_tokens"] > 0 and spo[-1]["loss/seqs"] == 4  # 2 prompts x G=2 -> 4 x 1
+    assert (out / "curves.png").stat().st_size > 10_000 and "| skpo | 1 |" in (out / "table.md").read_text()
+    # a finished run is not repeated: the second call only reads the results
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1]) == summary
