@@ -7,6 +7,7 @@ keys and values of the wrong type are errors naming the dotted path of the field
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -82,6 +83,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             except ValueError:
                 raise ConfigError(f"{path}: expected a number, got {value!r}") from None
         check(isinstance(value, (int, float)) and not isinstance(value, bool), path, f"expected a number, got {value!r}")
+        # no field means anything by inf or nan: optim.lr=.inf used to train and save NaN weights
+        check(math.isfinite(value), path, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         check(isinstance(value, str), path, f"expected a string, got {value!r}")

@@ -62,5 +62,5 @@ class RewardConfig:
                   f"got {name!r}; allowed values: {', '.join(EXTRACTORS.names())}")
         check(len(self.answer_fallbacks) > 0, "reward.answer_fallbacks", "needs at least one extractor")
         check(self.memory_mb >= 0, "reward.memory_mb", "must be >= 0")
-        check(self.timeout_s > 0, "reward.timeout_s", "must be > 0")
-        check(self.workers >= 1, "reward.workers", "must be >= 1")
+        check(0 < self.timeout_s <= 600, "reward.timeout_s", "must be in (0, 600] seconds per item")
+        check(1 <= self.workers <= 256, "reward.workers", "must be in [1, 256] processes")

