@@ -46,15 +46,14 @@ def hf_model(arch: str, seed: int = 0, **overrides):
     return model, cfg.to_dict()
 
 
-def hf_weights(model) -> dict:
-    """The model's tensors as an HF checkpoint holds them. transformers 5 keeps MoE experts fused in
-    memory (``mlp.experts.gate_up_proj [E, 2I, H]`` = gate rows then up rows, ``down_proj [E, H, I]``)
-    but saves them per expert, the format on the Hub and the one our mappings read; this splits
-    them the same way (``test_mappings`` checks it against ``save_pretrained``; that cannot run
-    here, as it writes nothing on ranks other than 0 of a distributed job)."""
+def per_expert(named: dict) -> dict:
+    """transformers 5 keeps MoE experts fused in memory (``mlp.experts.gate_up_proj [E, 2I, H]`` =
+    gate rows then up rows, ``down_proj [E, H, I]``) but saves them per expert, the format on the
+    Hub and the one our mappings read: split them the same way (``test_mappings`` checks this
+    against ``save_pretrained``, which cannot run here: it writes nothing on ranks other than 0
+    of a distributed job)."""
     out = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().clone()
+    for k, v in named.items():
         if k.endswith("mlp.experts.gate_up_proj"):
             base = k[: -len("gate_up_proj")]
             for e, (gate, up) in enumerate(zip(*torch.chunk(v, 2, dim=1))):
@@ -65,6 +64,17 @@ def hf_weights(model) -> dict:
         else:
             out[k] = v
     return out
+
+
+def hf_weights(model) -> dict:
+    """The model's tensors as an HF checkpoint holds them (:func:`per_expert`)."""
+    return per_expert({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def hf_grads(model) -> dict:
+    """The parameters' ``.grad`` under checkpoint names (zeros where there is none)."""
+    return per_expert({k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+                       for k, p in model.named_parameters()})
 
 
 def rollout(num: int = 6, vocab: int = 200, seed: int = 1):
@@ -85,3 +95,19 @@ def policy_gradient_loss(logp, entropy, batch):
     mask, adv = batch.loss_mask, batch.token_values["adv"]
     local = (-(adv * logp) * mask).sum() - 0.01 * (entropy * mask).sum()
     return local, {"tokens": mask.sum()}
+
+
+def hf_policy_loss(model, batch=None) -> float:
+    """:func:`policy_gradient_loss`, token-normalised over ``batch`` (default :func:`rollout`), from
+    transformers' own forward (fp64 log-softmax of its logits)."""
+    tokens, masks, adv = batch if batch is not None else rollout()
+    total, count = 0.0, 0.0
+    for t, m, a in zip(tokens, masks, adv):
+        with torch.no_grad():
+            logits = model(t[None]).logits[0, :-1].double()
+        logp_all = torch.log_softmax(logits, -1)
+        logp = logp_all.gather(1, t[1:, None])[:, 0]
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        total += float((-(a[1:] * logp) * m[1:]).sum() - 0.01 * (ent * m[1:]).sum())
+        count += float(m[1:].sum())
+    return total / count
