@@ -69,7 +69,7 @@ def build_run(cfg: Config, engine: Optional[Any] = None) -> Run:
         engine = runtime.build_engine(cfg, world, runtime.template_stop(cfg))
     else:
         engine.settings = runtime.sampling_settings(cfg, runtime.template_stop(cfg))
-    initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
+    initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, ep=cfg.parallel.ep)
     hf_config, weights = runtime.hf_state(cfg.model.hf_path)
     updates = cfg.train.steps * (cfg.train.prompts_per_step // cfg.train.mini_batch_prompts)
     policy = runtime.build_policy_from(cfg, hf_config, weights, updates)

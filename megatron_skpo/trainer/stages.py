@@ -134,7 +134,7 @@ def grads_finite(policy) -> bool:
 
 def update(run: Run, minis: list[MiniBatch]) -> dict[str, float]:
     """One optimizer step per mini-batch; non-finite loss or gradients skip the step (counted)."""
-    from megatron_skpo.model.train_step import reduce_metrics, forward_backward, optimizer_step, zero_grads
+    from megatron_skpo.model.train_step import reduce_metrics, forward_backward, moe_metrics, optimizer_step, zero_grads
 
     sums: dict[str, float] = {}
     for m in minis:
@@ -144,7 +144,8 @@ def update(run: Run, minis: list[MiniBatch]) -> dict[str, float]:
         finite = grads_finite(run.policy)
         if run.guard.check(reduced.get("loss", 0.0), 0.0 if finite else float("nan")):
             reduced.update(optimizer_step(run.policy))
-        out = {**reduce_loss_metrics(reduced), **{k: reduced[k] for k in ("grad_norm", "lr") if k in reduced}}
+        out = {**reduce_loss_metrics(reduced), **{k: reduced[k] for k in ("grad_norm", "lr") if k in reduced},
+               **moe_metrics(run.policy)}  # MoE routing statistics of this update ({} for dense models)
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + v / len(minis)
     run.progress.extra["kl"] = max(float(sums.get("loss/kl_old_k3", sums.get("loss/down/kl_old_k3", 0.0))), 0.0)
