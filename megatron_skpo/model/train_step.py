@@ -153,13 +153,12 @@ def _is_filler(batch: PackedBatch) -> bool:
     return all(i < 0 for i in batch.seq_index)
 
 
-def _filler(like: PackedBatch) -> PackedBatch:
-    """A micro-batch of padding only (``seq_index`` ``[-1]``, no loss tokens), as many tokens as
-    the TP size (sequence parallelism splits the sequence over TP ranks)."""
+def _filler() -> PackedBatch:
+    """A micro-batch of padding only (``seq_index`` ``[-1]``, no loss tokens, never given to a loss
+    function), as many tokens as the TP size (sequence parallelism splits them over TP ranks)."""
     n = ps.get_tensor_model_parallel_world_size()
-    zeros = torch.zeros(n)
     return PackedBatch(torch.zeros(1, n, dtype=torch.long), torch.arange(n)[None], torch.zeros(n, dtype=torch.long),
-                       zeros, [n], [-1], {k: zeros.clone() for k in like.token_values})
+                       torch.zeros(n), [n], [-1])
 
 
 def pad_for_expert_parallel(micro_batches: list[PackedBatch]) -> list[PackedBatch]:
@@ -172,7 +171,7 @@ def pad_for_expert_parallel(micro_batches: list[PackedBatch]) -> list[PackedBatc
         return micro_batches
     count = torch.tensor([len(micro_batches)], dtype=torch.int64)
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
-    return micro_batches + [_filler(micro_batches[0]) for _ in range(int(count) - len(micro_batches))]
+    return micro_batches + [_filler() for _ in range(int(count) - len(micro_batches))]
 
 
 @contextlib.contextmanager
