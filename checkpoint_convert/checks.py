@@ -32,20 +32,31 @@ def architecture(hf_config: dict) -> ModuleType:
     return mapping
 
 
-def check_parallel(hf_config: dict, tp: int, pp: int, padded: int) -> None:
-    """Error naming the field when TP/PP cannot split this model evenly."""
-    if tp < 1 or pp < 1:
-        raise ConvertError(f"--tp {tp} --pp {pp}: both must be >= 1")
+def check_parallel(hf_config: dict, tp: int, pp: int, padded: int, ep: int = 1) -> None:
+    """Error naming the field when TP/PP/EP cannot split this model evenly."""
+    from megatron_skpo.model.hf_config import moe_spec
+
+    if tp < 1 or pp < 1 or ep < 1:
+        raise ConvertError(f"--tp {tp} --pp {pp} --ep {ep}: all must be >= 1")
     heads = int(hf_config["num_attention_heads"])
+    moe = moe_spec(hf_config)
     sizes = {"num_attention_heads": heads,
              "num_key_value_heads": int(hf_config.get("num_key_value_heads") or heads),
-             "intermediate_size": int(hf_config["intermediate_size"]),
              "vocab_size (padded)": padded}
+    if moe is None:
+        sizes["intermediate_size"] = int(hf_config["intermediate_size"])
+    else:  # each expert is split over TP (Megatron's expert tensor parallelism equals TP here)
+        sizes["moe_intermediate_size"] = moe.ffn_hidden_size
     bad = [f"{k}={v}" for k, v in sizes.items() if v % tp]
     if bad:
         raise ConvertError(f"TP={tp} does not divide {', '.join(bad)}")
     if int(hf_config["num_hidden_layers"]) % pp:
         raise ConvertError(f"PP={pp} does not divide num_hidden_layers={hf_config['num_hidden_layers']}")
+    if ep > 1 and moe is None:
+        raise ConvertError(f"EP={ep}: expert parallelism needs a mixture-of-experts model "
+                           f"(model_type '{hf_config.get('model_type')}' is dense; use --ep 1)")
+    if moe is not None and moe.num_experts % ep:
+        raise ConvertError(f"EP={ep} does not divide num_experts={moe.num_experts}")
 
 
 def expected_hf(mapping: ModuleType, hf_config: dict, params: dict[str, torch.Tensor]) -> dict[int, dict]:

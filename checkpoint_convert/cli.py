@@ -1,8 +1,8 @@
 """``skpo-convert``: HF <-> Megatron checkpoints and a strict logit check.
 
-  skpo-convert hf-to-mcore --hf DIR|FILE.gguf --out DIR --tp N --pp M [--dtype auto|bf16|fp16|fp32]
+  skpo-convert hf-to-mcore --hf DIR|FILE.gguf --out DIR --tp N --pp M [--ep E] [--dtype auto|bf16|fp16|fp32]
   skpo-convert mcore-to-hf --mcore DIR --out DIR [--like HF_DIR] [--max-shard-size 5GB] [--trust-checkpoint]
-  skpo-convert verify --hf DIR|FILE.gguf --mcore DIR [--tp N] [--max-abs 1e-4 ...] [--trust-checkpoint]
+  skpo-convert verify --hf DIR|FILE.gguf --mcore DIR [--tp N] [--ep E] [--max-abs 1e-4 ...] [--trust-checkpoint]
 
 Each command prints one JSON line. Exit status: 0 success, 1 verification above a threshold,
 2 invalid input (nothing written; the message names the file, tensor or field).
@@ -50,7 +50,7 @@ def _hf_to_mcore(a: argparse.Namespace) -> int:
     check_separate(a.out, {"--hf": a.hf})  # a .gguf input is dequantised first: check the file itself
     with hf_source(a.hf, _gguf_dtype(a.dtype)) as hf_dir:
         report = hf_to_mcore(hf_dir, a.out, tp=a.tp, pp=a.pp, dtype=a.dtype, force=a.force,
-                             vocab_divisible_by=a.vocab_divisible_by)
+                             vocab_divisible_by=a.vocab_divisible_by, ep=a.ep)
     print(json.dumps(report.as_dict()))
     return 0
 
@@ -70,12 +70,13 @@ def _verify(a: argparse.Namespace) -> int:
     th = Thresholds(max_abs=a.max_abs, mean_abs=a.mean_abs, kl_max=a.kl_max, top1_min=a.top1_min)
     try:
         with hf_source(a.hf, "float32") as hf_dir:
-            result = verify(hf_dir, a.mcore, tp=a.tp, th=th, trust_checkpoint=a.trust_checkpoint)
+            result = verify(hf_dir, a.mcore, tp=a.tp, th=th, trust_checkpoint=a.trust_checkpoint, ep=a.ep)
     except (KeyboardInterrupt, SystemExit, UntrustedCheckpointError):
         raise
     except BaseException as e:  # a checkpoint that does not even load fails verification too
         # (torch.distributed.checkpoint's CheckpointException derives from BaseException)
-        result = {"ok": False, "failed": ["load"], "error": f"{type(e).__name__}: {e}"[:2000], "tp": a.tp}
+        result = {"ok": False, "failed": ["load"], "error": f"{type(e).__name__}: {e}"[:2000], "tp": a.tp,
+                  "ep": a.ep}
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True)
     a.add_argument("--tp", type=int, default=1, help="tensor-parallel layout to write")
     a.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (checked, recorded)")
+    a.add_argument("--ep", type=int, default=1, help="expert-parallel size of an MoE model (checked, recorded)")
     a.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     a.add_argument("--vocab-divisible-by", type=int, default=128,
                    help="Megatron's make_vocab_size_divisible_by (vocab padded to a multiple of it x TP; 0: none)")
@@ -107,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--hf", required=True)
     c.add_argument("--mcore", required=True)
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load the checkpoint at")
+    c.add_argument("--ep", type=int, default=1, help="expert-parallel size to load an MoE checkpoint at "
+                   "(tp * ep ranks)")
     defaults = Thresholds()
     for name in ("max_abs", "mean_abs", "kl_max", "top1_min"):
         c.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))

@@ -55,8 +55,12 @@ def _report(direction: str, out: Path, m: Measure, nbytes: int) -> ConvertReport
 
 
 def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1,
-                dtype: str = "auto", force: bool = False, vocab_divisible_by: int = 128) -> ConvertReport:
+                dtype: str = "auto", force: bool = False, vocab_divisible_by: int = 128,
+                ep: int = 1) -> ConvertReport:
     """Write a Megatron dist checkpoint of the HF model in ``hf_dir`` laid out for TP=``tp``.
+
+    PP and EP (``pp``, ``ep``) are checked and recorded: a dist checkpoint stores global tensors
+    (each routed expert is its own chunk), so any pipeline or expert-parallel layout loads it.
 
     Args:
         dtype: ``auto`` keeps each tensor's stored dtype; ``bf16``/``fp16``/``fp32`` cast.
@@ -69,7 +73,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 
     src = hf_io.open_hf(hf_dir)
     cfg, mapping = src.config, checks.architecture(src.config)
     padded = padded_vocab_size(int(cfg["vocab_size"]), tp, vocab_divisible_by)
-    checks.check_parallel(cfg, tp, pp, padded)
+    checks.check_parallel(cfg, tp, pp, padded, ep)
     tpl = mcore_io.template(cfg, padded)
     expected = checks.expected_hf(mapping, cfg, tpl.params)
     checks.check_hf_tensors({n: t.shape for n, t in src.tensors.items()}, expected, str(src.root))
@@ -80,7 +84,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 
         shards: dict[str, object] = {**mcore_io.objects(tpl), **source.meta_shards()}
         stored = sorted({str(st.dtype).removeprefix("torch.") for v in shards.values()
                          if isinstance(v, list) for st in v})
-        meta = dict(tp=tp, pp=pp, dtype=stored, vocab_size=int(cfg["vocab_size"]), padded_vocab_size=padded,
+        meta = dict(tp=tp, pp=pp, ep=ep, dtype=stored, vocab_size=int(cfg["vocab_size"]), padded_vocab_size=padded,
                     model_type=cfg["model_type"], source=str(Path(hf_dir).absolute()))
         mcore_io.save(tmp, shards, meta, StreamingSaveStrategy(source))
         (tmp / mcore_io.HF_SIDE).mkdir()

@@ -88,7 +88,7 @@ def template(hf_config: dict, padded_vocab: int) -> Template:
     # Not builder.build_gpt_model: it installs the HF rotary frequencies by a copy that the meta
     # device cannot do, and the template needs no rotary data anyway.
     with torch.device("meta"):
-        model = GPTModel(config=config, transformer_layer_spec=layer_spec("local"), pre_process=True,
+        model = GPTModel(config=config, transformer_layer_spec=layer_spec("local", config), pre_process=True,
                          post_process=True, parallel_output=True,
                          **{**gpt_model_kwargs(hf_config), "vocab_size": padded_vocab})
     params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}

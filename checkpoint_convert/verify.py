@@ -1,11 +1,12 @@
 """Strict equivalence check: the same prompts through the HF model and the Megatron checkpoint.
 
 The Megatron side is the real ``GPTModel`` (:func:`megatron_skpo.model.builder.build_gpt_model`)
-at tensor-parallel size ``tp``, loaded with ``dist_checkpointing.load(model.sharded_state_dict())``
+at tensor-parallel size ``tp`` (and, for MoE models, expert-parallel size ``ep``), loaded with ``dist_checkpointing.load(model.sharded_state_dict())``
 exactly as the trainer and Megatron-LM load it (so this also checks resharding when ``tp``
 differs from the TP the checkpoint was written for). Both sides run in fp32; the vocab-parallel
-logits are gathered over TP and the padding columns dropped. For TP > 1 the ranks are gloo
-processes spawned here.
+logits are gathered over TP and the padding columns dropped. For TP * EP > 1 the ranks are gloo
+processes spawned here (the ``ep`` data-parallel replicas all run the prompts: every forward of
+an MoE layer is an all-to-all over them).
 
 Metrics over all N prompt positions (``p``: HF, ``q``: Megatron softmax):
     max_abs = max |z_hf - z_mc|,  mean_abs = mean |z_hf - z_mc|,
@@ -71,7 +72,8 @@ def hf_logits(hf_dir: Path, prompts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([model(input_ids=p).logits[0] for p in prompts])
 
 
-def _mcore_logits_rank(tp: int, hf_config: dict, ckpt_dir: str, prompts: list[torch.Tensor]) -> Optional[torch.Tensor]:
+def _mcore_logits_rank(tp: int, hf_config: dict, ckpt_dir: str, prompts: list[torch.Tensor],
+                       ep: int = 1) -> Optional[torch.Tensor]:
     """This rank's part of the Megatron forward; rank 0 returns the gathered ``[N, V]`` logits."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -79,7 +81,7 @@ def _mcore_logits_rank(tp: int, hf_config: dict, ckpt_dir: str, prompts: list[to
 
     from megatron_skpo.model.builder import build_gpt_model, initialize_parallel
 
-    initialize_parallel(tp, 1)
+    initialize_parallel(tp, 1, ep=ep)
     model = build_gpt_model(hf_config, dtype="fp32", impl="local")
     # Megatron-LM's layout: the model's shards under "model", beside the common entries.
     model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt_dir)["model"])
@@ -116,10 +118,11 @@ def _worker(rank: int, world: int, port: int, queue, args: tuple) -> None:
 
 
 def mcore_logits(tp: int, hf_config: dict, ckpt_dir: str, prompts: list[torch.Tensor],
-                 timeout_s: float = 600.0) -> torch.Tensor:
-    """Gathered Megatron logits ``[N, V]``: in this process for TP=1, else ``tp`` gloo processes."""
-    args = (tp, hf_config, ckpt_dir, prompts)
-    if tp == 1:
+                 timeout_s: float = 600.0, ep: int = 1) -> torch.Tensor:
+    """Gathered Megatron logits ``[N, V]``: in this process for TP=EP=1, else ``tp * ep`` gloo processes."""
+    args = (tp, hf_config, ckpt_dir, prompts, ep)
+    world = tp * ep
+    if world == 1:
         from checkpoint_convert.mcore_io import ensure_single_process_group
 
         ensure_single_process_group()
@@ -131,11 +134,11 @@ def mcore_logits(tp: int, hf_config: dict, ckpt_dir: str, prompts: list[torch.Te
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, tp, port, queue, args)) for r in range(tp)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, queue, args)) for r in range(world)]
     for p in procs:
         p.start()
     try:
-        results = [queue.get(timeout=timeout_s) for _ in range(tp)]
+        results = [queue.get(timeout=timeout_s) for _ in range(world)]
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -148,7 +151,7 @@ def mcore_logits(tp: int, hf_config: dict, ckpt_dir: str, prompts: list[torch.Te
 
 
 def verify(hf_dir: str | Path, mcore_dir: str | Path, tp: int = 1, th: Thresholds = Thresholds(),
-           trust_checkpoint: bool = False) -> dict:
+           trust_checkpoint: bool = False, ep: int = 1) -> dict:
     """Run both models on the same prompts; the result dict has ``ok`` and the failed metric names.
 
     The Megatron model loads everything in the checkpoint, pickled byte objects included, so unless
@@ -165,7 +168,7 @@ def verify(hf_dir: str | Path, mcore_dir: str | Path, tp: int = 1, th: Threshold
     prompts = prompt_ids(hf_dir, int(ck.hf_config["vocab_size"]))
     ref = hf_logits(hf_dir, prompts)
     check_unchanged(ck)
-    got = mcore_logits(tp, ck.hf_config, str(checkpoint_dir(Path(mcore_dir))), prompts)
+    got = mcore_logits(tp, ck.hf_config, str(checkpoint_dir(Path(mcore_dir))), prompts, ep=ep)
     metrics = compare_logits(ref, got)
     bad = failures(metrics, th)
-    return {"ok": not bad, "failed": bad, **metrics, "tp": tp, "thresholds": vars(th)}
+    return {"ok": not bad, "failed": bad, **metrics, "tp": tp, "ep": ep, "thresholds": vars(th)}

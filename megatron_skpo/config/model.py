@@ -21,9 +21,14 @@ class ModelConfig:
     logprob_chunk_size: int = doc(1024, "tokens per chunk in the fused vocab-parallel log-prob kernel")
     vocab_divisible_by: int = doc(
         128, "pad the vocabulary to a multiple of this times TP (Megatron-LM's rule); padding is masked")
+    moe_aux_loss_coef: Optional[float] = doc(
+        None, "MoE load-balancing loss coefficient in HF's terms (router_aux_loss_coef); null = as the HF "
+        "config applies it: router_aux_loss_coef when output_router_logits is true, else 0 (ignored for dense models)")
 
     def __post_init__(self):
         check(self.logprob_chunk_size > 0, "model.logprob_chunk_size", "must be > 0")
+        check(self.moe_aux_loss_coef is None or self.moe_aux_loss_coef >= 0, "model.moe_aux_loss_coef",
+              "must be >= 0 (or null)")
         check(self.vocab_divisible_by > 0, "model.vocab_divisible_by", "must be > 0")
         check(not (self.fp8 and self.transformer_impl == "local"), "model.fp8",
               "needs transformer_impl auto or transformer_engine (FP8 runs through Transformer Engine)")
@@ -35,6 +40,8 @@ class ParallelConfig:
 
     tp: int = doc(1, "tensor-parallel size of the trainer")
     pp: int = doc(1, "pipeline-parallel size of the trainer")
+    ep: int = doc(1, "expert-parallel size (MoE models): routed experts split over ep data-parallel ranks; "
+                  "must divide the data-parallel size and the model's number of experts (checked at start)")
     sequence_parallel: bool = doc(False, "Megatron sequence parallelism (GPU only, needs tp > 1)")
     distributed_optimizer: bool = doc(True, "shard optimizer state over data-parallel ranks")
     share_prompts: bool = doc(True, "pack rows with the same prompt so it is computed once (model/packing.py); "
@@ -44,5 +51,6 @@ class ParallelConfig:
     def __post_init__(self):
         check(self.tp >= 1, "parallel.tp", "must be >= 1")
         check(self.pp >= 1, "parallel.pp", "must be >= 1")
+        check(self.ep >= 1, "parallel.ep", "must be >= 1")
         check(self.micro_batch_tokens > 0, "parallel.micro_batch_tokens", "must be > 0")
         check(not (self.sequence_parallel and self.tp == 1), "parallel.sequence_parallel", "needs tp > 1")

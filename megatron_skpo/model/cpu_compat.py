@@ -31,6 +31,19 @@ Patch points:
        sequence-parallel gathers) allocate their outputs on the CPU.
   11.  ``dist_checkpointing`` save: its strategies call ``torch.cuda.synchronize()`` and allocate status flags on ``torch.cuda.current_device()``
        (``filesystem_async``, ``state_dict_saver``, ``async_utils``).
+  12.  MoE router: ``TopKRouter.gating`` moves a CPU router weight to
+       ``torch.cuda.current_device()`` before every forward (here: to the CPU, a no-op).
+  13.  MoE all-to-all token dispatcher (the one that accepts variable sequence lengths): it
+       creates a ``torch.cuda.Stream()`` when built and copies the split sizes to the host on it
+       (``_maybe_dtoh_and_synchronize``); here streams are inert stand-ins
+       (:class:`_CpuStream`). Its host copy (``maybe_move_tensor_to_cpu``) turns only *CUDA*
+       tensors into the numpy arrays ``all_to_all_single`` takes as split sizes, and passes CPU
+       tensors through, which the collective rejects: CPU tensors asked for as numpy become numpy.
+  14.  MoE utilities (``transformer.moe.moe_utils``), a Transformer Engine dependency rather than
+       a CUDA one: without TE the module leaves the TE kernels it tests for undefined
+       (``te_general_gemm is not None`` in the router's gating GEMM, the fused permute/aux-loss
+       kernels), so the router's non-TE path raises NameError. They are defined as ``None``,
+       which selects megatron-core's own torch implementations (only where TE is missing).
 """
 from __future__ import annotations
 
@@ -68,6 +81,35 @@ def _factory(fn: Callable) -> Callable:
     return wrapped
 
 
+class _CpuEvent:
+    """A recorded point on a :class:`_CpuStream`: CPU work is already complete when recorded."""
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+class _CpuStream:
+    """A CUDA stream stand-in: CPU ops run in program order, so waiting is a no-op."""
+
+    def wait_stream(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def record_event(self, *args: Any, **kwargs: Any) -> _CpuEvent:
+        return _CpuEvent()
+
+
+_STREAM = _CpuStream()
+
+
 class _CpuCuda:
     """``torch.cuda`` as megatron-core's allocation and RNG calls see it on a CPU-only host."""
 
@@ -75,6 +117,10 @@ class _CpuCuda:
         return getattr(torch.cuda, name)
 
     current_device = staticmethod(lambda: _CPU)
+    # one stream object: "am I on a side stream?" checks (``current_stream() != stream``) say no
+    Stream = staticmethod(lambda *a, **k: _STREAM)
+    current_stream = staticmethod(lambda *a, **k: _STREAM)
+    stream = staticmethod(lambda *a, **k: contextlib.nullcontext())
     synchronize = staticmethod(lambda *a, **k: None)
     empty_cache = staticmethod(lambda: None)
     get_rng_state = staticmethod(lambda *a, **k: torch.get_rng_state())
@@ -183,6 +229,38 @@ def _patch_tied_embeddings() -> None:
         LanguageModule.setup_embeddings_and_output_layer, _cuda_is_identity)
 
 
+# Transformer Engine kernels moe_utils names unconditionally but imports only with TE (point 14).
+_MOE_TE_NAMES = ("te_general_gemm", "fused_topk_with_score_function", "fused_compute_score_for_moe_aux_loss",
+                 "fused_moe_aux_loss", "fused_permute", "fused_permute_with_probs", "fused_sort_chunks_by_index",
+                 "fused_sort_chunks_by_index_with_probs", "fused_unpermute")
+
+
+def _patch_moe_utils() -> None:
+    """Point 14: moe_utils' TE-only kernel names exist (as ``None``) when TE is not installed."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not moe_utils.HAVE_TE:
+        for name in _MOE_TE_NAMES:
+            if not hasattr(moe_utils, name):
+                setattr(moe_utils, name, None)
+
+
+def _patch_moe_token_dispatcher() -> None:
+    """Point 13: inert streams in the dispatcher; its split sizes reach the all-to-all as numpy."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    _proxy_torch(token_dispatcher.__name__)
+    to_host = token_dispatcher.maybe_move_tensor_to_cpu
+
+    @functools.wraps(to_host)
+    def host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return to_host(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = host_copy
+
+
 PATCH_POINTS: dict[str, Callable[[], None]] = {
     "rng": _patch_rng,
     # also covers local_multi_tensor_l2_norm/scale (grad clipping without apex/TE) in the same module
@@ -200,6 +278,9 @@ PATCH_POINTS: dict[str, Callable[[], None]] = {
     "tp_mappings": lambda: _proxy_torch("megatron.core.tensor_parallel.mappings"),
     "dist_checkpointing": lambda: [_proxy_torch(f"megatron.core.dist_checkpointing.strategies.{m}")
                                    for m in ("filesystem_async", "state_dict_saver", "async_utils")],
+    "moe_router": lambda: _proxy_torch("megatron.core.transformer.moe.router"),
+    "moe_token_dispatcher": _patch_moe_token_dispatcher,
+    "moe_utils": _patch_moe_utils,
 }
 
 

@@ -4,10 +4,15 @@ Pure functions over the plain config dict (what ``config.json`` holds, or
 ``PretrainedConfig.to_dict()``), so they read transformers 4.x (``rope_theta`` + ``rope_scaling``)
 and 5.x (``rope_parameters``) files alike without importing transformers.
 
-Supported: Llama 2/3/3.1/3.2 (``model_type="llama"``; Llama-3.x "llama3" rope scaling; tied or
-untied embeddings) and Qwen2/Qwen2.5 (``model_type="qwen2"``; bias on q/k/v only). Anything the
-Megatron GPT layer cannot express exactly is rejected with an error naming the field, rather than
-silently producing a different model.
+Supported (``model_type``; every one tied or untied):
+  * ``llama``: Llama 2/3/3.1/3.2 (Llama-3.x "llama3" rope scaling);
+  * ``mistral``: Mistral (sliding-window attention when ``sliding_window`` is set);
+  * ``qwen2``: Qwen2/Qwen2.5 (bias on q/k/v only);
+  * ``qwen3``: Qwen3 dense (RMSNorm on each query/key head, no biases);
+  * ``qwen3_moe``: Qwen3-MoE (the Qwen3 attention; every layer a routed-expert MLP with a softmax
+    top-k router, ``norm_topk_prob`` renormalisation, no shared expert).
+Anything the Megatron GPT layer cannot express exactly is rejected with an error naming the field,
+rather than silently producing a different model.
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-SUPPORTED = ("llama", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+QK_NORM = ("qwen3", "qwen3_moe")
 
 
 class HFConfigError(ValueError):
@@ -85,27 +91,133 @@ def head_dim(hf: dict) -> int:
     return int(_get(hf, "head_dim", _get(hf, "hidden_size", required=True) // heads))
 
 
+@dataclass(frozen=True)
+class MoESpec:
+    """The routed-expert MLP of a Qwen3-MoE config, in HF's own terms.
+
+    ``aux_loss_coef`` is the load-balancing coefficient HF applies in training: the config's
+    ``router_aux_loss_coef`` when ``output_router_logits`` is true (HF adds the loss only then),
+    else 0. :func:`megatron_aux_loss_coeff` turns it into Megatron's per-layer coefficient.
+    """
+
+    num_experts: int
+    topk: int
+    ffn_hidden_size: int
+    norm_topk_prob: bool
+    aux_loss_coef: float
+
+
+def _layer_types(hf: dict) -> list[str]:
+    return list(hf.get("layer_types") or [])
+
+
+def sliding_window(hf: dict) -> Optional[int]:
+    """Mistral's attention window in tokens (a query sees itself and the W-1 tokens before it),
+    or ``None`` for full causal attention."""
+    if hf.get("model_type") != "mistral" or hf.get("sliding_window") is None:
+        return None
+    window = int(hf["sliding_window"])
+    if window < 1:
+        raise HFConfigError(f"config.json: sliding_window={window} must be >= 1 (or null for full attention)")
+    return window
+
+
+def _check_qwen3(hf: dict) -> None:
+    if hf.get("attention_bias"):
+        raise HFConfigError("config.json: attention_bias=true on Qwen3 is not supported (Megatron's "
+                            "add_bias_linear would also add MLP biases)")
+    if hf.get("use_sliding_window") or "sliding_attention" in _layer_types(hf):
+        raise HFConfigError("config.json: use_sliding_window=true / sliding_attention layers on Qwen3 are "
+                            "not supported (no released Qwen3 uses them)")
+
+
+def moe_spec(hf: dict) -> Optional[MoESpec]:
+    """The routed experts of a ``qwen3_moe`` config (``None`` for dense models); errors name the
+    field when some layers would not be MoE layers or a shared expert is configured."""
+    if hf.get("model_type") != "qwen3_moe":
+        return None
+    # transformers 5 writes num_local_experts for what Qwen's own configs call num_experts
+    experts = hf.get("num_experts", hf.get("num_local_experts"))
+    if experts is None:
+        raise HFConfigError("config.json: missing required field 'num_experts'")
+    topk = int(_get(hf, "num_experts_per_tok", required=True))
+    if not 1 <= topk <= int(experts):
+        raise HFConfigError(f"config.json: num_experts_per_tok={topk} must be in [1, num_experts={experts}]")
+    if int(_get(hf, "decoder_sparse_step", 1)) != 1 or _get(hf, "mlp_only_layers", []):
+        raise HFConfigError("config.json: decoder_sparse_step != 1 or a non-empty mlp_only_layers (dense "
+                            "layers between MoE layers) is not supported: every layer must be an MoE layer")
+    if hf.get("shared_expert_intermediate_size"):
+        raise HFConfigError("config.json: shared_expert_intermediate_size is not supported (Qwen3-MoE has no "
+                            "shared expert)")
+    coef = float(_get(hf, "router_aux_loss_coef", 0.0)) if hf.get("output_router_logits") else 0.0
+    return MoESpec(num_experts=int(experts), topk=topk,
+                   ffn_hidden_size=int(_get(hf, "moe_intermediate_size", required=True)),
+                   norm_topk_prob=bool(_get(hf, "norm_topk_prob", False)), aux_loss_coef=coef)
+
+
+def megatron_aux_loss_coeff(hf_coef: float, topk: int, num_moe_layers: int) -> float:
+    """Megatron's per-layer ``moe_aux_loss_coeff`` for HF's ``router_aux_loss_coef``.
+
+    Per layer, Megatron's Switch loss is ``E / topk * sum_e f_e P_e`` (``f_e``: share of tokens
+    routed to expert e, ``P_e``: mean router probability of e) and it adds one per MoE layer; HF's
+    ``load_balancing_loss_func`` is ``E * sum_e f_e P_e`` once, with ``f`` and ``P`` pooled over
+    the tokens of all layers. Scaling by ``topk / num_moe_layers`` makes Megatron's total
+    ``hf_coef * mean over layers of the per-layer HF loss``: exactly HF's loss with one MoE
+    layer; with several it differs from HF's pooled statistic by the across-layer covariance of
+    ``f_e`` and ``P_e`` (zero when every layer routes alike).
+    """
+    return hf_coef * topk / max(num_moe_layers, 1)
+
+
 def _check_supported(hf: dict) -> str:
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
-        raise HFConfigError(f"config.json: model_type '{kind}' is not supported ({', '.join(SUPPORTED)})")
+        raise HFConfigError(f"config.json: model_type '{kind}' is not supported (supported: {', '.join(SUPPORTED)})")
     if _get(hf, "hidden_act", "silu") != "silu":
         raise HFConfigError(f"config.json: hidden_act '{hf['hidden_act']}' is not supported (silu)")
     if kind == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         raise HFConfigError("config.json: attention_bias/mlp_bias on Llama are not supported")
     if kind == "qwen2" and hf.get("use_sliding_window"):
         raise HFConfigError("config.json: use_sliding_window=true is not supported")
+    if kind in QK_NORM:
+        _check_qwen3(hf)
+    if kind == "mistral":
+        sliding_window(hf)
+        if len(set(_layer_types(hf))) > 1:
+            raise HFConfigError("config.json: layer_types mixing full and sliding attention on Mistral is not "
+                                "supported (Ministral-style alternation)")
+    moe_spec(hf)
     return kind
+
+
+def _moe_kwargs(moe: MoESpec, num_layers: int) -> dict[str, Any]:
+    """Megatron's routed-expert fields for HF's router: softmax scores; ``norm_topk_prob`` =
+    top-k of the logits then a softmax over those k (the same as renormalising the top-k of the
+    full softmax), else the top-k of the full softmax as they are (``moe_router_pre_softmax``)."""
+    return dict(num_moe_experts=moe.num_experts, moe_router_topk=moe.topk,
+                moe_ffn_hidden_size=moe.ffn_hidden_size, moe_router_score_function="softmax",
+                moe_router_pre_softmax=not moe.norm_topk_prob, moe_router_load_balancing_type="aux_loss",
+                moe_aux_loss_coeff=megatron_aux_loss_coeff(moe.aux_loss_coef, moe.topk, num_layers),
+                moe_grouped_gemm=False, moe_shared_expert_intermediate_size=None)
 
 
 def transformer_config_kwargs(hf: dict) -> dict[str, Any]:
     """Architecture fields of ``TransformerConfig`` (no parallelism, dtype or device choices)."""
     kind = _check_supported(hf)
     heads = int(_get(hf, "num_attention_heads", required=True))
+    layers = int(_get(hf, "num_hidden_layers", required=True))
+    window = sliding_window(hf)
+    moe = moe_spec(hf)
+    extra: dict[str, Any] = dict(qk_layernorm=kind in QK_NORM)
+    if window is not None:  # Megatron's (left, right) keeps keys i-left..i+right: HF's W is (W-1, 0)
+        extra["window_size"] = (window - 1, 0)
+    if moe is not None:
+        extra.update(_moe_kwargs(moe, layers))
     return dict(
-        num_layers=int(_get(hf, "num_hidden_layers", required=True)),
+        num_layers=layers,
         hidden_size=int(_get(hf, "hidden_size", required=True)),
-        ffn_hidden_size=int(_get(hf, "intermediate_size", required=True)),
+        # an all-MoE model never uses the dense size; Megatron still wants one
+        ffn_hidden_size=int(_get(hf, "intermediate_size", required=moe is None) or moe.ffn_hidden_size),
         num_attention_heads=heads,
         num_query_groups=int(_get(hf, "num_key_value_heads", heads)),
         kv_channels=head_dim(hf),
@@ -119,6 +231,7 @@ def transformer_config_kwargs(hf: dict) -> dict[str, Any]:
         attention_dropout=float(_get(hf, "attention_dropout", 0.0)),
         init_method_std=float(_get(hf, "initializer_range", 0.02)),
         attention_softmax_in_fp32=True,
+        **extra,
     )
 
 

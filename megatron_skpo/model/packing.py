@@ -161,6 +161,15 @@ def pack_trees(tokens: Sequence[torch.Tensor], loss_masks: Sequence[torch.Tensor
                        {k: torch.cat(v) for k, v in layout.vals.items()})
 
 
+def padding_batch(n: int) -> PackedBatch:
+    """A micro-batch of ``n`` padding tokens only (one row with ``seq_index`` -1, no loss tokens)."""
+    layout = lay_out([], [], [], {})
+    layout.pad(n)
+    return PackedBatch(torch.cat(layout.ids)[None], torch.cat(layout.pos)[None], torch.cat(layout.tgt),
+                       torch.cat(layout.mask), [n], [-1], [layout.rows[0][1]], torch.cat(layout.seg), layout.parents,
+                       layout.blocks, {})
+
+
 def pack(tokens: Sequence[torch.Tensor], loss_masks: Sequence[torch.Tensor], index: list[int],
          token_values: Optional[dict[str, Sequence[torch.Tensor]]] = None, pad_to: int = 1) -> PackedBatch:
     """Rows ``index`` as one micro-batch, each row its own sequence (no sharing), in order."""

@@ -14,6 +14,11 @@ the batch is split over DP ranks and micro-batches.
 Schedule: Megatron's ``OptimizerParamScheduler`` with linear warm-up from 0, advanced *before*
 each optimizer step, so step k (1-based) uses ``lr * min(1, k / warmup_steps)`` (Megatron-LM
 advances after the step, which spends the first step at lr 0).
+
+Mixture of experts: Megatron's load-balancing loss (``moe_aux_loss_coeff`` > 0) is added as a
+token-weighted mean over the step's micro-batches (:func:`.router_stats.aux_loss_scale`), and
+:func:`moe_metrics` reports the routing statistics of the training forwards since its last call
+(``train_step`` includes them). The fused log-prob is the same for dense and MoE models.
 """
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_skpo.model.builder import build_gpt_model
 from megatron_skpo.model.logprob import fused_logprob_entropy
 from megatron_skpo.model.attention import SDPAttention
-from megatron_skpo.model.packing import AttentionBlocks, PackedBatch
+from megatron_skpo.model.packing import AttentionBlocks, PackedBatch, padding_batch
+from megatron_skpo.model.router_stats import RouterStats, aux_loss_scale, router_metrics
 from megatron_skpo.model.weights import load_hf
 
 if TYPE_CHECKING:  # the model layer takes the optimizer section duck-typed; config sits above it
@@ -54,6 +60,7 @@ class Policy:
     hf_config: dict
     temperature: float = 1.0  # the sampler's: log-probs are of softmax(logits / temperature)
     logprob_chunk: int = 1024
+    router_stats: Optional[RouterStats] = None  # MoE models: per-expert token counts
 
     @property
     def gpt(self):
@@ -64,8 +71,16 @@ def build_policy(hf_config: dict, optim: "OptimConfig", *, total_steps: int, dty
                  distributed_optimizer: bool = True, hf_weights: Optional[dict] = None,
                  temperature: float = 1.0, logprob_chunk: int = 1024, **model_kwargs) -> Policy:
     """GPTModel (+ HF weights) -> Megatron DDP -> Megatron optimizer (fp32 master weights for
-    bf16/fp16 params) -> warm-up schedule. Parallel state must be initialised."""
+    bf16/fp16 params) -> warm-up schedule. Parallel state must be initialised.
+
+    ``model_kwargs`` go to :func:`~megatron_skpo.model.builder.build_gpt_model` (``impl``,
+    ``recompute``, ``sequence_parallel``, ``moe_aux_loss_coef``, ...)."""
     gpt = build_gpt_model(hf_config, dtype=dtype, calculate_per_token_loss=True, **model_kwargs)
+    if gpt.config.num_moe_experts and gpt.config.tensor_model_parallel_size > 1 and not gpt.config.sequence_parallel:
+        # megatron-core refuses to train an MoE layer at TP > 1 without sequence parallelism
+        # (and the CPU path turns sequence parallelism off)
+        raise ValueError("parallel.tp > 1 with a mixture-of-experts model needs parallel.sequence_parallel=true "
+                         "(GPU only); on CPU train MoE models at parallel.tp=1 and split experts with parallel.ep")
     if hf_weights is not None:
         load_hf(gpt, hf_weights, hf_config)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -84,7 +99,8 @@ def build_policy(hf_config: dict, optim: "OptimConfig", *, total_steps: int, dty
         lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(total_steps, optim.warmup_steps + 1),
         lr_decay_style=optim.schedule, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
         wd_incr_steps=max(total_steps, 1), wd_incr_style="constant")
-    return Policy(model, optimizer, scheduler, hf_config, temperature, logprob_chunk)
+    stats = RouterStats(gpt) if gpt.config.num_moe_experts else None
+    return Policy(model, optimizer, scheduler, hf_config, temperature, logprob_chunk, stats)
 
 
 def _finalize_without_token_scaling(model, num_tokens=None, **kwargs):
@@ -129,6 +145,12 @@ def token_logprobs(policy: Policy, hidden: torch.Tensor, batch: PackedBatch) -> 
         temperature=policy.temperature, chunk=policy.logprob_chunk, reduce_grad_hidden=reduce_grad)
 
 
+def shares_prompts(gpt) -> bool:
+    """Micro-batches may share prompt prefixes (``model/packing.py``): the attention takes block masks
+    (:class:`SDPAttention`), not Transformer Engine's varlen attention or a sliding window's."""
+    return any(isinstance(m, SDPAttention) for m in gpt.modules())
+
+
 def uses_te(gpt) -> bool:
     return any(n.endswith("layer_norm_weight") for n, _ in gpt.named_parameters())  # TE-fused norms
 
@@ -163,15 +185,55 @@ def rotary_at(gpt, position_ids: torch.Tensor) -> Iterator[None]:
         del rope.forward
 
 
+def _is_filler(batch: PackedBatch) -> bool:
+    return all(i < 0 for i in batch.seq_index)
+
+
+def _filler() -> PackedBatch:
+    """A micro-batch of padding only (``seq_index`` ``[-1]``, no loss tokens, never given to a loss
+    function), as many tokens as the TP size (sequence parallelism splits them over TP ranks)."""
+    return padding_batch(ps.get_tensor_model_parallel_world_size())
+
+
+def pad_for_expert_parallel(micro_batches: list[PackedBatch]) -> list[PackedBatch]:
+    """With expert parallelism every forward and backward of an MoE layer is a collective over the
+    expert-parallel group (the token all-to-all), whose ranks are data-parallel ranks with their
+    own micro-batches: all must run as many. Ranks with fewer get filler micro-batches
+    (:func:`_filler`) at the end, which add nothing to losses, gradients, metrics, log-probs,
+    the load-balancing loss or the router statistics (see :func:`_forward_step`)."""
+    if ps.get_expert_model_parallel_world_size() == 1:
+        return micro_batches
+    count = torch.tensor([len(micro_batches)], dtype=torch.int64)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+    return micro_batches + [_filler() for _ in range(int(count) - len(micro_batches))]
+
+
+@contextlib.contextmanager
+def _filler_forward(policy: Policy) -> Iterator[None]:
+    """A filler's forward: no load-balancing loss (coefficient 0), no router statistics."""
+    config = policy.gpt.config
+    coeff = config.moe_aux_loss_coeff
+    config.moe_aux_loss_coeff = 0.0
+    paused = policy.router_stats.pause() if policy.router_stats is not None else contextlib.nullcontext()
+    try:
+        with paused:
+            yield
+    finally:
+        config.moe_aux_loss_coeff = coeff
+
+
 def _forward_step(policy: Policy, loss_fn: Optional[LossFn], normalizer: float, data_iterator, model):
     batch: PackedBatch = next(data_iterator)
-    with hidden_state_output(policy.gpt), rotary_at(policy.gpt, batch.position_ids):
+    filler = _filler_forward(policy) if _is_filler(batch) else contextlib.nullcontext()
+    with hidden_state_output(policy.gpt), rotary_at(policy.gpt, batch.position_ids), filler:
         out = model(batch.tokens, batch.position_ids, **_model_inputs(policy.gpt, batch))
     return out, partial(_loss, policy, loss_fn, normalizer, batch)
 
 
 def _loss(policy: Policy, loss_fn: Optional[LossFn], normalizer: float, batch: PackedBatch, hidden):
     logp, entropy = token_logprobs(policy, hidden, batch)
+    if loss_fn is not None and _is_filler(batch):  # a zero loss whose backward runs the collectives
+        return logp.sum() * 0, torch.tensor(0, dtype=torch.int), {}
     if loss_fn is None:  # forward-only: collect the log-probs
         return logp.sum() * 0, torch.tensor(0, dtype=torch.int), {"logp": logp.detach(),
                                                                    "entropy": entropy.detach()}
@@ -225,25 +287,48 @@ def share_from_last_stage(micro_batches: list[PackedBatch], key: str) -> None:
         mb.token_values[key] = _broadcast_from_last_stage(t)
 
 
+def global_tokens(micro_batches: list[PackedBatch]) -> float:
+    """All tokens (prompt and response) of this DP replica's micro-batches, summed over the
+    data-parallel group: the tokens the MoE routers see in a step."""
+    count = torch.tensor([float(sum(mb.num_tokens for mb in micro_batches))], dtype=torch.float64)
+    dist.all_reduce(count, group=ps.get_data_parallel_group())
+    return float(count.item())
+
+
 def forward_backward(policy: Policy, micro_batches: list[PackedBatch], loss_fn: Optional[LossFn],
                      normalizer: Optional[float] = None, forward_only: bool = False) -> list[dict]:
-    """Run the (pipeline) schedule; returns the last stage's per-micro-batch metric dicts."""
+    """Run the (pipeline) schedule; returns the last stage's per-micro-batch metric dicts (those
+    of ``micro_batches``: the fillers of :func:`pad_for_expert_parallel` are dropped)."""
+    config = policy.gpt.config
+    scale = contextlib.nullcontext()
     if not forward_only:
         normalizer = normalizer if normalizer is not None else max(global_loss_tokens(micro_batches), 1.0)
+        if config.num_moe_experts and config.moe_aux_loss_coeff:
+            scale = aux_loss_scale(config, global_tokens(micro_batches))
+    padded = pad_for_expert_parallel(micro_batches)
     fb = get_forward_backward_func()
-    return fb(forward_step_func=partial(_forward_step, policy, loss_fn, normalizer or 1.0),
-              data_iterator=iter(micro_batches), model=[policy.model],
-              num_microbatches=len(micro_batches), seq_length=max(mb.num_tokens for mb in micro_batches),
-              micro_batch_size=1, forward_only=forward_only) or []
+    with scale:
+        stores = fb(forward_step_func=partial(_forward_step, policy, loss_fn, normalizer or 1.0),
+                    data_iterator=iter(padded), model=[policy.model],
+                    num_microbatches=len(padded), seq_length=max(mb.num_tokens for mb in padded),
+                    micro_batch_size=1, forward_only=forward_only) or []
+    return stores[: len(micro_batches)]
+
+
+def moe_metrics(policy: Policy, per_expert: bool = False) -> dict[str, float]:
+    """Routing statistics of the training forwards since the last call (collective over the job;
+    ``{}`` for dense models): see :func:`.router_stats.router_metrics`."""
+    return router_metrics(policy.router_stats, policy.gpt.config.sequence_parallel, per_expert)
 
 
 def train_step(policy: Policy, micro_batches: list[PackedBatch], loss_fn: LossFn,
                normalizer: Optional[float] = None) -> dict[str, float]:
     """One optimizer step over this DP replica's micro-batches; metrics summed over the global batch
-    (``loss`` is the normalised loss) plus ``grad_norm`` (before clipping), ``lr``, ``update_ok``."""
+    (``loss`` is the normalised loss) plus ``grad_norm`` (before clipping), ``lr``, ``update_ok``
+    and, for MoE models, the routing statistics of this step (:func:`moe_metrics`)."""
     zero_grads(policy)
     stores = forward_backward(policy, micro_batches, loss_fn, normalizer)
-    return {**reduce_metrics(stores), **optimizer_step(policy)}
+    return {**reduce_metrics(stores), **moe_metrics(policy), **optimizer_step(policy)}
 
 
 def zero_grads(policy: Policy) -> None:

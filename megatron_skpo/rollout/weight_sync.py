@@ -1,10 +1,12 @@
 """Megatron -> vLLM weight sync after every policy update, in bounded buckets.
 
 The stream: for one *unit* at a time (the embedding, each decoder layer, the final norm + output
-layer), gather its tensor-parallel shards (``all_gather`` per parameter over the TP group,
-joined by :mod:`megatron_skpo.model.mappings.sharding`), broadcast it from the pipeline stage that
-owns it to every rank (so each vLLM engine, whatever its TP, sees the whole model), and rename
-it to HF names with the converter's ``to_hf`` mapping. Units are packed into buckets of at most
+layer), gather its tensor-parallel shards (``all_gather`` per parameter over the TP group, or the
+expert-tensor-parallel group for a routed expert, joined by
+:mod:`megatron_skpo.model.mappings.sharding`), broadcast it from the pipeline stage that owns it
+to every rank (so each vLLM engine, whatever its TP, sees the whole model), ``all_gather`` the
+experts of the other expert-parallel ranks (MoE), and rename it to HF names with the converter's
+``to_hf`` mapping. Units are packed into buckets of at most
 ``bucket_bytes`` (a unit larger than that travels alone) and each bucket goes to vLLM's
 ``load_weights`` through ``reload_weights``: peak extra host/device memory is one bucket plus one
 unit, never a full copy of the model. Tensors keep the training dtype (bf16 on GPUs).
@@ -24,9 +26,10 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_skpo.model.hf_config import moe_spec
 from megatron_skpo.model.mappings import get_mapping
 from megatron_skpo.model.mappings.common import EMBED, OUTPUT
-from megatron_skpo.model.mappings.sharding import stage_layers, unshard_tensor
+from megatron_skpo.model.mappings.sharding import is_expert, renumber_expert, stage_layers, unshard_tensor
 from megatron_skpo.model.mappings.units import MC_LAYER, hf_unit, mcore_unit, to_hf_unit
 
 Named = list[tuple[str, torch.Tensor]]
@@ -130,20 +133,34 @@ def _gather_tp(name: str, p: torch.Tensor, tp_group, vocab_size: int) -> torch.T
     return unshard_tensor(name, parts, vocab_size)
 
 
-def megatron_to_hf_stream(model: torch.nn.Module, hf_config: dict, *, tp_group=None, pp_group=None,
-                          te: Optional[bool] = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield full HF-named tensors of a TP/PP-sharded Megatron GPTModel, unit by unit, on every rank.
+def _size(group) -> int:
+    return dist.get_world_size(group) if group is not None else 1
 
-    Collective: every rank of the model-parallel group must iterate it to the end, in step.
+
+def megatron_to_hf_stream(model: torch.nn.Module, hf_config: dict, *, tp_group=None, pp_group=None,
+                          ep_group=None, expert_tp_group=None,
+                          te: Optional[bool] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield full HF-named tensors of a TP/PP/EP-sharded Megatron GPTModel, unit by unit, on every rank.
+
+    Collective: every rank of the model-parallel group (with routed experts: every rank of the
+    job, as expert-parallel ranks are data-parallel ones) must iterate it to the end, in step.
     Args:
         model: this rank's (unwrapped or DDP-wrapped) ``GPTModel`` shard/stage.
         hf_config: the HF ``config.json`` dict (model_type, vocab_size, num_hidden_layers, ...).
         tp_group, pp_group: Megatron's tensor/pipeline-parallel groups (None = size 1).
+        ep_group, expert_tp_group: Megatron's expert-parallel and expert-tensor-parallel groups;
+            None: those of ``megatron.core.parallel_state`` when the model has routed experts.
     """
     while hasattr(model, "module"):
         model = model.module
     names = [n for n, _ in model.named_parameters()]
-    te = any(n.endswith("layer_norm_weight") for n in names) if te is None else te
+    te = any(n.endswith("linear_qkv.layer_norm_weight") for n in names) if te is None else te
+    moe = moe_spec(hf_config)
+    if moe is not None:
+        from megatron.core import parallel_state as ps
+
+        ep_group = ep_group if ep_group is not None else ps.get_expert_model_parallel_group()
+        expert_tp_group = expert_tp_group if expert_tp_group is not None else ps.get_expert_tensor_parallel_group()
     pp = dist.get_world_size(pp_group) if pp_group is not None else 1
     pp_rank = dist.get_rank(pp_group) if pp_group is not None else 0
     offset = stage_layers(int(hf_config["num_hidden_layers"]), pp_rank, pp).start
@@ -162,18 +179,33 @@ def megatron_to_hf_stream(model: torch.nn.Module, hf_config: dict, *, tp_group=N
                 params = [x for x in params if x[0] != OUTPUT]  # the tied copy of the embedding
             full = {}
             for name, shape, dtype in params:
-                tensor = _gather_tp(name, dict(mine[unit])[name], tp_group, vocab) if stage == pp_rank else None
+                group = expert_tp_group if is_expert(name) else tp_group
+                tensor = _gather_tp(name, dict(mine[unit])[name], group, vocab) if stage == pp_rank else None
                 if pp > 1:
-                    tensor = _broadcast(tensor, name, shape, dtype, vocab, stage, pp_group, device, tp_group)
-                full[name] = tensor
+                    tensor = _broadcast(tensor, name, shape, dtype, vocab, stage, pp_group, device, group)
+                if is_expert(name):
+                    full.update(_gather_experts(name, tensor, ep_group, moe.num_experts))
+                else:
+                    full[name] = tensor
             yield from unit_to_hf(full, hf_config, te).items()
 
 
 def _broadcast(tensor, name, shard_shape, dtype, vocab, stage, pp_group, device, tp_group):
     """Send a full tensor from pipeline stage ``stage`` to every stage."""
     if tensor is None:
-        tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-        parts = [torch.empty(shard_shape, dtype=dtype, device=device) for _ in range(tp)]
+        parts = [torch.empty(shard_shape, dtype=dtype, device=device) for _ in range(_size(tp_group))]
         tensor = torch.empty_like(unshard_tensor(name, parts, vocab))
     dist.broadcast(tensor, src=dist.get_global_rank(pp_group, stage), group=pp_group)
     return tensor
+
+
+def _gather_experts(name: str, tensor: torch.Tensor, ep_group, num_experts: int) -> dict[str, torch.Tensor]:
+    """Local expert ``j``'s tensor on every expert-parallel rank ``r`` -> global expert
+    ``r * E/ep + j``, under its global name (every rank gets all of them)."""
+    ep = _size(ep_group)
+    if ep == 1:
+        return {name: tensor}
+    parts = [torch.empty_like(tensor) for _ in range(ep)]
+    dist.all_gather(parts, tensor.contiguous(), group=ep_group)
+    per = num_experts // ep
+    return {renumber_expert(name, r * per): t for r, t in enumerate(parts)}

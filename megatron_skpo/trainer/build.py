@@ -100,7 +100,8 @@ def build_policy_from(cfg: Config, hf_config: dict, weights: dict, total_updates
                         distributed_optimizer=cfg.parallel.distributed_optimizer, hf_weights=weights,
                         temperature=cfg.rollout.temperature, logprob_chunk=m.logprob_chunk_size,
                         impl=m.transformer_impl, recompute=m.recompute,
-                        sequence_parallel=cfg.parallel.sequence_parallel, vocab_divisible_by=m.vocab_divisible_by)
+                        sequence_parallel=cfg.parallel.sequence_parallel, vocab_divisible_by=m.vocab_divisible_by,
+                        moe_aux_loss_coef=m.moe_aux_loss_coef)
 
 
 class _Frozen(torch.nn.Module):

@@ -79,7 +79,7 @@ def build_run(cfg: Config, engine: Optional[VLLMEngine] = None) -> Run:
         engine = build.build_engine(cfg, build.template_stop(cfg))
     else:
         engine.settings = build.sampling_settings(cfg, build.template_stop(cfg))
-    initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
+    initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, ep=cfg.parallel.ep)
     hf_config, weights = build.hf_state(cfg.model.hf_path)
     policy = build.build_policy_from(cfg, hf_config, weights, cfg.train.steps * (
         cfg.train.prompts_per_step // cfg.train.mini_batch_prompts))

@@ -154,12 +154,12 @@ def prepare(run: Run, batch: RolloutBatch, cr: Credit, num_prompts: int) -> list
     attach reference log-probs and, with several updates per step, old log-probs before any update.
     With one update per step the update's own detached log-probs are pi_old (on-policy, exact), so
     that forward pass is skipped (``update`` fills ``old_logp`` in)."""
-    from megatron_skpo.model.train_step import forward_logprobs, uses_te
+    from megatron_skpo.model.train_step import forward_logprobs, shares_prompts
 
     par = run.par
     rows = mini_batches(batch, cr.advantages, cr.dropped_rows, num_prompts, run.cfg.train.mini_batch_prompts,
                         par.dp_rank, par.dp_size, run.cfg.algo.overlong_filter)
-    share = run.cfg.parallel.share_prompts and not uses_te(run.policy.gpt)
+    share = run.cfg.parallel.share_prompts and shares_prompts(run.policy.gpt)
     recompute_old = len(rows) > 1
     out = []
     for r in rows:
@@ -213,8 +213,8 @@ def grads_finite(policy) -> bool:
 
 def update(run: Run, minis: list[MiniBatch]) -> dict[str, float]:
     """One optimizer step per mini-batch; non-finite loss or gradients skip the step (counted)."""
-    from megatron_skpo.model.train_step import (forward_backward, optimizer_step, reduce_metrics, share_from_last_stage,
-                                                zero_grads)
+    from megatron_skpo.model.train_step import (forward_backward, moe_metrics, optimizer_step, reduce_metrics,
+                                                share_from_last_stage, zero_grads)
 
     sums: dict[str, float] = {}
     for m in minis:
@@ -227,7 +227,8 @@ def update(run: Run, minis: list[MiniBatch]) -> dict[str, float]:
         finite = grads_finite(run.policy)
         if run.guard.check(reduced.get("loss", 0.0), 0.0 if finite else float("nan")):
             reduced.update(optimizer_step(run.policy))
-        out = {**reduce_loss_metrics(reduced), **{k: reduced[k] for k in ("grad_norm", "lr") if k in reduced}}
+        out = {**reduce_loss_metrics(reduced), **{k: reduced[k] for k in ("grad_norm", "lr") if k in reduced},
+               **moe_metrics(run.policy)}  # MoE routing statistics of this update ({} for dense models)
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + v / len(minis)
     run.progress.update_kl = max(float(sums.get("loss/update_kl", 0.0)), 0.0)

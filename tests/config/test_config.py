@@ -54,6 +54,8 @@ def test_overrides_are_typed_and_nested(tmp_path):
     (["rollout.temperature=0"], "rollout.temperature: must be > 0"),
     (["reward.format_penalty=-0.5"], "reward.incorrect + reward.format_penalty: -1.5 is outside [-1, 1]"),
     (["reward.correct=2"], "reward.correct: 2.0 is outside [-1, 1]"),
+    (["parallel.ep=0"], "parallel.ep: must be >= 1"),
+    (["model.moe_aux_loss_coef=-0.001"], "model.moe_aux_loss_coef: must be >= 0"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_values_name_the_field(overrides, needle):
     with pytest.raises(ConfigError) as err:

@@ -76,6 +76,34 @@ def test_parallel_sizes_must_divide(hf, tmp_path, tp, pp, kw, match):
         _fails(tmp_path, match, hf, tp=tp, pp=pp, **kw)
 
 
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("moe_errors")
+    save_tiny("qwen3_moe", root / "hf", max_shard_size="100MB")
+    return root / "hf"
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"ep": 3}, r"EP=3 does not divide num_experts=4"),
+    ({"tp": 3}, r"TP=3 does not divide num_attention_heads=4, num_key_value_heads=2, .*moe_intermediate_size=128"),
+    ({"ep": 0}, r"--tp 1 --pp 1 --ep 0: all must be >= 1"),
+], ids=["experts", "expert-ffn", "ep-zero"])
+def test_moe_parallel_sizes_must_divide(moe, tmp_path, kw, match):
+    _fails(tmp_path, match, moe, **kw)
+
+
+def test_expert_parallel_needs_an_moe_model(hf, tmp_path):
+    _fails(tmp_path, r"EP=2: expert parallelism needs a mixture-of-experts model \(model_type 'llama' is dense",
+           hf, ep=2)
+
+
+def test_moe_missing_expert_is_named(moe, tmp_path):
+    def edit(t):
+        del t["model.layers.2.mlp.experts.3.up_proj.weight"]
+
+    _fails(tmp_path, r"missing tensors \['model.layers.2.mlp.experts.3.up_proj.weight'\]", _edited(moe, tmp_path, edit))
+
+
 def test_tp_must_divide_unpadded_vocab(hf, tmp_path):
     src = tmp_path / "v301"
     shutil.copytree(hf, src)

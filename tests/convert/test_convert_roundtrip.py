@@ -1,9 +1,11 @@
-"""HF -> Megatron (TP=2, PP=2 layout) -> HF on tiny Llama (tied, GQA) and Qwen2 (untied, qkv bias).
+"""HF -> Megatron (TP=2, PP=2 layout; EP=2 for MoE) -> HF on tiny Llama (tied, GQA), Qwen2 (untied,
+qkv bias), Qwen3 (untied, q/k norms), Mistral (sliding window) and Qwen3-MoE (tied, 4 experts).
 
 Checks: bit-exact tensors; the output layout transformers and vLLM read; the same greedy
-continuation in transformers; ``skpo-convert verify`` at TP=1 and TP=2 (pass, and fail on a
-corrupted checkpoint); and real Megatron GPTModels at TP=2 x PP=2 loading the checkpoint
-(resharding) and saving it again as a trainer would, which converts back bit-exactly too.
+continuation in transformers; ``skpo-convert verify`` at TP=1 and TP=2 (and TP=2 x EP=2 for MoE;
+pass, and fail on a corrupted checkpoint); and real Megatron GPTModels loading the checkpoint at
+another layout (resharding) and saving it again as a trainer would, which converts back
+bit-exactly too. (vLLM loading the exports: test_convert_vllm.py.)
 """
 from __future__ import annotations
 
@@ -19,22 +21,27 @@ from mp_helpers import spawn
 from checkpoint_convert.cli import main as cli
 from checkpoint_convert.convert import hf_to_mcore, mcore_to_hf
 
-KINDS = ["llama", "qwen2"]
+KINDS = ["llama", "qwen2", "qwen3", "mistral", "qwen3_moe"]
+EP = {"qwen3_moe": 2}  # the expert-parallel layout written (dense models: 1)
+# HF tensors per layer (qkvo, 2 norms, mlp; + q/k norms; + qkv biases; MoE: gate + 4 x 3 experts)
+# and outside the layers (embedding, final norm, + untied lm_head)
+PER_LAYER = {"llama": 9, "qwen2": 12, "qwen3": 11, "mistral": 9, "qwen3_moe": 6 + 2 + 1 + 4 * 3}
 
 
 @pytest.fixture(scope="module", params=KINDS)
 def conv(request, tmp_path_factory):
-    """One tiny model of each kind, converted HF -> mcore (TP=2, PP=2) -> HF once per module."""
+    """One tiny model of each kind, converted HF -> mcore (TP=2, PP=2, EP) -> HF once per module."""
     root = tmp_path_factory.mktemp(request.param)
     model = save_tiny(request.param, root / "hf")
-    to_mc = hf_to_mcore(root / "hf", root / "mc", tp=2, pp=2)
+    to_mc = hf_to_mcore(root / "hf", root / "mc", tp=2, pp=2, ep=EP.get(request.param, 1))
     to_hf = mcore_to_hf(root / "mc", root / "hf2", max_shard_size="1MB")
     return dict(kind=request.param, root=root, model=model, reports=(to_mc, to_hf))
 
 
 def test_round_trip_is_bit_exact(conv):
     src, out = read_all(conv["root"] / "hf"), read_all(conv["root"] / "hf2")
-    assert len(src) == 4 * (9 if conv["kind"] == "llama" else 12) + 2 + (conv["kind"] == "qwen2")
+    tied = conv["model"].config.tie_word_embeddings
+    assert len(src) == 4 * PER_LAYER[conv["kind"]] + 2 + (not tied)
     assert not_bit_exact(src, out) == []
 
 
@@ -51,6 +58,7 @@ def test_layouts_on_disk(conv):
     assert (mc / "release" / "metadata.json").is_file() and (mc / "hf" / "config.json").is_file()
     meta = json.loads((mc / "skpo_convert.json").read_text())
     assert (meta["tp"], meta["pp"], meta["vocab_size"], meta["padded_vocab_size"]) == (2, 2, 300, 512)
+    assert meta["ep"] == EP.get(conv["kind"], 1)
     index = json.loads((hf2 / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((hf2 / s).is_file() for s in shards)
@@ -78,10 +86,13 @@ def _verify_json(capsys, *args: str) -> tuple[int, dict]:
 
 @pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.distributed)])
 def test_verify_passes_at_tp(conv, tp, capsys):
+    # MoE at TP=2 also splits its experts over 2 expert-parallel ranks (4 processes)
+    ep = EP.get(conv["kind"], 1) if tp == 2 else 1
     code, res = _verify_json(capsys, "--hf", str(conv["root"] / "hf"), "--mcore", str(conv["root"] / "mc"),
-                             "--tp", str(tp))
+                             "--tp", str(tp), "--ep", str(ep))
     assert code == 0 and res["ok"] and res["failed"] == [], res
     assert res["max_abs"] <= 1e-4 and res["top1_agreement"] == 1.0 and res["tokens"] == 72
+    assert (res["tp"], res["ep"]) == (tp, ep)
 
 
 def test_verify_fails_on_corrupted_checkpoint(conv, tmp_path, capsys):
@@ -106,7 +117,8 @@ def test_verify_fails_on_corrupted_checkpoint(conv, tmp_path, capsys):
     assert code == 1 and res["failed"] == ["load"] and res["error"]
 
 
-def _megatron_load_save(rank: int, world: int, pp: int, hf_dir: str, mc_dir: str, save_root: str) -> list[str]:
+def _megatron_load_save(rank: int, world: int, pp: int, hf_dir: str, mc_dir: str, save_root: str,
+                        ep: int = 1) -> list[str]:
     """Load the converted checkpoint into this rank's GPTModel; compare with the HF weights
     mapped by the model's own loader; then save the model as the trainer does."""
     from megatron.core import dist_checkpointing
@@ -116,7 +128,7 @@ def _megatron_load_save(rank: int, world: int, pp: int, hf_dir: str, mc_dir: str
     from megatron_skpo.model.weights import load_hf
 
     _cpu_dist_checkpointing()
-    initialize_parallel(world // pp, pp)
+    initialize_parallel(world // (pp * ep), pp, ep=ep)
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
     model, ref = (build_gpt_model(cfg, dtype="fp32", impl="local") for _ in range(2))
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint_dir(Path(mc_dir))))
@@ -136,10 +148,15 @@ def _megatron_load_save(rank: int, world: int, pp: int, hf_dir: str, mc_dir: str
 def test_megatron_loads_it_at_tp2_pp2_and_its_save_converts_back(conv, tmp_path):
     # Tied embeddings at PP>1 do not build on CPU yet (megatron-core moves the last stage's copy
     # to CUDA; reported to the model owner): the tied Llama is loaded at TP=2, PP=1 meanwhile.
-    pp = 2 if conv["kind"] == "qwen2" else 1
+    # The (tied) MoE: TP=1 x PP=2 x EP=2, experts split over the two data-parallel ranks.
+    kind = conv["kind"]
+    pp = 1 if kind == "llama" else 2
+    ep = EP.get(kind, 1)
+    tp = 1 if kind == "qwen3_moe" else 2
     hf = conv["root"] / "hf"
     (tmp_path / "trainer" / "iter_0000007").mkdir(parents=True)
-    wrong = spawn(_megatron_load_save, 2 * pp, pp, str(hf), str(conv["root"] / "mc"), str(tmp_path / "trainer"))
+    wrong = spawn(_megatron_load_save, tp * pp * ep, pp, str(hf), str(conv["root"] / "mc"), str(tmp_path / "trainer"),
+                  ep)
     assert [w for rank in wrong for w in rank] == []
     mcore_to_hf(tmp_path / "trainer", tmp_path / "hf_back", like=hf)
     assert not_bit_exact(read_all(hf), read_all(tmp_path / "hf_back")) == []

@@ -105,6 +105,10 @@ def test_convert_and_eval_wrappers():
     cmd = shlex.split(r.stdout.strip().splitlines()[-1])
     assert cmd[-8:] == ["hf-to-mcore", "--tp=4", "--hf", "checkpoints/Qwen2.5-Math-7B", "--pp", "1",
                         "--out", "checkpoints/qwen2.5-math-7b-mcore-tp4pp1"]
+    r = bash("scripts/convert.sh", "--dry-run", "--model-file", "qwen3-30b-a3b", "hf-to-mcore")
+    cmd = shlex.split(r.stdout.strip().splitlines()[-1])  # an MoE model file also sets the expert layout
+    assert cmd[-11:] == ["hf-to-mcore", "--hf", "checkpoints/Qwen3-30B-A3B-Base", "--tp", "1", "--pp", "1",
+                         "--ep", "8", "--out", "checkpoints/qwen3-30b-a3b-mcore-tp1pp1ep8"]
     r = bash("scripts/eval.sh", "--dry-run", "--model-file", "llama3.2-3b-instruct", "--k", "8")
     cmd = shlex.split(r.stdout.strip())
     assert cmd[-2:] == ["--k", "8"] and "--prompt-template" in cmd  # the user's --k comes last and wins
@@ -125,3 +129,19 @@ def test_wrapped_clis_accept_the_flags():
     cmd = shlex.split(r.stdout.strip())
     e = parse_args(cmd[next(i for i, a in enumerate(cmd) if a.startswith("--")):])  # after the program
     assert e.prompt_template == "qwen_math" and e.max_tokens == 3072
+
+
+@pytest.mark.parametrize("model, layout", [("qwen3-8b", (2, 1, 1)), ("qwen3-30b-a3b", (1, 1, 8))])
+def test_model_files_launch_a_valid_config(model, layout):
+    """A model file's dry run on 2 x 8 GPUs gives skpo-train a config that loads, with the file's layout."""
+    from megatron_skpo.config import load_config
+
+    r = bash("-c", f"source scripts/models/{model}.sh && source scripts/lib/launch.sh && skpo_launch --dry-run",
+             env=JOB)
+    assert r.returncode == 0, r.stderr
+    train = node_commands(r.stdout)[0][10:]
+    cfg = load_config(REPO / train[0], train[1:])
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep) == layout
+    assert cfg.model.hf_path.startswith("checkpoints/Qwen3-") and cfg.logging.dir == f"runs/{model}"
+    dp = 16 // (layout[0] * layout[1])
+    assert dp % layout[2] == 0, "EP must divide the data-parallel size"

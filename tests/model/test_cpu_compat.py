@@ -171,7 +171,61 @@ def check_dist_checkpointing(rank):
     return all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k in saved)
 
 
-CHECKS = {  # patch point -> (parallel layout, check)
+def check_moe_router(rank):
+    """Point 12: the router's gating runs (forward and backward) with its weight left on the CPU."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_skpo.model import builder
+
+    _needs_cuda(TopKRouter.gating, "torch.cuda.current_device")
+    model = builder.build_gpt_model(hf_model("qwen3_moe")[1])
+    router = model.decoder.layers[0].mlp.router
+    x = torch.randn(5, 1, router.weight.shape[1], requires_grad=True)
+    logits = router.gating(x)
+    logits.sum().backward()
+    return router.weight.device.type, tuple(logits.shape), x.grad is not None
+
+
+def check_moe_token_dispatcher(rank):
+    """Point 13: a Qwen3-MoE forward at EP=2 (experts 0-3 on rank 0, 4-7 on rank 1): the tokens
+    travel by all-to-all over gloo; each rank returns its logits of the same input."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    from megatron_skpo.model import builder
+    from megatron_skpo.model.weights import load_hf
+
+    _needs_cuda(token_dispatcher.MoEAlltoAllTokenDispatcher.__init__, "torch.cuda.Stream")
+    _needs_cuda(moe_utils.maybe_move_tensor_to_cpu, "tensor.is_cuda")
+    hf, cfg = hf_model("qwen3_moe")
+    model = builder.build_gpt_model(cfg)
+    load_hf(model, hf_weights(hf), cfg)
+    model.eval()
+    tokens = torch.randint(0, cfg["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return model(tokens, torch.arange(16)[None], None)[0, :, : cfg["vocab_size"]]
+
+
+def check_moe_utils(rank):
+    """Point 14: a training forward and backward with the load-balancing loss through the router's
+    non-TE gating GEMM (megatron-core still names the TE kernel without defining it off TE)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_skpo.model import builder
+
+    _needs_cuda(moe_utils.RouterGatingLinearFunction.forward, "te_general_gemm is not None")
+    assert "te_general_gemm = None" not in inspect.getsource(moe_utils), "revisit cpu_compat point 14"
+    assert moe_utils.HAVE_TE or moe_utils.te_general_gemm is None
+    cfg = hf_model("qwen3_moe", output_router_logits=True, router_aux_loss_coef=0.5)[1]
+    model = builder.build_gpt_model(cfg)
+    model.train()
+    tokens = torch.randint(0, cfg["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(3))
+    model(tokens, torch.arange(16)[None], None).sum().backward()
+    tracked = moe_utils.get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"].clone()
+    moe_utils.clear_aux_losses_tracker()  # zeroes the tracker's tensors in place
+    return tracked.device.type, tracked.tolist()
+
+
+CHECKS = {  # patch point -> (parallel layout (tp, pp[, ep]), check)
     "config": ((1, 1), check_config),
     "rng": ((2, 1), check_rng),
     "global_memory_buffer": ((1, 1), check_global_memory_buffer),
@@ -181,6 +235,9 @@ CHECKS = {  # patch point -> (parallel layout, check)
     "causal_mask": ((1, 1), check_causal_mask),
     "tp_mappings": ((2, 1), check_tp_mappings),
     "dist_checkpointing": ((2, 1), check_dist_checkpointing),
+    "moe_router": ((1, 1), check_moe_router),
+    "moe_token_dispatcher": ((1, 1, 2), check_moe_token_dispatcher),
+    "moe_utils": ((1, 1), check_moe_utils),
 }
 
 
@@ -190,8 +247,9 @@ def _run_checks(rank, world):
     from megatron_skpo.model.builder import initialize_parallel
 
     out = {}
-    for name, ((tp, pp), check) in CHECKS.items():
-        initialize_parallel(tp, pp, seed=5)
+    for name, (layout, check) in CHECKS.items():
+        tp, pp, ep = (*layout, 1)[:3]
+        initialize_parallel(tp, pp, seed=5, ep=ep)
         try:
             out[name] = ("ok", check(rank))
         except Exception:  # noqa: BLE001 - reported per test below
@@ -283,3 +341,27 @@ def test_tensor_parallel_gather(checks):
 @pytest.mark.distributed
 def test_dist_checkpointing_save_and_load(checks):
     assert all(_result(checks, "dist_checkpointing"))
+
+
+@pytest.mark.distributed
+def test_moe_router_gating_on_cpu(checks):
+    for device, shape, has_grad in _result(checks, "moe_router"):
+        assert device == "cpu" and shape == (5, 1, 8) and has_grad
+
+
+@pytest.mark.distributed
+def test_moe_all_to_all_dispatch_at_ep2_matches_transformers(checks):
+    hf, cfg = hf_model("qwen3_moe")
+    tokens = torch.randint(0, cfg["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(tokens).logits[0]
+    for logits in _result(checks, "moe_token_dispatcher"):
+        assert (logits - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.distributed
+def test_moe_load_balancing_loss_without_te(checks):
+    for device, values in _result(checks, "moe_utils"):
+        # one value per layer: Megatron's E / topk * sum_e f_e P_e (f, P: distributions over the
+        # E = 8 experts, topk = 2), so in (0, E / topk]
+        assert device == "cpu" and len(values) == 2 and all(0 < v <= 4 for v in values), values

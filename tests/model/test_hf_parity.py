@@ -1,14 +1,24 @@
-"""Our Megatron GPTModel vs transformers (tiny Llama and Qwen2, random weights, fp32), at TP=1 and
-TP=2; weights read back through the mapping; packed micro-batches vs unpacked forwards."""
+"""Our Megatron GPTModel vs transformers (tiny Llama, Qwen2, Qwen3, Mistral with a sliding window,
+Qwen3-MoE with and without top-k renormalisation; random weights, fp32), at TP=1 and TP=2; weights
+read back through the mapping; packed micro-batches vs unpacked forwards (for Mistral: the window
+composes with the packing mask)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from mp_helpers import spawn
-from tiny import hf_model, hf_weights, rollout
+from tiny import WINDOW, hf_model, hf_weights, rollout
 
-ARCHS = ["llama", "qwen2"]
+# name -> (architecture, config overrides)
+VARIANTS = {"llama": ("llama", {}), "qwen2": ("qwen2", {}), "qwen3": ("qwen3", {}), "mistral": ("mistral", {}),
+            "qwen3_moe": ("qwen3_moe", {}), "qwen3_moe-unnormalised": ("qwen3_moe", {"norm_topk_prob": False})}
+ARCHS = list(VARIANTS)
+
+
+def _hf(name):
+    arch, overrides = VARIANTS[name]
+    return hf_model(arch, **overrides)
 
 
 def _logits(model, tokens, mask=None):
@@ -28,7 +38,7 @@ def _worker(rank, world):
     for tp in (1, 2):
         initialize_parallel(tp, 1, seed=3)
         for arch in ARCHS:
-            hf, cfg = hf_model(arch)
+            hf, cfg = _hf(arch)
             model = build_gpt_model(cfg)
             load_hf(model, hf_weights(hf), cfg)
             model.eval()
@@ -51,7 +61,7 @@ def results():
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_transformers(results, arch, tp):
-    hf, cfg = hf_model(arch)
+    hf, cfg = _hf(arch)
     tokens = torch.randint(0, cfg["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf(tokens).logits
@@ -64,7 +74,7 @@ def test_logits_match_transformers(results, arch, tp):
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_weights_read_back_unchanged(results, arch, tp):
-    hf, cfg = hf_model(arch)
+    hf, cfg = _hf(arch)
     back, sd = results[(tp, arch)]["weights"], hf_weights(hf)
     assert set(back) == set(sd) - ({"lm_head.weight"} if cfg["tie_word_embeddings"] else set())
     for k in back:
@@ -78,3 +88,14 @@ def test_packed_forward_equals_unpacked(results, arch):
     parts = torch.split(r["packed"], [len(r["single"][i]) for i in r["seq_index"]])
     for i, part in zip(r["seq_index"], parts):
         torch.testing.assert_close(part, r["single"][i], atol=1e-5, rtol=0)
+
+
+def test_mistral_window_changes_the_logits():
+    """The sliding window is really in play at these lengths (so the parity above checks it)."""
+    hf, cfg = hf_model("mistral")
+    full, _ = hf_model("mistral", sliding_window=None)
+    tokens = torch.randint(0, cfg["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        windowed, unwindowed = hf(tokens).logits, full(tokens).logits
+    assert torch.equal(windowed[:, :WINDOW], unwindowed[:, :WINDOW])  # the first W tokens see everything
+    assert (windowed[:, WINDOW:] - unwindowed[:, WINDOW:]).abs().max() > 1e-2

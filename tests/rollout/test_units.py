@@ -101,6 +101,28 @@ def test_unit_to_hf_matches_full_to_hf():
     assert all(torch.equal(got[k], hf[k]) for k in hf)
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "qwen3_moe"])
+def test_unit_to_hf_matches_full_to_hf_for_new_architectures(arch):
+    """Layer by layer (the weight sync's and the converter's unit) = the whole-model mapping: q/k
+    norms, the router and every expert of an MoE layer travel with their layer."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+    from tiny import hf_model, hf_weights
+
+    model, cfg = hf_model(arch)
+    hf = hf_weights(model)
+    hf = {k: v for k, v in hf.items() if not (cfg["tie_word_embeddings"] and k == "lm_head.weight")}
+    mc = get_mapping(arch).from_hf(hf, cfg)
+    got = {}
+    for i in range(cfg["num_hidden_layers"]):
+        got.update(unit_to_hf({k: v for k, v in mc.items() if k.startswith(f"decoder.layers.{i}.")}, cfg))
+    got.update(unit_to_hf({k: v for k, v in mc.items() if not k.startswith("decoder.layers.")}, cfg))
+    assert sorted(got) == sorted(hf)
+    assert all(torch.equal(got[k], hf[k]) for k in hf)
+
+
 # --- parity metrics ------------------------------------------------------------------------------
 
 def test_parity_hand_worked():

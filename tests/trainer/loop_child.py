@@ -1,8 +1,11 @@
 """Child process of the loop tests: build a tiny model + data once, then train recipes on one engine.
 
-Usage: ``loop_child.py WORKDIR RUN [RUN ...]`` where RUN is ``name:algo:steps[:extra=override,...]``;
-each run trains ``configs/<algo>.yaml`` with :func:`tiny_overrides` and writes under WORKDIR/name.
-The tiny model and data are built by the first call into WORKDIR/model and reused afterwards.
+Usage: ``loop_child.py WORKDIR [--arch ARCH] RUN [RUN ...]`` where RUN is
+``name:algo:steps[:extra=override,...]``; each run trains ``configs/<algo>.yaml`` with
+:func:`tiny_overrides` and writes under WORKDIR/name. ``--arch`` picks the tiny model's
+architecture (``llama``, the default, ``qwen3`` or ``qwen3_moe``; see
+``rollout_fixtures.build_tiny_model``). The tiny model and data are built by the first call into
+WORKDIR/model and reused afterwards.
 """
 from __future__ import annotations
 
@@ -17,13 +20,13 @@ sys.path.insert(0, str(HERE.parent / "rollout"))
 PROBLEMS = [(f"What is {a} + {b}?", str(a + b)) for a in range(1, 5) for b in range(1, 5)]
 
 
-def build_assets(work: Path) -> Path:
-    """A tiny Llama + tokenizer (rollout fixtures) and a dapo-format JSONL of 16 problems."""
-    from rollout_fixtures import build_tiny_llama
+def build_assets(work: Path, arch: str = "llama") -> Path:
+    """A tiny model of ``arch`` + tokenizer (rollout fixtures) and a dapo-format JSONL of 16 problems."""
+    from rollout_fixtures import build_tiny_model
 
     model = work / "model"
     if not (model / "config.json").is_file():
-        build_tiny_llama(model, eos_prob=0.05)
+        build_tiny_model(model, arch, eos_prob=0.05)
     data = work / "problems.jsonl"
     if not data.is_file():
         rows = [{"prompt": [{"role": "user", "content": q}], "reward_model": {"ground_truth": a}} for q, a in PROBLEMS]
@@ -100,7 +103,10 @@ def main(work: str, runs: list[str]) -> int:
     work_dir = Path(work)
     if os.environ.get("SKPO_TRACK_CONFIG_READS"):
         track_config_reads(Path(os.environ["SKPO_TRACK_CONFIG_READS"]))
-    build_assets(work_dir)
+    arch = "llama"
+    if runs[:1] == ["--arch"]:
+        arch, runs = runs[1], runs[2:]
+    build_assets(work_dir, arch)
     engine = None
     for spec in runs:
         name, algo, steps, *extra = spec.split(":")
