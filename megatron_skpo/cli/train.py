@@ -1,12 +1,20 @@
-"""``skpo-train CONFIG [--dry-run] [--export-hf DIR] [key=value ...]``: resolve a recipe and train.
+"""``skpo-train CONFIG [--dry-run] [--overwrite] [--export-hf DIR] [key=value ...]``: resolve a recipe
+and train.
 
-The resolved config is printed and saved (``<logging.dir>/config.yaml``) with every run, so a run
-can be reproduced from its directory alone.
+Before anything heavy starts (and with ``--dry-run`` alone) the run is checked: paths, the parallel
+layout against the world size and the model, the run directory and the export target
+(``trainer/preflight.py``); every problem is printed on one line and nothing starts. A fresh start
+never overwrites a previous run in ``logging.dir``: ``--overwrite`` first moves it aside.
+
+The resolved config is printed and saved as ``<logging.dir>/config.yaml``, and every start adds a
+copy to ``<logging.dir>/config_history/``, so a run can be reproduced from its directory alone.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 from megatron_skpo.config import Config, ConfigError, describe, dump_config, load_config
@@ -23,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("config", nargs="?", help="YAML recipe (configs/*.yaml); defaults if omitted")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config, check the run, exit")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a logging.dir that holds a previous run (it is moved to "
+                             "<dir>.replaced-<time>, not deleted)")
     parser.add_argument("--export-hf", metavar="DIR", default=None,
                         help="write the final policy as an HF checkpoint to DIR (overrides checkpoint.export_hf)")
     return parser
@@ -46,14 +57,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = dump_config(cfg)
     print(text, end="")
-    if args.dry_run:
-        return 0
-    run_dir = Path(cfg.logging.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(text)
+    from megatron_skpo.trainer.preflight import preflight, set_aside
+
+    problems = preflight(cfg, args.export_hf, args.overwrite)
+    for line in problems:
+        print(f"skpo-train: {line}", file=sys.stderr)
+    if problems or args.dry_run:
+        return 2 if problems else 0
+    if args.overwrite and os.environ.get("RANK", "0") == "0":
+        for moved in set_aside(cfg):
+            print(f"skpo-train: --overwrite: the previous run is now {moved}", file=sys.stderr)
+    write_config(Path(cfg.logging.dir), text)
     from megatron_skpo.trainer import train  # heavy imports only when training
 
     return train(cfg, args.export_hf)
+
+
+def write_config(run_dir: Path, text: str) -> None:
+    """``config.yaml`` (this start's config) and a copy in ``config_history/`` (every start's)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    history = run_dir / "config_history"
+    history.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    n = len(list(history.glob("*.yaml")))
+    (history / f"{n:03d}-{stamp}.yaml").write_text(text)
+    (run_dir / "config.yaml").write_text(text)
 
 
 if __name__ == "__main__":

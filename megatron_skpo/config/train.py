@@ -80,7 +80,10 @@ class CheckpointConfig:
     save_interval: int = doc(50, "save every N steps; 0 = only at the end")
     keep_last: int = doc(3, "keep the newest K checkpoints")
     resume: bool = doc(True, "resume from <dir>/latest when it exists")
-    export_hf: Optional[str] = doc(None, "write the final HF checkpoint here")
+    export_hf: Optional[str] = doc(None, "write the final HF checkpoint here (never the run's own directory or the "
+                                         "input model; see export_overwrite)")
+    export_overwrite: bool = doc(False, "replace a non-empty export_hf directory (its previous files are removed "
+                                        "only after the new export is complete)")
 
     def __post_init__(self):
         check(self.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")

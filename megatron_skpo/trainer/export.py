@@ -9,7 +9,7 @@ import torch
 
 
 def export_hf(policy, hf_config: dict, source_dir: str, out_dir: str, rank: int, tp_group, pp_group,
-              shard_bytes: int = 5 * 10**9) -> Optional[Path]:
+              shard_bytes: int = 5 * 10**9, overwrite: bool = False) -> Optional[Path]:
     """Write the policy as an HF checkpoint (collective: every rank calls it).
 
     Tensors stream unit by unit through the rollout weight sync's ``megatron_to_hf_stream`` (TP
@@ -29,9 +29,11 @@ def export_hf(policy, hf_config: dict, source_dir: str, out_dir: str, rank: int,
             pass
         return None
     dtype = getattr(torch, str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"), torch.float32)
-    with staged_dir(out_dir, force=True) as tmp:
+    with staged_dir(out_dir, force=overwrite, inputs={"model.hf_path": source_dir}) as tmp:
         shards, current, used, total = [], {}, 0, 0
         for name, t in stream:
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"refusing to export non-finite weights: {name} has NaN or inf values")
             t = t.to(dtype).contiguous()
             if current and used + t.nbytes > shard_bytes:
                 save_file(current, tmp / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})

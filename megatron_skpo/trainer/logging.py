@@ -84,7 +84,8 @@ class TensorBoardSink:
     def __init__(self, log_dir: str | Path, resume_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+        # purge the events after the resumed step (after none: a fresh start replaces every earlier event)
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1 if resume_step else 0)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         for k, v in metrics.items():
@@ -155,7 +156,8 @@ class MetricsLogger:
 
     Args:
         total_steps: steps of the whole run (the progress bar's total).
-        resume_step: the step of the checkpoint the run resumed from (0 = fresh start).
+        resume_step: the step of the checkpoint the run resumed from (-1: a fresh start, whose
+            records replace any a killed earlier start left).
         config: the resolved config as a dict, recorded by W&B.
     """
 
@@ -174,7 +176,7 @@ class MetricsLogger:
         wandb_sink = open_wandb(cfg, config)
         if wandb_sink is not None:
             self.sinks.append(wandb_sink)
-        self.progress = ProgressBar(total_steps, resume_step, cfg.progress_metrics, cfg.progress)
+        self.progress = ProgressBar(total_steps, max(resume_step, 0), cfg.progress_metrics, cfg.progress)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         for sink in self.sinks:

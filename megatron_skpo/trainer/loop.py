@@ -35,7 +35,8 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
     stages.sync_weights(run)  # the engine starts from hf_path; a resumed policy differs
     start = run.progress.step
     with RewardPool.from_config(cfg.reward) as run.pool, \
-            MetricsLogger(cfg.logging, cfg.train.steps, resume_step=run.progress.metrics_step, rank=run.rank) as log:
+            MetricsLogger(cfg.logging, cfg.train.steps, resume_step=run.progress.metrics_step if resumed else -1,
+                          rank=run.rank) as log:
         if start == 0 and (first := stages.start_metrics(run)):
             log.log(0, first)
         for step in range(start + 1, cfg.train.steps + 1):
@@ -72,7 +73,8 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
                 break
     out = export_hf or cfg.checkpoint.export_hf
     if out:
-        write_hf(run.policy, run.hf_config, cfg.model.hf_path, out, run.rank, run.par.tp_group, run.par.pp_group)
+        write_hf(run.policy, run.hf_config, cfg.model.hf_path, out, run.rank, run.par.tp_group, run.par.pp_group,
+                 overwrite=cfg.checkpoint.export_overwrite)
     if engine is None:
         run.engine.close(release_distributed=False)
     return 0

@@ -24,7 +24,8 @@ from megatron_skpo.trainer.drift import DriftStore
 from megatron_skpo.trainer.guard import NonFiniteGuard
 from megatron_skpo.trainer.model_state import ModelPart
 from megatron_skpo.trainer.objective import objective_settings
-from megatron_skpo.trainer.parts import RankStateDictPart, StateDictPart, TrainProgress, training_parts
+from megatron_skpo.trainer.parts import JsonPart, RankStateDictPart, StateDictPart, TrainProgress, training_parts
+from megatron_skpo.trainer.resume import ConfigRecord
 from megatron_skpo.trainer.validation import load_validation
 
 
@@ -46,6 +47,7 @@ class Run:
     drift: DriftStore  # each prompt's previous response, for the trackers' per-prompt D
     guard: NonFiniteGuard
     progress: TrainProgress
+    record: ConfigRecord  # the config, saved with every checkpoint and compared on resume
     pool: Optional[RewardPool] = None  # opened by the loop
 
     @property
@@ -60,8 +62,9 @@ class Run:
         """Checkpoint parts: model/optimizer/schedule, RNG of every rank, data order, trackers, counters."""
         from megatron.core import tensor_parallel
 
-        parts = training_parts(self.rank, self.progress, self.epochs, self.tracker, self.guard,
-                               tensor_parallel.get_cuda_rng_tracker())
+        parts = {"config": JsonPart(self.record)}  # first: a refused resume loads nothing else
+        parts.update(training_parts(self.rank, self.progress, self.epochs, self.tracker, self.guard,
+                                    tensor_parallel.get_cuda_rng_tracker()))
         parts.update({name: StateDictPart(obj) for name, obj in self.method.state.items()})
         parts["drift"] = RankStateDictPart(self.drift, self.rank)
         parts["model"] = ModelPart(self.policy, self.rank)
@@ -96,4 +99,4 @@ def build_run(cfg: Config, engine: Optional[VLLMEngine] = None) -> Run:
                method=build_method(cfg, engine.tokenizer), objective=objective_settings(cfg.algo),
                epochs=build.epoch_sampler(cfg, len(problems.items)),
                tracker=ValueTracker(t.rho_min, t.rho_max, t.d_half, t.priority_floor, t.prior),
-               drift=DriftStore(), guard=NonFiniteGuard(), progress=TrainProgress())
+               drift=DriftStore(), guard=NonFiniteGuard(), progress=TrainProgress(), record=ConfigRecord(cfg))

@@ -52,6 +52,8 @@ def announce(run: Run, resumed) -> None:
             print(f"skpo-train: {name}: {line}", flush=True)
     if resumed is not None:
         print(f"skpo-train: resumed from {resumed.path} (step {resumed.step})", flush=True)
+        for change in run.record.changes:
+            print(f"skpo-train: resume: {change} (applied from step {resumed.step + 1})", flush=True)
 
 
 def start_metrics(run: Run) -> dict[str, float]:

@@ -1,4 +1,5 @@
 """The config tree: strict building, overrides, validation messages, recipes and the CLI."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,12 @@ def test_overrides_are_typed_and_nested(tmp_path):
     (["algo.clip.eps_low=1.5"], "eps_low: must be in [0, 1)"),
     (["algo.group_size"], "expected key=value"),
     (["rollout.temperature=0"], "rollout.temperature: must be > 0"),
+    (["optim.lr=.inf"], "optim.lr: expected a finite number, got inf"),  # trained and saved NaN weights
+    (["algo.clip.eps_high=.nan"], "algo.clip.eps_high: expected a finite number"),
+    (["optim.lr=2"], "optim.lr: must be in (0, 1)"),
+    (["optim.weight_decay=-0.1"], "optim.weight_decay: must be >= 0"),
+    (["reward.workers=100000"], "reward.workers: must be in [1, 256]"),
+    (["reward.timeout_s=1e9"], "reward.timeout_s: must be in (0, 600]"),
     (["reward.format_penalty=-0.5"], "reward.incorrect + reward.format_penalty: -1.5 is outside [-1, 1]"),
     (["reward.correct=2"], "reward.correct: 2.0 is outside [-1, 1]"),
     (["parallel.ep=0"], "parallel.ep: must be >= 1"),
@@ -82,17 +89,30 @@ def test_help_lists_every_field_with_its_help():
     assert all("#" in line for line in lines)
 
 
-def _cli(*args, cwd=ROOT):
+def _cli(*args, cwd=ROOT, env=None):
     return subprocess.run([sys.executable, "-m", "megatron_skpo.cli.train", *args],
-                          capture_output=True, text=True, cwd=cwd, timeout=120)
+                          capture_output=True, text=True, cwd=cwd, timeout=120, env=env)
 
 
-def test_cli_help_dry_run_and_errors():
+def test_cli_help_dry_run_and_errors(tmp_path):
     out = _cli("--help")
     assert out.returncode == 0 and "d_half: 0.06" in out.stdout
-    out = _cli("configs/skpo.yaml", "--dry-run", "algo.group_size=4")
+    # the paper recipe where its model and data are not: the resolved config, then every problem on a line
+    out = _cli("configs/skpo.yaml", "--dry-run", "algo.group_size=4", f"logging.dir={tmp_path / 'run'}")
+    assert out.returncode == 2 and yaml.safe_load(out.stdout)["algo"]["group_size"] == 4
+    for needle in ("model.hf_path: checkpoints/Qwen2.5-Math-7B has no config.json",
+                   "data.train.path: no such file data/dapo-math-17k.parquet",
+                   "parallel.tp x parallel.pp = 2 x 1 does not divide the world size 1"):
+        assert needle in out.stderr, out.stderr
+    model, data = tmp_path / "model", tmp_path / "dapo.parquet"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_attention_heads": 4, "num_key_value_heads": 2, '
+                                       '"intermediate_size": 64, "num_hidden_layers": 2}')
+    (model / "model.safetensors").write_bytes(b"")
+    data.write_bytes(b"")
+    out = _cli("configs/skpo.yaml", "--dry-run", f"model.hf_path={model}", f"data.train.path={data}",
+               f"logging.dir={tmp_path / 'run'}", env={**os.environ, "WORLD_SIZE": "2"})
     assert out.returncode == 0, out.stderr
-    assert yaml.safe_load(out.stdout)["algo"]["group_size"] == 4
     out = _cli("configs/skpo.yaml", "--dry-run", "algo.nope=1")
     assert out.returncode == 2 and "algo.nope: unknown key" in out.stderr
     out = _cli("configs/skpo.yaml", "--dry-run", "algo.loss_agg_mode=mean")

@@ -195,3 +195,18 @@ def test_intact_checkpoint_restores_identically(tmp_path):
     mgr = _saved(tmp_path)
     objs = fresh()
     assert mgr.restore(parts_of(objs)).step == 3 and snapshot(objs) == snapshot(make_state(3))
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    """A diverged policy (NaN weights) raises on save, naming the tensor; nothing is written."""
+    import types
+
+    from megatron_skpo.trainer.model_state import ModelPart
+
+    gpt = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        gpt.weight[0, 0] = float("nan")
+    policy = types.SimpleNamespace(gpt=gpt)
+    with pytest.raises(ValueError, match="refusing to save non-finite weights: weight has NaN"):
+        ModelPart(policy, rank=0).save(tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -196,3 +196,22 @@ def test_every_config_field_is_read(work):
     reads = {tuple(r) for r in json.loads((work / "config_reads.json").read_text())}
     missing = sorted(fields - reads)
     assert not missing, f"config fields read nowhere: {missing}"
+
+
+def test_resume_applies_a_new_lr_and_refuses_another_group_size(work):
+    """A resume records what changed: optim.lr is applied (and announced) from the next step, a
+    changed algo.group_size is refused before anything loads."""
+    import shutil
+
+    shutil.copytree(work / "skpo", work / "skpo_resume")  # the 2-step SKPO run, resumed under another name
+    proc = child(work, "skpo_resume:skpo:3:optim.lr=2e-4")
+    finish(proc, work, timeout=300)
+    records = steps(work / "skpo_resume" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["lr"] == pytest.approx(2e-4)
+    log = sorted(work.glob("child-*.log"))[-1].read_text()
+    assert "resume: optim.lr: 0.0001 -> 0.0002 (applied from step 3)" in log
+    proc = child(work, "skpo_resume:skpo:4:algo.group_size=2")
+    assert proc.wait(timeout=300) != 0
+    log = sorted(work.glob("child-*.log"))[-1].read_text()
+    assert "algo.group_size: 4 -> 2 (the saved trackers and the sampler's groups were built with this G)" in log
+    assert [r["step"] for r in steps(work / "skpo_resume" / "metrics.jsonl")] == [1, 2, 3]  # nothing written

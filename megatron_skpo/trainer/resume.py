@@ -1,0 +1,99 @@
+"""A resume that is right or refuses: the checkpoint records the config it was made with.
+
+On resume the recorded config is compared with the current one, key by key:
+- keys that cannot change mid-run (``FROZEN``: the algorithm and its trackers, the group size, the
+  model and its layout, the training problems and how prompts are rendered, the seed, the reward
+  values) are errors naming the key, both values and why;
+- every other key may change (learning rate and schedule, steps, validation, logging, ...); the
+  change is applied and announced. The learning-rate schedule is rebuilt from the new optimizer
+  settings (``ModelPart`` loads the step count, not the old schedule values).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_skpo.config import Config, to_dict
+
+# dotted prefix -> why it cannot change in the middle of a run
+FROZEN: dict[str, str] = {
+    "algo.name": "the saved trackers, advantages and objective belong to this algorithm",
+    "algo.group_size": "the saved trackers and the sampler's groups were built with this G",
+    "algo.advantage": "the advantages the run optimised so far belong to this estimator",
+    "algo.skpo": "SKPO's saved length tracker and segment statistics belong to these settings",
+    "algo.tracker": "the saved value tracker was built with these settings",
+    "algo.dense_mc": "the Monte Carlo estimates belong to these settings",
+    "model": "the weights belong to this model, dtype and layer implementation",
+    "parallel.tp": "model and optimizer state are saved per rank for this layout",
+    "parallel.pp": "model and optimizer state are saved per rank for this layout",
+    "parallel.ep": "model and optimizer state are saved per rank for this layout",
+    "data.train": "the saved data order indexes these problems",
+    "data.prompt_template": "the trackers and stored responses belong to these prompts",
+    "data.use_chat_template": "the trackers and stored responses belong to these prompts",
+    "data.shuffle_seed": "the saved data order was drawn with this seed",
+    "train.seed": "every step's random streams derive from this seed",
+    "reward.correct": "the tracked values are in this reward scale",
+    "reward.incorrect": "the tracked values are in this reward scale",
+    "reward.format_penalty": "the tracked values are in this reward scale",
+    "reward.kind": "the tracked values belong to this reward",
+}
+# may change, but only the explicitly mutable subkeys of a frozen prefix
+MUTABLE_INSIDE: tuple[str, ...] = ("model.logprob_chunk_size", "model.recompute")
+
+
+class ResumeConfigError(ValueError):
+    """A resumed run's config changes a key that cannot change mid-run."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(_flat(v, key) if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def frozen_reason(key: str) -> str | None:
+    if key in MUTABLE_INSIDE:
+        return None
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        why = FROZEN.get(".".join(parts[:n]))
+        if why is not None:
+            return why
+    return None
+
+
+def compare(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(errors, changes): one line per frozen key that differs, and per other key that differs."""
+    a, b = _flat(saved), _flat(current)
+    errors, changes = [], []
+    for key in sorted(set(a) | set(b)):
+        old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if old == new:
+            continue
+        why = frozen_reason(key)
+        (errors if why else changes).append(f"{key}: {old!r} -> {new!r}" + (f" ({why})" if why else ""))
+    return errors, changes
+
+
+class ConfigRecord:
+    """The checkpoint part ``config``: the run's config when saved; on load, the comparison.
+
+    ``changes`` lists the keys the resumed run changed (applied); a frozen key raises.
+    """
+
+    def __init__(self, cfg: Config):
+        self.current = to_dict(cfg)
+        self.changes: list[str] = []
+
+    def state_dict(self) -> dict:
+        return self.current
+
+    def load_state_dict(self, saved: dict) -> None:
+        if not isinstance(saved, dict):
+            raise ValueError(f"config record: expected the saved config tree, got {type(saved).__name__}")
+        errors, self.changes = compare(saved, self.current)
+        if errors:
+            raise ResumeConfigError("the resumed run changes what cannot change mid-run (start a new run in "
+                                    "another logging.dir, or restore these values):\n  " + "\n  ".join(errors))
+
