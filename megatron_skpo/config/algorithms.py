@@ -133,6 +133,9 @@ READ_WHEN: dict[str, tuple[Callable[[Any], bool], str]] = {
     "algo.kl.estimator": (lambda c: c.algo.kl.coef > 0, "read only when algo.kl.coef > 0"),
     "algo.tis.cap": (lambda c: c.algo.tis.enabled, "read only when algo.tis.enabled is true"),
     "validation": (lambda c: c.data.eval is not None, "read only when data.eval names a held-out set"),
+    "checkpoint.save_interval": (lambda c: c.checkpoint.enabled, "read only when checkpoint.enabled is true"),
+    "checkpoint.keep_last": (lambda c: c.checkpoint.enabled, "read only when checkpoint.enabled is true"),
+    "checkpoint.resume": (lambda c: c.checkpoint.enabled, "read only when checkpoint.enabled is true"),
 }
 
 

@@ -76,6 +76,7 @@ class ValidationConfig:
 class CheckpointConfig:
     """Atomic checkpoints (temporary dir, rename, then the ``latest`` pointer)."""
 
+    enabled: bool = doc(True, "write training checkpoints; false: a run that cannot resume (exports still work)")
     dir: Optional[str] = doc(None, "checkpoint directory; null = <logging.dir>/checkpoints")
     save_interval: int = doc(50, "save every N steps; 0 = only at the end")
     keep_last: int = doc(3, "keep the newest K checkpoints")
@@ -104,6 +105,8 @@ class LoggingConfig:
     wandb_missing: Literal["warn", "error"] = doc(
         "warn", "logging.wandb is on but the wandb package does not import: warn and go on, or stop at start-up")
     progress: bool = doc(True, "show a progress bar with ETA")
+    lines: bool = doc(False, "print one line per step (step, reward, accuracy, validation, sampled tokens, seconds): "
+                             "for logs and terminals where a progress bar is noise")
     progress_metrics: list[str] = doc(
         factory=lambda: ["reward", "accuracy"], help="metrics shown next to the progress bar")
 

@@ -55,6 +55,33 @@ def summarize(benchmark: str, records: Sequence[dict], k: int) -> BenchmarkSumma
         grading_timeouts=samples.count("timeout"), grading_errors=samples.count("error"))
 
 
+@dataclass(frozen=True)
+class PairedChange:
+    """avg@k of the same problems at two points, and the noise of the difference."""
+
+    problems: int
+    before: float  # mean over problems of the fraction of correct samples
+    after: float
+    change: float  # after - before
+    stderr: float  # standard error of the mean per-problem change (sample std / sqrt(n))
+    z: float  # change / stderr (inf when every problem changed by the same amount)
+
+
+def paired_change(before: Sequence[Sequence[bool]], after: Sequence[Sequence[bool]]) -> PairedChange:
+    """Per problem: the fraction of its samples that are correct, before and after; the change's
+    standard error comes from the spread of the per-problem changes (paired: problem difficulty,
+    which both share, cancels), so it holds both the sampling noise and the problems' spread."""
+    if len(before) != len(after) or len(before) < 2:
+        raise ValueError(f"paired_change: need the same >= 2 problems, got {len(before)} and {len(after)}")
+    b = [sum(x) / len(x) for x in before]
+    a = [sum(x) / len(x) for x in after]
+    d = [y - x for x, y in zip(b, a)]
+    n, mean = len(d), sum(d) / len(d)
+    se = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5 / n ** 0.5
+    z = mean / se if se > 0 else (0.0 if mean == 0 else float("inf"))
+    return PairedChange(n, sum(b) / n, sum(a) / n, mean, se, z)
+
+
 def markdown_table(summaries: Sequence[BenchmarkSummary]) -> str:
     """Summary table in Markdown, one row per benchmark."""
     k = summaries[0].k if summaries else 0

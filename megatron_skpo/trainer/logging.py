@@ -151,6 +151,31 @@ class ProgressBar:
         self.bar.close()
 
 
+class StepLines:
+    """One line per step on stdout: ``step 3/24 | reward -0.41 | accuracy 0.30 | val/avg@8 0.36 | ...``."""
+
+    KEYS = ("reward", "accuracy", "sampled_tokens", "time/step")
+
+    def __init__(self, total_steps: int):
+        self.total = total_steps
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+        shown = [k for k in self.KEYS if k in metrics] + sorted(k for k in metrics if k.startswith(("val/avg@",
+                                                                                                    "val/pass@")))
+        parts = [f"step {step}/{self.total}"] + [f"{k.removeprefix('time/')} {_fmt(metrics[k])}" for k in shown]
+        print(" | ".join(parts), flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _fmt(v: Any) -> str:
+    v = _scalar(v)
+    if isinstance(v, float) and abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
 class MetricsLogger:
     """Every enabled sink behind one ``log(step, metrics)``; rank != 0 logs nothing.
 
@@ -176,6 +201,8 @@ class MetricsLogger:
         wandb_sink = open_wandb(cfg, config)
         if wandb_sink is not None:
             self.sinks.append(wandb_sink)
+        if cfg.lines:
+            self.sinks.append(StepLines(total_steps))
         self.progress = ProgressBar(total_steps, max(resume_step, 0), cfg.progress_metrics, cfg.progress)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:

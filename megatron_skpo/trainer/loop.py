@@ -30,7 +30,7 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
 
     run = build_run(cfg, engine)
     ckpt = CheckpointManager(checkpoint_root(cfg), cfg.checkpoint.save_interval, cfg.checkpoint.keep_last, run.rank)
-    resumed = ckpt.restore(run.parts()) if cfg.checkpoint.resume else None
+    resumed = ckpt.restore(run.parts()) if cfg.checkpoint.enabled and cfg.checkpoint.resume else None
     stages.announce(run, resumed)
     stages.sync_weights(run)  # the engine starts from hf_path; a resumed policy differs
     start = run.progress.step
@@ -67,7 +67,7 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
                        "perf/tokens_per_s": batch.generated_tokens() / max(time.perf_counter() - t0, 1e-9)}
             run.progress.step = run.progress.metrics_step = step
             log.log(step, metrics)
-            if last or ckpt.should_save(step, cfg.train.steps):
+            if cfg.checkpoint.enabled and (last or ckpt.should_save(step, cfg.train.steps)):
                 ckpt.save(step, run.parts())
             if last:
                 break

@@ -80,7 +80,7 @@ def validation(run: Run, step: int, last: bool) -> dict[str, float]:
     interval = run.cfg.validation.interval
     if run.validation is None or not (last or (interval and step % interval == 0)):
         return {}
-    return validate(run, run.validation, stream_seed(run.cfg.train.seed, step, 3))
+    return validate(run, run.validation, stream_seed(run.cfg.train.seed, step, 3), step)
 
 
 def sample_prompts(run: Run, step: int) -> list[PromptItem]:

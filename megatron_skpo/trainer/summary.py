@@ -1,7 +1,9 @@
 """``python -m megatron_skpo.trainer.summary RUN_DIR [--before DIR] [--after DIR]``: a run's summary.
 
-Prints rewards per step, mean time per stage, and (given ``skpo-eval`` output directories) the
-held-out accuracy before and after training, as Markdown tables.
+Prints rewards per step, mean time per stage, the held-out avg@k the run's own validation measured
+before the first and after the last step with the change's standard error (paired over the same
+problems), and (given ``skpo-eval`` output directories) their accuracy before and after, as
+Markdown tables.
 """
 from __future__ import annotations
 
@@ -53,6 +55,22 @@ def accuracy_table(before: Path, after: Path) -> list[str]:
     return out
 
 
+def validation_change(run_dir: Path) -> list[str]:
+    """The first and the last validation of the run (``<run>/validation/step_*.json``), paired."""
+    from megatron_skpo.eval.metrics import paired_change
+
+    files = sorted((run_dir / "validation").glob("step_*.json"))
+    if len(files) < 2:
+        return []
+    first, last = (json.loads(f.read_text()) for f in (files[0], files[-1]))
+    c = paired_change(first["correct"], last["correct"])
+    k = first["k"]
+    return [f"| held-out | step {first['step']} | step {last['step']} | change | standard error | z |",
+            "|---|---:|---:|---:|---:|---:|",
+            f"| avg@{k} over {c.problems} problems | {100 * c.before:.1f} | {100 * c.after:.1f} | "
+            f"{100 * c.change:+.1f} | {100 * c.stderr:.1f} | {c.z:.1f} |"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m megatron_skpo.trainer.summary", description=__doc__)
     ap.add_argument("run_dir", type=Path)
@@ -61,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         rows = read_metrics(args.run_dir)
+        rows = [r for r in rows if r.get("step", 0) > 0]  # step 0: data accounting and the starting validation
         lines = ["rewards per step:", *step_table(rows), "", "time per stage:", *time_table(rows)]
+        if change := validation_change(args.run_dir):
+            lines += ["", "held-out accuracy (the run's validation, paired over the same problems):", *change]
         if args.before and args.after:
             lines += ["", "held-out accuracy:", *accuracy_table(args.before, args.after)]
     except (OSError, KeyError, json.JSONDecodeError) as e:

@@ -10,6 +10,8 @@ least one correct sample counts), ``val/reward``, ``val/length``, ``val/no_answe
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -27,8 +29,10 @@ def load_validation(cfg: Config, tokenizer) -> Optional[Problems]:
     return load_problems(cfg, tokenizer, cfg.data.eval, "data.eval")
 
 
-def validate(run, problems: Problems, seed: int) -> dict[str, float]:
-    """``val/*`` metrics of the engine's current weights on ``problems``."""
+def validate(run, problems: Problems, seed: int, step: int) -> dict[str, float]:
+    """``val/*`` metrics of the engine's current weights on ``problems``; rank 0 also writes every
+    problem's correct samples to ``<logging.dir>/validation/step_<step>.json`` (paired comparisons
+    between steps, e.g. the standard error of an improvement)."""
     v = run.cfg.validation
     engine = run.engine
     saved = engine.settings
@@ -46,6 +50,11 @@ def validate(run, problems: Problems, seed: int) -> dict[str, float]:
     correct = [r == run.cfg.reward.correct for r in rewards]
     per_problem = [correct[i * v.k:(i + 1) * v.k] for i in range(len(groups))]
     lengths = [len(g.token_ids) for gens in groups for g in gens]
+    if run.rank == 0:
+        out = Path(run.cfg.logging.dir) / "validation"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"step_{step:06d}.json").write_text(json.dumps({"step": step, "k": v.k, "correct": [
+            [bool(c) for c in per] for per in per_problem]}) + "\n")
     return {f"val/avg@{v.k}": sum(correct) / len(correct),
             f"val/pass@{v.k}": sum(pass_at_k(v.k, sum(c), v.k) for c in per_problem) / len(per_problem),
             "val/reward": sum(rewards) / len(rewards), "val/length": sum(lengths) / len(lengths),
