@@ -12,6 +12,10 @@ class ModelConfig:
     """The policy model: where its weights come from and how its layers are built."""
 
     hf_path: Optional[str] = doc(None, "HF checkpoint directory (config.json + safetensors) to start from")
+    mcore_path: Optional[str] = doc(
+        None, "Megatron distributed checkpoint to start the policy from instead of hf_path's weights (an "
+        "`skpo-convert hf-to-mcore` output, or a directory with a dist checkpoint's metadata.json); hf_path is "
+        "still read for config.json and the tokenizer (the converter's <out>/hf holds both), not for weights")
     dtype: Literal["bf16", "fp16", "fp32"] = doc("bf16", "compute dtype; master weights stay fp32")
     fp8: Optional[Literal["delayed", "current"]] = doc(None, "FP8 recipe via Transformer Engine (GPU only); null = off")
     transformer_impl: Literal["auto", "transformer_engine", "local"] = doc(

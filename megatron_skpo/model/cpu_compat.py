@@ -44,6 +44,13 @@ Patch points:
        (``te_general_gemm is not None`` in the router's gating GEMM, the fused permute/aux-loss
        kernels), so the router's non-TE path raises NameError. They are defined as ``None``,
        which selects megatron-core's own torch implementations (only where TE is missing).
+  15.  Distributed optimizer, ``fully_reshardable`` checkpoint load (another Apex/TE dependency):
+       without Apex or TE the inner optimizer is torch's Adam, which keeps a per-parameter ``step``
+       in its state; ``load_parameter_state_from_fully_reshardable`` hands
+       ``_set_main_param_and_optimizer_states`` the master weight and the moments but not ``step``,
+       and that copies every state key (``KeyError: 'step'``). The wrapper passes the step the
+       optimizer already holds (``load_state_dict`` set it from the checkpoint just before), so
+       the copy is a no-op for it; only where neither Apex nor TE is installed.
 """
 from __future__ import annotations
 
@@ -261,6 +268,31 @@ def _patch_moe_token_dispatcher() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = host_copy
 
 
+def _patch_distrib_optimizer_step() -> None:
+    """Point 15: the fully-reshardable load of the distributed optimizer keeps torch Adam's ``step``."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    cls = distrib_optimizer.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+    if getattr(original, "__skpo_cpu_compat__", False):
+        return
+
+    @functools.wraps(original)
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state[main].get("step")
+            if step is not None:
+                tensors = {**tensors, "step": step}
+        return original(self, model_param, tensors)
+
+    set_states.__skpo_cpu_compat__ = True  # type: ignore[attr-defined]
+    cls._set_main_param_and_optimizer_states = set_states
+
+
 PATCH_POINTS: dict[str, Callable[[], None]] = {
     "rng": _patch_rng,
     # also covers local_multi_tensor_l2_norm/scale (grad clipping without apex/TE) in the same module
@@ -281,6 +313,7 @@ PATCH_POINTS: dict[str, Callable[[], None]] = {
     "moe_router": lambda: _proxy_torch("megatron.core.transformer.moe.router"),
     "moe_token_dispatcher": _patch_moe_token_dispatcher,
     "moe_utils": _patch_moe_utils,
+    "distrib_optimizer_step": _patch_distrib_optimizer_step,
 }
 
 

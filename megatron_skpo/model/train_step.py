@@ -69,9 +69,13 @@ class Policy:
 
 def build_policy(hf_config: dict, optim: "OptimConfig", *, total_steps: int, dtype: str = "fp32",
                  distributed_optimizer: bool = True, hf_weights: Optional[dict] = None,
+                 init_weights: Optional[Callable[[torch.nn.Module], None]] = None,
                  temperature: float = 1.0, logprob_chunk: int = 1024, **model_kwargs) -> Policy:
     """GPTModel (+ HF weights) -> Megatron DDP -> Megatron optimizer (fp32 master weights for
     bf16/fp16 params) -> warm-up schedule. Parallel state must be initialised.
+
+    ``init_weights(gpt)``: loads the starting weights into the bare GPTModel instead of ``hf_weights``
+    (e.g. from a Megatron distributed checkpoint), before the optimizer copies them into its masters.
 
     ``model_kwargs`` go to :func:`~megatron_skpo.model.builder.build_gpt_model` (``impl``,
     ``recompute``, ``sequence_parallel``, ``moe_aux_loss_coef``, ...)."""
@@ -83,6 +87,8 @@ def build_policy(hf_config: dict, optim: "OptimConfig", *, total_steps: int, dty
                          "(GPU only); on CPU train MoE models at parallel.tp=1 and split experts with parallel.ep")
     if hf_weights is not None:
         load_hf(gpt, hf_weights, hf_config)
+    if init_weights is not None:
+        init_weights(gpt)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=distributed_optimizer)
     model = DistributedDataParallel(config=gpt.config, ddp_config=ddp_config, module=gpt)

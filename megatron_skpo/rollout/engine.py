@@ -135,7 +135,8 @@ class VLLMEngine:
                  dtype: str = "auto", seed: int = 0, max_model_len: Optional[int] = None,
                  enable_prefix_caching: bool = True, logprobs_mode: str = "processed_logprobs",
                  gpu_memory_utilization: Optional[float] = None, enforce_eager: bool = False,
-                 enable_sleep: bool = True, sleep_level: int = 2, trust_remote_code: bool = False):
+                 enable_sleep: bool = True, sleep_level: int = 2, trust_remote_code: bool = False,
+                 load_format: str = "auto"):
         configure_cpu_env()
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -148,7 +149,7 @@ class VLLMEngine:
         kwargs = dict(model=str(model_dir), tensor_parallel_size=tp, dtype=dtype, seed=seed,
                       max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
                       logprobs_mode=logprobs_mode, enforce_eager=enforce_eager, trust_remote_code=trust_remote_code,
-                      enable_sleep_mode=self.sleep_enabled)
+                      enable_sleep_mode=self.sleep_enabled, load_format=load_format)
         if launcher == "external_launcher":
             kwargs["distributed_executor_backend"] = "external_launcher"
         elif launcher != "local":
@@ -167,16 +168,17 @@ class VLLMEngine:
 
     @classmethod
     def from_config(cls, cfg, model_dir: str, trust_remote_code: bool = False,
-                    launcher: str = "external_launcher") -> "VLLMEngine":
+                    launcher: str = "external_launcher", load_format: str = "auto") -> "VLLMEngine":
         """An engine for a :class:`megatron_skpo.config.rollout.RolloutConfig`. The trainer colocates it in
         each rank's process (``external_launcher``, also for a 1-rank job); a standalone tool may use
-        vLLM's own executor (``local``)."""
+        vLLM's own executor (``local``). ``load_format="dummy"``: random weights, for a caller that
+        pushes its own (:meth:`load_weights`) before generating."""
         settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.top_k, tuple(cfg.stop))
         return cls(model_dir, settings, tp=cfg.tp, launcher=launcher, dtype=cfg.dtype, seed=cfg.seed,
                    max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
                    logprobs_mode=cfg.logprobs_mode, gpu_memory_utilization=cfg.gpu_memory_utilization,
                    enforce_eager=cfg.enforce_eager, enable_sleep=cfg.sleep_between_phases,
-                   sleep_level=cfg.sleep_level, trust_remote_code=trust_remote_code)
+                   sleep_level=cfg.sleep_level, trust_remote_code=trust_remote_code, load_format=load_format)
 
     def _params(self, n: int, max_tokens: int):
         from vllm import SamplingParams

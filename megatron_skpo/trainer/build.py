@@ -75,7 +75,46 @@ def build_engine(cfg: Config, stop: tuple[str, ...]):
     from megatron_skpo.rollout.engine import VLLMEngine
 
     rollout = replace(cfg.rollout, stop=list(dict.fromkeys([*cfg.rollout.stop, *stop])))
-    return VLLMEngine.from_config(rollout, cfg.model.hf_path, trust_remote_code=cfg.model.trust_remote_code)
+    # with model.mcore_path, hf_path need not hold weights: the engine starts from dummy ones, which the
+    # loop replaces with the policy's before the first rollout (as it does on every resume)
+    return VLLMEngine.from_config(rollout, cfg.model.hf_path, trust_remote_code=cfg.model.trust_remote_code,
+                                  load_format="dummy" if cfg.model.mcore_path else "auto")
+
+
+def hf_config_of(model_dir: str) -> dict:
+    """config.json of an HF checkpoint directory."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"model.hf_path {model_dir}: needs config.json")
+    return json.loads(path.read_text())
+
+
+def start_state(cfg: Config) -> tuple[dict, Optional[dict]]:
+    """(config.json, HF tensors) of the run's starting point; no tensors with ``model.mcore_path``
+    (the policy loads its shard from that checkpoint: :func:`load_mcore`)."""
+    if cfg.model.mcore_path:
+        return hf_config_of(cfg.model.hf_path), None
+    return hf_state(cfg.model.hf_path)
+
+
+def load_mcore(gpt, path: str, trust: bool = False) -> None:
+    """Load this rank's shard of a GPTModel from a Megatron distributed checkpoint, at any layout:
+    an ``skpo-convert hf-to-mcore`` output (``latest_checkpointed_iteration.txt`` + ``release/``) or a
+    directory with the dist checkpoint itself (``metadata.json``), the model under key ``model``.
+    Its ``.metadata`` is read with the allow-list unpickler, ``common.pt`` and byte objects with
+    ``weights_only=True`` first (``checkpoint_convert.untrusted``), unless ``trust``."""
+    from megatron.core import dist_checkpointing
+
+    from checkpoint_convert.mcore_io import checkpoint_dir
+    from checkpoint_convert.untrusted import check_byte_objects, check_common, load_dist_metadata
+    from megatron_skpo.model import cpu_compat
+
+    cpu_compat.apply()
+    ckpt = checkpoint_dir(Path(path))
+    if not trust:
+        check_common(ckpt)
+        check_byte_objects(ckpt, load_dist_metadata(ckpt))
+    gpt.load_state_dict(dist_checkpointing.load({"model": gpt.sharded_state_dict()}, str(ckpt))["model"])
 
 
 def hf_state(model_dir: str) -> tuple[dict, dict]:
@@ -92,12 +131,17 @@ def hf_state(model_dir: str) -> tuple[dict, dict]:
     return json.loads((path / "config.json").read_text()), weights
 
 
-def build_policy_from(cfg: Config, hf_config: dict, weights: dict, total_updates: int):
+def build_policy_from(cfg: Config, hf_config: dict, weights: Optional[dict], total_updates: int):
+    """The policy from HF ``weights``, or (``weights`` None) from ``model.mcore_path``."""
+    from functools import partial
+
     from megatron_skpo.model.train_step import build_policy
 
     m = cfg.model
+    init = partial(load_mcore, path=m.mcore_path) if weights is None else None
     return build_policy(hf_config, cfg.optim, total_steps=total_updates, dtype=m.dtype, fp8=m.fp8,
                         distributed_optimizer=cfg.parallel.distributed_optimizer, hf_weights=weights,
+                        init_weights=init,
                         temperature=cfg.rollout.temperature, logprob_chunk=m.logprob_chunk_size,
                         impl=m.transformer_impl, recompute=m.recompute,
                         sequence_parallel=cfg.parallel.sequence_parallel, vocab_divisible_by=m.vocab_divisible_by,
@@ -115,8 +159,9 @@ class _Frozen(torch.nn.Module):
         return self.module(*args, **kwargs)
 
 
-def build_reference(cfg: Config, hf_config: dict, weights: dict):
-    """The frozen reference policy (the starting weights) for the KL penalty; no optimizer."""
+def build_reference(cfg: Config, hf_config: dict, weights: Optional[dict]):
+    """The frozen reference policy (the starting weights: ``weights``, or ``model.mcore_path`` when
+    None) for the KL penalty; no optimizer."""
     from megatron_skpo.model.builder import build_gpt_model
     from megatron_skpo.model.train_step import Policy
     from megatron_skpo.model.weights import load_hf
@@ -124,7 +169,10 @@ def build_reference(cfg: Config, hf_config: dict, weights: dict):
     m = cfg.model
     gpt = build_gpt_model(hf_config, dtype=m.dtype, impl=m.transformer_impl,
                           vocab_divisible_by=m.vocab_divisible_by, calculate_per_token_loss=True)
-    load_hf(gpt, weights, hf_config)
+    if weights is None:
+        load_mcore(gpt, m.mcore_path)
+    else:
+        load_hf(gpt, weights, hf_config)
     gpt.requires_grad_(False)
     return Policy(_Frozen(gpt), None, None, hf_config, cfg.rollout.temperature, m.logprob_chunk_size)
 

@@ -25,6 +25,9 @@ checkpoint, the part and the file, and saying which earlier checkpoint a resume 
 Parts (see :mod:`megatron_skpo.trainer.parts`) have ``save(dir)``/``load(dir)`` and optionally
 ``files(dir)`` (the files this rank reads); a part with ``collective = True`` (RNG states, Megatron
 ``dist_checkpointing``) is saved by every rank, other parts by rank 0 only. Every rank loads every part.
+In a job of several ranks the ranks agree after the verification and after each part's load (an
+all-gather of their errors): a file only one rank reads and finds corrupt stops every rank with that
+rank's error, instead of leaving the others waiting in the next collective load.
 """
 from __future__ import annotations
 
@@ -152,21 +155,40 @@ def default_barrier() -> Callable[[], None]:
     return dist.barrier if dist.is_available() and dist.is_initialized() else _noop
 
 
+def default_gather() -> Optional[Callable[[object], list]]:
+    """``torch.distributed.all_gather_object`` over the job when it has several ranks, else None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+
+    def gather(obj: object) -> list:
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    return gather
+
+
 class CheckpointManager:
     """Save every ``save_interval`` steps into ``root``, keep the newest ``keep_last``, resume from ``latest``.
 
     Args:
         rank: this process's global rank; rank 0 creates, renames and prunes directories.
         barrier: collective barrier over all ranks (default: torch.distributed's, if initialised).
+        gather: ``obj -> [obj of rank 0, obj of rank 1, ...]`` over all ranks, for the ranks to agree
+            on restore errors (default: torch.distributed's with several ranks, else none).
     """
 
     def __init__(self, root: str | Path, save_interval: int, keep_last: int, rank: int = 0,
-                 barrier: Optional[Callable[[], None]] = None):
+                 barrier: Optional[Callable[[], None]] = None,
+                 gather: Optional[Callable[[object], list]] = None):
         if save_interval < 0 or keep_last < 1:
             raise CheckpointError(f"checkpoint: need save_interval >= 0 and keep_last >= 1, "
                                   f"got {save_interval} and {keep_last}")
         self.root, self.save_interval, self.keep_last, self.rank = Path(root), save_interval, keep_last, rank
         self.barrier = barrier if barrier is not None else default_barrier()
+        self.gather = gather if gather is not None else default_gather()
 
     def should_save(self, step: int, last_step: int) -> bool:
         """At every ``save_interval``-th step and always at the final step."""
@@ -262,21 +284,39 @@ class CheckpointManager:
         ck = checkpoint if checkpoint is not None else self.latest()
         if ck is None:
             return None
-        meta = self._read_marker(ck)
-        missing = [n for n in parts if n not in meta["parts"]]
-        if missing:
-            raise CheckpointError(f"checkpoint {ck.path}: has no part(s) {', '.join(missing)} "
-                                  f"(it holds {', '.join(meta['parts'])})")
-        manifest = self._read_manifest(ck, meta)
-        for part_name, part in parts.items():
-            self._verify_part(ck, part_name, part, manifest)
+        error: Optional[CheckpointError] = None
+        try:
+            meta = self._read_marker(ck)
+            missing = [n for n in parts if n not in meta["parts"]]
+            if missing:
+                raise CheckpointError(f"checkpoint {ck.path}: has no part(s) {', '.join(missing)} "
+                                      f"(it holds {', '.join(meta['parts'])})")
+            manifest = self._read_manifest(ck, meta)
+            for part_name, part in parts.items():
+                self._verify_part(ck, part_name, part, manifest)
+        except CheckpointError as e:
+            error = e
+        self._agree(error)
         for part_name, part in parts.items():
             try:
                 part.load(ck.path / part_name)
             except Exception as e:  # any failure, named: a raw UnpicklingError says nothing about where
-                raise CheckpointError(f"checkpoint {ck.path}: part {part_name!r} failed to load: "
-                                      f"{type(e).__name__}: {e}{self._instead(ck)}") from e
+                error = CheckpointError(f"checkpoint {ck.path}: part {part_name!r} failed to load: "
+                                        f"{type(e).__name__}: {e}{self._instead(ck)}")
+                error.__cause__ = e
+            self._agree(error)
         return ck
+
+    def _agree(self, error: Optional[CheckpointError]) -> None:
+        """Raise on every rank if any rank failed (collective when the job has several ranks)."""
+        if self.gather is not None:
+            failed = [(r, msg) for r, msg in enumerate(self.gather(None if error is None else str(error)))
+                      if msg is not None]
+            if failed and error is None:
+                rank, msg = failed[0]
+                raise CheckpointError(f"rank {rank} of the job: {msg}")
+        if error is not None:
+            raise error
 
     def _instead(self, ck: Checkpoint) -> str:
         """What to do about a damaged checkpoint: the resume that remains possible."""

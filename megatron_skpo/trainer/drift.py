@@ -13,15 +13,28 @@ Data parallelism: each rank stores the responses of the prompts it trained; ``me
 D for the keys it holds and all-gathers the values over the data-parallel group, so every rank
 feeds its trackers the same D. ``forward_logprobs`` is collective over the model-parallel group,
 whose ranks hold the same store.
+
+Checkpoints: each rank saves its store (``rank_<r>.pt``). A resume at the same layout loads its
+own. At another layout (world size, TP, PP or EP changed) every rank reads every saved rank's
+entries and keeps those whose prompt's home is its data-parallel rank (:meth:`DriftStore.merge_states`:
+a stable hash of the key modulo the data-parallel size). Nothing is lost: ``measure`` needs some
+data-parallel rank to hold a prompt, and the ranks of one model-parallel group (same data-parallel
+rank) keep the same entries, as ``forward_logprobs`` needs. The saved stores never disagree on a
+prompt: ranks of one model-parallel group hold identical copies, and a prompt's next training step
+moves it to the rank that trains it (``stages.remember`` forgets it on the others).
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 from typing import Any, Hashable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from megatron_skpo.algo.tracker import policy_drift
+
+log = logging.getLogger(__name__)
 
 
 class DriftStore:
@@ -74,6 +87,32 @@ class DriftStore:
         return {"keys": keys, "tokens": [t for t, _, _ in items], "prompt_lens": [p for _, p, _ in items],
                 "logp": [lp for _, _, lp in items]}
 
+    @staticmethod
+    def merge_states(states: list[dict], dp_rank: int = 0, dp_size: int = 1) -> dict:
+        """The entries of ``states`` (saved by every rank of another layout) whose prompt's home
+        (:func:`home_rank`) is ``dp_rank`` of ``dp_size`` data-parallel ranks. A prompt saved by
+        several ranks keeps the lowest rank's copy (a differing copy is logged: it should not exist)."""
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"drift store: data-parallel rank {dp_rank} of {dp_size}")
+        merged: dict = {"keys": [], "tokens": [], "prompt_lens": [], "logp": []}
+        seen: dict = {}
+        differing = 0
+        for state in states:
+            for k, t, p, lp in zip(state["keys"], state["tokens"], state["prompt_lens"], state["logp"], strict=True):
+                if k in seen:
+                    t0, p0, lp0 = seen[k]
+                    differing += not (p0 == p and torch.equal(t0, t) and torch.equal(lp0, lp))
+                    continue
+                seen[k] = (t, p, lp)
+                if home_rank(k, dp_size) != dp_rank:
+                    continue
+                for name, v in zip(("keys", "tokens", "prompt_lens", "logp"), (k, t, p, lp)):
+                    merged[name].append(v)
+        if differing:
+            log.warning("drift store: %d prompt(s) saved by several ranks with different responses; "
+                        "kept the lowest rank's", differing)
+        return merged
+
     def load_state_dict(self, state: dict) -> None:
         keys, tokens, plens, logps = state["keys"], state["tokens"], state["prompt_lens"], state["logp"]
         if not (len(keys) == len(tokens) == len(plens) == len(logps)):
@@ -82,6 +121,12 @@ class DriftStore:
         self._items = {}
         for k, t, p, lp in zip(keys, tokens, plens, logps):
             self.remember(k, t, int(p), lp)
+
+
+def home_rank(key: Hashable, dp_size: int) -> int:
+    """The data-parallel rank that holds ``key`` after a resharded resume: the same in every process
+    (sha256 of its repr: Python's ``hash`` of a string differs between processes)."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") % dp_size
 
 
 def _union(local: dict, group: Any) -> dict:

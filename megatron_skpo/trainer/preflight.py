@@ -53,13 +53,31 @@ def _model_config(cfg: Config, problems: list[str]) -> Optional[dict]:
     if not (d / "config.json").is_file():
         problems.append(f"model.hf_path: {d} has no config.json (an HF checkpoint directory is needed)")
         return None
-    if not any(d.glob("*.safetensors")):
+    if cfg.model.mcore_path:
+        problems += _mcore_start(cfg.model.mcore_path)
+    elif not any(d.glob("*.safetensors")):
         problems.append(f"model.hf_path: {d} has no *.safetensors weights")
     try:
         return json.loads((d / "config.json").read_text())
     except ValueError as e:
         problems.append(f"model.hf_path: {d / 'config.json'} is not valid JSON ({e})")
         return None
+
+
+def _mcore_start(path: str) -> list[str]:
+    """The layout ``checkpoint_convert.mcore_io.checkpoint_dir`` reads (not imported: it loads megatron)."""
+    root = Path(path)
+    if (root / "metadata.json").is_file():
+        return []
+    tracker = root / "latest_checkpointed_iteration.txt"
+    if not tracker.is_file():
+        return [f"model.mcore_path: {root} is neither a dist checkpoint (metadata.json) nor a Megatron checkpoint "
+                f"root ({tracker.name}); an `skpo-convert hf-to-mcore` output is expected"]
+    tag = tracker.read_text().strip()
+    sub = root / ("release" if tag == "release" else f"iter_{int(tag):07d}" if tag.isdigit() else tag)
+    if not (sub / "metadata.json").is_file():
+        return [f"model.mcore_path: {tracker} points at {sub}, which holds no dist checkpoint"]
+    return []
 
 
 def _dataset(field: str, ds: DatasetConfig) -> list[str]:

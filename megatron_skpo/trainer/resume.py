@@ -2,11 +2,16 @@
 
 On resume the recorded config is compared with the current one, key by key:
 - keys that cannot change mid-run (``FROZEN``: the algorithm and its trackers, the group size, the
-  model and its layout, the training problems and how prompts are rendered, the seed, the reward
-  values) are errors naming the key, both values and why;
+  model, the expert-parallel size and the optimizer kind, the training problems and how prompts are
+  rendered, the seed, the reward values) are errors naming the key, both values and why;
 - every other key may change (learning rate and schedule, steps, validation, logging, ...); the
   change is applied and announced. The learning-rate schedule is rebuilt from the new optimizer
   settings (``ModelPart`` loads the step count, not the old schedule values).
+
+The model and optimizer are one Megatron distributed checkpoint (``trainer/model_state.py``), so
+``parallel.tp``, ``parallel.pp`` and the world size (data parallelism) may change: the resumed run
+reshards them. Per-rank state follows (``trainer/parts.py``): the drift store is merged, the RNG
+streams are reseeded from (train.seed, step, rank) with a warning.
 """
 from __future__ import annotations
 
@@ -23,9 +28,10 @@ FROZEN: dict[str, str] = {
     "algo.tracker": "the saved value tracker was built with these settings",
     "algo.dense_mc": "the Monte Carlo estimates belong to these settings",
     "model": "the weights belong to this model, dtype and layer implementation",
-    "parallel.tp": "model and optimizer state are saved per rank for this layout",
-    "parallel.pp": "model and optimizer state are saved per rank for this layout",
-    "parallel.ep": "model and optimizer state are saved per rank for this layout",
+    # parallel.tp and parallel.pp reshard (a dist checkpoint holds global tensors); these do not:
+    "parallel.ep": "resharding the expert-parallel optimizer state is not tested (resume with the saved ep)",
+    "parallel.distributed_optimizer": "the distributed and the plain optimizer save different state (the plain "
+                                      "one keeps no fp32 copy of the fp32 parameters of a bf16 model)",
     "data.train": "the saved data order indexes these problems",
     "data.prompt_template": "the trackers and stored responses belong to these prompts",
     "data.use_chat_template": "the trackers and stored responses belong to these prompts",

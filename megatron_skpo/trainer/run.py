@@ -8,6 +8,7 @@ then the method of ``algo.name``'s family (``megatron_skpo.catalog``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 from megatron_skpo.algo.objective import ObjectiveSettings
@@ -24,7 +25,8 @@ from megatron_skpo.trainer.drift import DriftStore
 from megatron_skpo.trainer.guard import NonFiniteGuard
 from megatron_skpo.trainer.model_state import ModelPart
 from megatron_skpo.trainer.objective import objective_settings
-from megatron_skpo.trainer.parts import JsonPart, RankStateDictPart, StateDictPart, TrainProgress, training_parts
+from megatron_skpo.trainer.parts import (JsonPart, Layout, RankStateDictPart, StateDictPart, TrainProgress,
+                                        training_parts)
 from megatron_skpo.trainer.resume import ConfigRecord
 from megatron_skpo.trainer.validation import load_validation
 
@@ -59,14 +61,18 @@ class Run:
         return self.cfg.train.prompts_per_step // self.cfg.train.mini_batch_prompts
 
     def parts(self) -> dict:
-        """Checkpoint parts: model/optimizer/schedule, RNG of every rank, data order, trackers, counters."""
+        """Checkpoint parts: model/optimizer/schedule (reshardable), RNG of every rank, data order,
+        trackers, counters, every rank's drift store."""
         from megatron.core import tensor_parallel
 
         parts = {"config": JsonPart(self.record)}  # first: a refused resume loads nothing else
+        layout = Layout.current()  # per-rank parts record it: a resume at another one reseeds / merges
         parts.update(training_parts(self.rank, self.progress, self.epochs, self.tracker, self.guard,
-                                    tensor_parallel.get_cuda_rng_tracker()))
+                                    tensor_parallel.get_cuda_rng_tracker(), layout, self.cfg.train.seed))
         parts.update({name: StateDictPart(obj) for name, obj in self.method.state.items()})
-        parts["drift"] = RankStateDictPart(self.drift, self.rank)
+        # at another layout each rank keeps the saved entries of the prompts homed at its DP rank
+        merge = partial(DriftStore.merge_states, dp_rank=self.par.dp_rank, dp_size=self.par.dp_size)
+        parts["drift"] = RankStateDictPart(self.drift, self.rank, layout, merge)
         parts["model"] = ModelPart(self.policy, self.rank)
         return parts
 
@@ -83,7 +89,7 @@ def build_run(cfg: Config, engine: Optional[VLLMEngine] = None) -> Run:
     else:
         engine.settings = build.sampling_settings(cfg, build.template_stop(cfg))
     initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, ep=cfg.parallel.ep)
-    hf_config, weights = build.hf_state(cfg.model.hf_path)
+    hf_config, weights = build.start_state(cfg)  # no HF weights with model.mcore_path
     policy = build.build_policy_from(cfg, hf_config, weights, cfg.train.steps * (
         cfg.train.prompts_per_step // cfg.train.mini_batch_prompts))
     reference = build.build_reference(cfg, hf_config, weights) if cfg.algo.kl.coef > 0 else None

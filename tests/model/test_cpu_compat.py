@@ -225,6 +225,35 @@ def check_moe_utils(rank):
     return tracked.device.type, tracked.tolist()
 
 
+def check_distrib_optimizer_step(rank):
+    """Point 15: the distributed optimizer's parameter-space load (``fully_reshardable``) into torch
+    Adam, which keeps a ``step`` per parameter: the master weight and moments are set, the step kept."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    from megatron_skpo.config.train import OptimConfig
+    from megatron_skpo.model.train_step import build_policy
+    from megatron_skpo.trainer.model_state import ensure_optimizer_state, inner_optimizers
+
+    _needs_cuda(distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states,
+                "dst_tensors[key].copy_(tensors[key])")  # copies every state key: "step" too
+    model, hf_config = hf_model("llama")
+    chained = build_policy(hf_config, OptimConfig(lr=1e-3), total_steps=4, hf_weights=hf_weights(model),
+                           distributed_optimizer=True).optimizer
+    ensure_optimizer_state(chained)
+    opt = inner_optimizers(chained)[0]
+    model_param = next(iter(opt.model_param_group_index_map))
+    group, order = opt.model_param_group_index_map[model_param]
+    main = opt.optimizer.param_groups[group]["params"][order]
+    opt.optimizer.state[main]["step"] = torch.tensor(4.0)
+    loaded = {"param": torch.full_like(main, 0.5), "exp_avg": torch.full_like(main, 0.25),
+              "exp_avg_sq": torch.full_like(main, 0.125)}
+    with torch.no_grad():  # as megatron-core's load calls it
+        opt._set_main_param_and_optimizer_states(model_param, loaded)
+    state = opt.optimizer.state[main]
+    return [float(main.unique()), float(state["exp_avg"].unique()), float(state["exp_avg_sq"].unique()),
+            float(state["step"])]
+
+
 CHECKS = {  # patch point -> (parallel layout (tp, pp[, ep]), check)
     "config": ((1, 1), check_config),
     "rng": ((2, 1), check_rng),
@@ -238,6 +267,7 @@ CHECKS = {  # patch point -> (parallel layout (tp, pp[, ep]), check)
     "moe_router": ((1, 1), check_moe_router),
     "moe_token_dispatcher": ((1, 1, 2), check_moe_token_dispatcher),
     "moe_utils": ((1, 1), check_moe_utils),
+    "distrib_optimizer_step": ((1, 1), check_distrib_optimizer_step),
 }
 
 
@@ -365,3 +395,9 @@ def test_moe_load_balancing_loss_without_te(checks):
         # one value per layer: Megatron's E / topk * sum_e f_e P_e (f, P: distributions over the
         # E = 8 experts, topk = 2), so in (0, E / topk]
         assert device == "cpu" and len(values) == 2 and all(0 < v <= 4 for v in values), values
+
+
+@pytest.mark.distributed
+def test_distributed_optimizer_parameter_space_load_keeps_adams_step(checks):
+    for values in _result(checks, "distrib_optimizer_step"):
+        assert values == [0.5, 0.25, 0.125, 4.0]

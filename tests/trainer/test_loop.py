@@ -65,6 +65,13 @@ def work(tmp_path_factory):
     runs = [f"{a}:{a}:2{extra.get(a, '')}" for a in ALGOS] + [f"reference:{skpo4(work)}",
                                                                "budget:grpo:3:train.max_sampled_tokens=1"]
     finish(child(work, *runs, track=True), work, timeout=600)
+    # the KL recipe again, started from a Megatron checkpoint of the same weights (model.mcore_path):
+    # its own child, so that its engine starts from dummy weights as the trainer's does
+    mcore = work / "mcore"
+    subprocess.run([sys.executable, "-m", "checkpoint_convert.cli", "hf-to-mcore", "--hf", str(work / "model"),
+                    "--out", str(mcore)], check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finish(child(work, f"rloo_mcore:rloo:2{EXTRA['rloo']},model.mcore_path={mcore},model.hf_path={mcore / 'hf'}"),
+           work, timeout=600)
     return work
 
 
@@ -90,6 +97,15 @@ def test_recipe_runs_two_steps(work, algo):
     assert (work / algo / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     if algo == "rloo":
         assert all(r["loss/kl_ref"] >= 0 for r in records)
+
+
+def test_a_run_from_model_mcore_path_repeats_the_hf_start(work):
+    """The policy and the KL reference load the converted checkpoint, vLLM gets them by the weight
+    sync: every metric equals the HF-started run's (timing aside)."""
+    records = read_metrics(work / "rloo_mcore" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert untimed(records) == untimed(read_metrics(work / "rloo" / "metrics.jsonl"))
+    assert not list((work / "mcore" / "hf").glob("*.safetensors"))  # no HF weights to read
 
 
 def test_export_hf_after_training(work):

@@ -41,6 +41,23 @@ def test_problems_name_the_field(tmp_path, model, overrides, world, needle):
     assert any(needle in p for p in problems), problems
 
 
+def test_model_mcore_path_needs_a_dist_checkpoint_and_no_hf_weights(tmp_path, model):
+    (model / "model.safetensors").unlink()  # config.json and the tokenizer are all hf_path must hold
+    root = tmp_path / "mcore"
+    (root / "release").mkdir(parents=True)
+    problems = preflight(cfg(tmp_path, model, f"model.mcore_path={root}"))
+    assert problems == [f"model.mcore_path: {root} is neither a dist checkpoint (metadata.json) nor a Megatron "
+                        "checkpoint root (latest_checkpointed_iteration.txt); an `skpo-convert hf-to-mcore` output "
+                        "is expected"]
+    (root / "latest_checkpointed_iteration.txt").write_text("release\n")
+    problems = preflight(cfg(tmp_path, model, f"model.mcore_path={root}"))
+    assert problems == [f"model.mcore_path: {root / 'latest_checkpointed_iteration.txt'} points at "
+                        f"{root / 'release'}, which holds no dist checkpoint"]
+    (root / "release" / "metadata.json").write_text("{}")
+    assert preflight(cfg(tmp_path, model, f"model.mcore_path={root}")) == []
+    assert "has no *.safetensors weights" in preflight(cfg(tmp_path, model))[0]
+
+
 def test_missing_model_directory(tmp_path):
     problems = preflight(load_config(None, [f"model.hf_path={tmp_path}/none", "data.train.name=mawps_easy",
                                             "parallel.tp=1"]))

@@ -7,7 +7,10 @@ from megatron_skpo.trainer.resume import ConfigRecord, ResumeConfigError, compar
 
 
 def test_frozen_and_mutable_keys():
-    assert frozen_reason("algo.name") and frozen_reason("algo.skpo.w_up") and frozen_reason("parallel.tp")
+    assert frozen_reason("algo.name") and frozen_reason("algo.skpo.w_up") and frozen_reason("parallel.ep")
+    assert frozen_reason("parallel.distributed_optimizer")
+    # the model and optimizer are one Megatron dist checkpoint: TP and PP reshard on resume
+    assert frozen_reason("parallel.tp") is None and frozen_reason("parallel.pp") is None
     assert frozen_reason("model.hf_path") and frozen_reason("data.train.path") and frozen_reason("train.seed")
     assert frozen_reason("optim.lr") is None and frozen_reason("train.steps") is None
     assert frozen_reason("model.logprob_chunk_size") is None and frozen_reason("logging.dir") is None
