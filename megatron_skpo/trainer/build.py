@@ -37,6 +37,7 @@ class Parallel:
     dp_group: Any
     dp_rank: int
     dp_size: int
+    mp_group: Any = None  # tensor x pipeline (x expert) ranks that hold one model replica
 
     @classmethod
     def current(cls) -> "Parallel":
@@ -45,7 +46,7 @@ class Parallel:
 
         return cls(dist.get_rank(), dist.get_world_size(), ps.get_tensor_model_parallel_group(),
                    ps.get_pipeline_model_parallel_group(), ps.get_data_parallel_group(),
-                   ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+                   ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), ps.get_model_parallel_group())
 
 
 def init_distributed() -> tuple[int, int]:

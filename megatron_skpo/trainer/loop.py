@@ -46,9 +46,10 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
             with clock("drift"):
                 drift_of, drift_metrics = stages.drift(run, prompts)
             with clock("generate"):
-                batch = stages.rollout(run, prompts, step)
+                local, mine = stages.rollout(run, prompts, step)  # this data-parallel rank's share
             with clock("rewards"):
-                rewards, reward_metrics = stages.grade(run, batch)
+                rewards, counts = stages.grade(run, local)
+                batch, rewards, reward_metrics = stages.gather(run, local, rewards, mine, counts)
             with clock("advantages"):
                 cr = stages.credit(run, batch, rewards, drift_of)
             with clock("logprobs"):

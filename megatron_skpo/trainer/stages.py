@@ -67,8 +67,9 @@ def start_metrics(run: Run) -> dict[str, float]:
 
 
 def finished(run: Run, step: int, batch: RolloutBatch) -> bool:
-    """Count the step's sampled tokens; True at ``train.steps`` or once ``train.max_sampled_tokens`` is reached."""
-    run.progress.sampled_tokens += int(batch.stats.get("rollout/generated_tokens", batch.generated_tokens()))
+    """Count the step's sampled tokens (every rank's); True at ``train.steps`` or once
+    ``train.max_sampled_tokens`` is reached."""
+    run.progress.sampled_tokens += int(batch.stats["rollout/generated_tokens_all"])
     budget = run.cfg.train.max_sampled_tokens
     return step == run.cfg.train.steps or (budget is not None and run.progress.sampled_tokens >= budget)
 
@@ -97,29 +98,64 @@ def sample_prompts(run: Run, step: int) -> list[PromptItem]:
     return [items[k] for k in keys]
 
 
-def rollout(run: Run, prompts: list[PromptItem], step: int) -> RolloutBatch:
+def rollout(run: Run, prompts: list[PromptItem], step: int) -> tuple[RolloutBatch, list[int]]:
+    """This data-parallel rank's share of the step's rollouts: the prompts ``i`` with ``i mod DP ==
+    dp_rank`` (a prompt's group never splits), and their step indices. Every rank of a model-parallel
+    group generates the same share; the group's first rank's rollouts are kept by all (a GPU's
+    nondeterminism cannot make them train on different data)."""
+    par = run.par
+    mine = [i for i in range(len(prompts)) if i % par.dp_size == par.dp_rank]
     torch.manual_seed(stream_seed(run.cfg.train.seed, step, 0))  # vLLM's sampling noise on CPU
     generator = torch.Generator().manual_seed(stream_seed(run.cfg.train.seed, step, 2))
-    return run.method.sampler.sample(run.engine, prompts, step, generator)
+    local = run.method.sampler.sample(run.engine, [prompts[i] for i in mine], step, generator)
+    return same_in_model_parallel_group(local, par), mine
+
+
+def same_in_model_parallel_group(obj, par):
+    """``obj`` of the model-parallel group's first rank, on every rank of the group."""
+    if par.mp_group is None or dist.get_world_size(par.mp_group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(par.mp_group, 0), group=par.mp_group)
+    return box[0]
 
 
 def grade(run: Run, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
-    """[N] float64 rewards of the rows the method grades (0 elsewhere) and reward/accuracy metrics
-    over its scored rows (the final answers: not SKPO's own-completion or dense MC continuations)."""
-    m = run.method
-    rows = [i for i, s in enumerate(batch.samples) if s.phase in m.graded_phases]
+    """[N] float64 rewards of the rows the method grades (0 elsewhere), and the grading counts."""
+    rows = [i for i, s in enumerate(batch.samples) if s.phase in run.method.graded_phases]
     texts = [run.tokenizer.decode(batch.samples[i].response_ids, skip_special_tokens=True) for i in rows]
     golds = [run.problems.answers[batch.samples[i].prompt_key] for i in rows]
     scores, stats = run.pool.score(texts, golds)
     rewards = torch.zeros(len(batch), dtype=torch.float64)
     rewards[rows] = torch.tensor(scores, dtype=torch.float64)
-    final = [i for i in rows if batch.samples[i].phase in (m.scored_phases or m.graded_phases)]
+    return rewards, {"no_answer": float(stats.no_answer), "timeout": float(stats.timeout), "graded": float(stats.n),
+                     "seconds": stats.seconds}
+
+
+def gather(run: Run, local: RolloutBatch, rewards: torch.Tensor, mine: list[int], counts: dict[str, float]
+           ) -> tuple[RolloutBatch, torch.Tensor, dict[str, float]]:
+    """The whole step's batch and rewards on every rank (from every data-parallel rank's share), and
+    the reward metrics over the final answers (not SKPO's own-completion or dense MC rows)."""
+    from megatron_skpo.rollout.types import merge_shards
+
+    par = run.par
+    parts = [(local, mine, rewards.tolist(), counts)]
+    if par.dp_size > 1:
+        parts = [None] * par.dp_size
+        dist.all_gather_object(parts, (local, mine, rewards.tolist(), counts), group=par.dp_group)
+    batch = merge_shards([(b, idx) for b, idx, _, _ in parts])
+    batch.stats = {**local.stats, **batch.stats}
+    order = sorted((idx[s.group], p, r) for p, (b, idx, _, _) in enumerate(parts) for r, s in enumerate(b.samples))
+    merged = torch.tensor([parts[p][2][r] for _, p, r in order], dtype=torch.float64)
+    total = {k: sum(c[k] for *_, c in parts) for k in counts}
+    m = run.method
+    final = [i for i, s in enumerate(batch.samples) if s.phase in (m.scored_phases or m.graded_phases)]
     correct = run.cfg.reward.correct
-    return rewards, {"reward": float(rewards[final].mean()),
-                     "accuracy": sum(float(rewards[i]) == correct for i in final) / len(final),
-                     "reward/no_answer_rate": stats.no_answer / max(stats.n, 1),
-                     "reward/timeouts": float(stats.timeout), "reward/graded": float(stats.n),
-                     "time/grade": stats.seconds}
+    return batch, merged, {"reward": float(merged[final].mean()),
+                           "accuracy": sum(float(merged[i]) == correct for i in final) / len(final),
+                           "reward/no_answer_rate": total["no_answer"] / max(total["graded"], 1),
+                           "reward/timeouts": total["timeout"], "reward/graded": total["graded"],
+                           "time/grade": counts["seconds"]}
 
 
 def drift(run: Run, prompts: list[PromptItem]) -> tuple[dict, dict[str, float]]:
@@ -266,7 +302,8 @@ def batch_metrics(batch: RolloutBatch, cr: Credit) -> dict[str, float]:
     st = batch.stats
     out.update({"time/rollout": st.get("rollout/seconds", 0.0), "time/rollout_cpu": st.get("rollout/cpu_seconds", 0.0),
                 "perf/rollout_tokens_per_s": st.get("rollout/tokens_per_s", 0.0),
-                "rollout/generated_tokens": st.get("rollout/generated_tokens", 0.0)})
+                "rollout/generated_tokens": st.get("rollout/generated_tokens", 0.0),
+                "rollout/generated_tokens_all": st.get("rollout/generated_tokens_all", 0.0)})
     out["dynamic_sampling/dropped_rows"] = float(len(cr.dropped_rows))
     return {**out, **cr.metrics}
 
