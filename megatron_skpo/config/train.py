@@ -105,6 +105,9 @@ class LoggingConfig:
     wandb_missing: Literal["warn", "error"] = doc(
         "warn", "logging.wandb is on but the wandb package does not import: warn and go on, or stop at start-up")
     progress: bool = doc(True, "show a progress bar with ETA")
+    phase_grad_norm_interval: int = doc(
+        0, "every N steps, measure each phase's gradient norm (SKPO: upstream vs downstream) with one extra "
+           "forward/backward per phase on the step's first mini-batch; 0 = off")
     lines: bool = doc(False, "print one line per step (step, reward, accuracy, validation, sampled tokens, seconds): "
                              "for logs and terminals where a progress bar is noise")
     progress_metrics: list[str] = doc(
@@ -112,6 +115,7 @@ class LoggingConfig:
 
     def __post_init__(self):
         check(bool(self.dir.strip()), "logging.dir", "must be a non-empty path")
+        check(self.phase_grad_norm_interval >= 0, "logging.phase_grad_norm_interval", "must be >= 0")
         check(bool(self.wandb_project.strip()), "logging.wandb_project", "must be non-empty")
         check(all(isinstance(m, str) and m for m in self.progress_metrics), "logging.progress_metrics",
               "must be a list of metric names")

@@ -55,7 +55,7 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
             with clock("logprobs"):
                 minis = stages.prepare(run, batch, cr, len(prompts))
             with clock("train"):
-                train_metrics = stages.update(run, minis)
+                train_metrics = stages.update(run, minis, step)
                 stages.remember(run, batch, minis)
             with clock("sync"):
                 sync_metrics = stages.sync_weights(run)

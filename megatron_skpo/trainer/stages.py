@@ -249,12 +249,34 @@ def grads_finite(policy) -> bool:
     return float(bad) == 0
 
 
-def update(run: Run, minis: list[MiniBatch]) -> dict[str, float]:
-    """One optimizer step per mini-batch; non-finite loss or gradients skip the step (counted)."""
+def phase_grad_norms(run: Run, m: MiniBatch) -> dict[str, float]:
+    """``grad_norm/<phase>``: the gradient norm of each phase's weighted loss alone on mini-batch ``m``
+    (one extra forward/backward per phase; no optimizer step). With one phase there is nothing to split."""
+    from dataclasses import replace
+
+    from megatron_skpo.model.train_step import forward_backward, zero_grads
+
+    phases, out = run.method.phases, {}
+    if len(phases) < 2 or not m.micro:
+        return out
+    for p in phases:
+        alone = tuple(replace(q, weight=q.weight if q is p else 0.0) for q in phases)
+        zero_grads(run.policy)
+        forward_backward(run.policy, m.micro, make_loss_fn(m.rows, m.counts, alone, run.objective), normalizer=1.0)
+        run.policy.optimizer.prepare_grads()
+        out[f"grad_norm/{p.phase}"] = float(run.policy.optimizer.get_grad_norm() or 0.0)
+    zero_grads(run.policy)
+    return out
+
+
+def update(run: Run, minis: list[MiniBatch], step: int = 0) -> dict[str, float]:
+    """One optimizer step per mini-batch; non-finite loss or gradients skip the step (counted). Every
+    ``logging.phase_grad_norm_interval`` steps, each phase's gradient norm is measured first."""
     from megatron_skpo.model.train_step import (forward_backward, moe_metrics, optimizer_step, reduce_metrics,
                                                 share_from_last_stage, zero_grads)
 
-    sums: dict[str, float] = {}
+    interval = run.cfg.logging.phase_grad_norm_interval
+    sums: dict[str, float] = phase_grad_norms(run, minis[0]) if interval and minis and step % interval == 0 else {}
     for m in minis:
         zero_grads(run.policy)
         loss_fn = make_loss_fn(m.rows, m.counts, run.method.phases, run.objective)
