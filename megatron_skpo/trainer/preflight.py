@@ -85,6 +85,13 @@ def _layout(cfg: Config, hf: Optional[dict], world: int) -> list[str]:
                    "(WORLD_SIZE: ranks launched by torchrun/srun)")
     if world % cfg.rollout.tp:
         out.append(f"rollout.tp = {cfg.rollout.tp} does not divide the world size {world}")
+    if tp % cfg.rollout.tp:
+        out.append(f"rollout.tp = {cfg.rollout.tp} does not divide parallel.tp = {tp}: each vLLM engine must lie "
+                   "inside one model replica's ranks (they generate the same prompts)")
+    dp = max(world // (tp * pp), 1)
+    if cfg.train.mini_batch_prompts % dp:
+        out.append(f"train.mini_batch_prompts = {cfg.train.mini_batch_prompts} is not a multiple of the data-parallel "
+                   f"size {dp}: each rank trains the prompts it generated (i mod DP), in every mini-batch")
     if hf is None:
         return out
     heads = int(hf.get("num_attention_heads", 0) or 0)
