@@ -25,12 +25,13 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
 from megatron_skpo.analysis.metrics import cut_position, implicit_advantage, nanmean
-from megatron_skpo.analysis.sampling import AnalysisError, Decoding, Grader, TaskSpec, decode, generate_all, load_task, open_engine
+from megatron_skpo.analysis.sampling import (
+    AnalysisError, Decoding, Grader, TaskSpec, decode, generate_all, load_task, open_engine)
 
 
 def interior_positions(n: int) -> list[float]:
@@ -234,8 +235,9 @@ def plot(result: ImplicitResult, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6))
     for i, name in enumerate(result.runs):
         rows = [r for r in result.rows if r.run == name]
-        axes[0].plot([r.frac for r in rows], [r.implicit_advantage for r in rows], marker="o", color=f"C{i}", label=name)
-        axes[1].plot([r.frac for r in rows], [r.success_rate for r in rows], marker="o", color=f"C{i}", label=name)
+        fr = [r.frac for r in rows]
+        axes[0].plot(fr, [r.implicit_advantage for r in rows], marker="o", color=f"C{i % 10}", label=name)
+        axes[1].plot(fr, [r.success_rate for r in rows], marker="o", color=f"C{i % 10}", label=name)
     axes[0].axhline(0.0, color="grey", linewidth=0.8)
     for ax, title in zip(axes, ("implicit advantage (R - mean) / std", "evaluator success rate R")):
         ax.set_title(title)

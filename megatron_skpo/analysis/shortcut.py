@@ -40,7 +40,8 @@ from torch import Tensor
 
 from megatron_skpo.analysis.metrics import (
     AnswerCodes, all_same_outcome, bypass, distinct_answers, modal_answer, relative_positions, skpo_cut)
-from megatron_skpo.analysis.sampling import AnalysisError, Decoding, Grader, TaskSpec, decode, generate_all, load_task, open_engine
+from megatron_skpo.analysis.sampling import (
+    AnalysisError, Decoding, Grader, TaskSpec, decode, generate_all, load_task, open_engine)
 
 # the acceptance the skip text is chosen by (docs/algorithm.md §7): [s, q] keeps most of the
 # unconditional accuracy and does not collapse groups to one outcome
@@ -98,9 +99,9 @@ def summarize_condition(name: str, correct: Tensor, ids: Tensor, lengths: Tensor
         mean = (lambda x: float(x[rows].to(torch.float64).mean()) if n else nan)  # noqa: E731
         b = by[rows]
         b = b[~torch.isnan(b)]
-        return ConditionStats(name, pos, None if pos is None else fracs[pos], n, mean(cut), mean(correct), mean(distinct),
-                              mean(zero), mean(no_answer), mean(lengths), float(b.mean()) if b.numel() else nan,
-                              int(b.numel()))
+        return ConditionStats(name, pos, None if pos is None else fracs[pos], n, mean(cut), mean(correct),
+                              mean(distinct), mean(zero), mean(no_answer), mean(lengths),
+                              float(b.mean()) if b.numel() else nan, int(b.numel()))
 
     out = [stats(position == j, j) for j in range(len(fracs))]
     out.append(stats(torch.ones_like(position, dtype=torch.bool), None))
@@ -155,6 +156,33 @@ class _Segment:
     text: str
 
 
+def cut_segments(base: Sequence[Sequence], eos: int, fracs: Sequence[float], tokenizer) -> tuple[list[_Segment], int]:
+    """Every base response cut at every position (SKPO's interval); returns (segments, skipped):
+    responses shorter than 2 content tokens have no such cut."""
+    segments, skipped = [], 0
+    for i, gens in enumerate(base):
+        for b, g in enumerate(gens):
+            ids = g.token_ids[:-1] if g.token_ids and g.token_ids[-1] == eos else g.token_ids
+            if len(ids) < 2:
+                skipped += 1
+                continue
+            for j, f in enumerate(fracs):
+                t = skpo_cut(len(ids), f)
+                segments.append(_Segment(i, b, j, len(ids), t, list(ids[:t]), decode(tokenizer, ids[:t])))
+    return segments, skipped
+
+
+def condition_prompt(c: Condition, problem, segment: _Segment, tokenizer) -> list[int]:
+    """The prompt ids a condition samples its G continuations from."""
+    from megatron_skpo.skpo.prompt import build_downstream_prompt
+
+    if c.kind == "q":
+        return problem.prompt_ids
+    return build_downstream_prompt(problem.content, segment.ids, segment.text, tokenizer, template=c.skip_text or "",
+                                   mode="skip" if c.kind == "skip" else "hard_prefix", slot=problem.slot,
+                                   prompt_ids=problem.prompt_ids).token_ids
+
+
 def run_shortcut(model: str, task: TaskSpec, decoding: Decoding, *, group_size: int = 8, positions: int = 6,
                  base_responses: int = 1, skip_texts: Optional[Sequence[str]] = None,
                  downstream_budget: str = "remaining", extractors: Sequence[str] = (), workers: int = 2,
@@ -164,14 +192,15 @@ def run_shortcut(model: str, task: TaskSpec, decoding: Decoding, *, group_size: 
 
     from megatron_skpo.data.prompts import get_template
     from megatron_skpo.rollout.engine import GenRequest
-    from megatron_skpo.skpo.prompt import build_downstream_prompt, fill_template
+    from megatron_skpo.skpo.prompt import fill_template
 
     if group_size < 2 or positions < 1 or base_responses < 1:
         raise AnalysisError(f"shortcut: need --group-size >= 2, --positions >= 1 and --base-responses >= 1, got "
-                         f"{group_size}, {positions}, {base_responses}")
+                            f"{group_size}, {positions}, {base_responses}")
     if downstream_budget not in ("remaining", "full"):
         raise AnalysisError(f"--downstream-budget: got {downstream_budget!r}; allowed values: 'remaining', 'full'")
     template = get_template(task.prompt_template)
+    extractors = tuple(extractors or template.extractors)
     skip_texts = list(skip_texts or [template.skip])
     for text in skip_texts:
         try:
@@ -180,67 +209,50 @@ def run_shortcut(model: str, task: TaskSpec, decoding: Decoding, *, group_size: 
             raise AnalysisError(f"--skip-template: {e}") from None
     conditions = conditions_for(skip_texts)
     fracs = relative_positions(positions)
+    C = len(conditions)
     t0 = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(model)
     problems = load_task(task, tokenizer)
     engine = open_engine(model, decoding, template.stop)
     seconds = {"engine_start": time.monotonic() - t0}
-    eos = engine.eos_token_id
     try:
         t1 = time.monotonic()
         base = generate_all(engine, [GenRequest(p.prompt_ids, base_responses, decoding.max_tokens, None)
                                      for p in problems], "base responses", progress)
-        segments, skipped = [], 0
-        for i, gens in enumerate(base):
-            for b, g in enumerate(gens):
-                ids = g.token_ids[:-1] if g.token_ids and g.token_ids[-1] == eos else g.token_ids
-                if len(ids) < 2:
-                    skipped += 1
-                    continue
-                for j, f in enumerate(fracs):
-                    t = skpo_cut(len(ids), f)
-                    segments.append(_Segment(i, b, j, len(ids), t, list(ids[:t]), decode(tokenizer, ids[:t])))
+        segments, skipped = cut_segments(base, engine.eos_token_id, fracs, tokenizer)
         if not segments:
             raise AnalysisError("shortcut: every base response is shorter than 2 tokens; nothing to cut "
-                             "(raise --max-tokens or check the prompt template)")
-        requests = []
+                                "(raise --max-tokens or check the prompt template)")
+        requests = []  # segment-major, conditions inner: request k * C + c
         for s in segments:
-            p = problems[s.problem]
-            budget = decoding.max_tokens - s.cut if downstream_budget == "remaining" else decoding.max_tokens
+            after = decoding.max_tokens - s.cut if downstream_budget == "remaining" else decoding.max_tokens
             for c in conditions:
-                if c.kind == "q":
-                    ids = p.prompt_ids
-                else:
-                    ids = build_downstream_prompt(p.content, s.ids, s.text, tokenizer, template=c.skip_text or "",
-                                                  mode="skip" if c.kind == "skip" else "hard_prefix", slot=p.slot,
-                                                  prompt_ids=p.prompt_ids).token_ids
-                requests.append(GenRequest(ids, group_size, max(budget, 1) if c.kind != "q" else decoding.max_tokens,
-                                           None))
+                requests.append(GenRequest(condition_prompt(c, problems[s.problem], s, tokenizer), group_size,
+                                           decoding.max_tokens if c.kind == "q" else max(after, 1), None))
         gens = generate_all(engine, requests, "continuations", progress)
         seconds["generation"] = time.monotonic() - t1
     finally:
         engine.close()
 
     t2 = time.monotonic()
-    codes = AnswerCodes()
-    with Grader(extractors or template.extractors, workers, grading_timeout) as grader:
+    with Grader(extractors, workers, grading_timeout) as grader:
         base_texts = [decode(tokenizer, g.token_ids) for gs in base for g in gs]
-        base_golds = [p.gold for p, gs in zip(problems, base) for _ in gs]
-        base_grades = grader.grade(base_texts, base_golds)
+        base_grades = grader.grade(base_texts, [p.gold for p, gs in zip(problems, base) for _ in gs])
         texts, golds = [], []
         for i, group in enumerate(gens):
-            s, c = segments[i // len(conditions)], conditions[i % len(conditions)]
-            for g in group:
-                texts.append(decode(tokenizer, (s.ids if c.kind == "hard_prefix" else []) + g.token_ids))
-                golds.append(problems[s.problem].gold)
+            s, c = segments[i // C], conditions[i % C]
+            # the hard prefix's response is the segment and its continuation; the others' the continuation
+            texts += [decode(tokenizer, (s.ids if c.kind == "hard_prefix" else []) + g.token_ids) for g in group]
+            golds += [problems[s.problem].gold] * len(group)
         grades = grader.grade(texts, golds)
         grading = dict(grader.counts)
     seconds["grading"] = time.monotonic() - t2
 
-    S, G, C = len(segments), group_size, len(conditions)
+    S, G = len(segments), group_size
+    codes = AnswerCodes()
     per: dict[str, dict[str, Tensor]] = {}
     for ci, c in enumerate(conditions):
-        sel = [k * C + ci for k in range(S)]  # requests are segment-major, conditions inner
+        sel = [k * C + ci for k in range(S)]
         gr = [grades[i * G + g] for i in sel for g in range(G)]
         per[c.name] = {
             "correct": torch.tensor([x.status == "correct" for x in gr]).view(S, G),
@@ -249,30 +261,31 @@ def run_shortcut(model: str, task: TaskSpec, decoding: Decoding, *, group_size: 
     reference = modal_answer(per["hard_prefix"]["ids"])
     position = torch.tensor([s.position for s in segments])
     cut = torch.tensor([s.cut for s in segments])
-    rows = [r for c in conditions for r in summarize_condition(c.name, per[c.name]["correct"], per[c.name]["ids"],
-                                                                per[c.name]["lengths"], reference, position, cut, fracs)]
+    rows = [r for c in conditions for r in summarize_condition(
+        c.name, per[c.name]["correct"], per[c.name]["ids"], per[c.name]["lengths"], reference, position, cut, fracs)]
     base_correct = [g.status == "correct" for g in base_grades]
     base_len = [len(g.token_ids) for gs in base for g in gs]
     result = ShortcutResult(
         settings={"model": str(model), **asdict(task), **asdict(decoding), "group_size": group_size,
                   "positions": positions, "base_responses": base_responses, "downstream_budget": downstream_budget,
-                  "extractors": list(extractors or template.extractors), "stop": list(template.stop)},
+                  "extractors": list(extractors), "stop": list(template.stop)},
         conditions=conditions, fracs=fracs,
-        base={"problems": len(problems), "responses": len(base_correct), "accuracy": sum(base_correct) / len(base_correct),
-              "mean_tokens": sum(base_len) / len(base_len), "skipped_short": skipped, "segments": S},
+        base={"problems": len(problems), "responses": len(base_correct),
+              "accuracy": sum(base_correct) / len(base_correct), "mean_tokens": sum(base_len) / len(base_len),
+              "skipped_short": skipped, "segments": S},
         rows=rows, grading=grading, seconds={k: round(v, 1) for k, v in seconds.items()})
     result.acceptance = acceptance(result)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        answers = {j: a for a, j in codes.ids.items()}
         first = [0]
         for gs in base:
             first.append(first[-1] + len(gs))
-        answers = {j: a for a, j in codes.ids.items()}
+        out.mkdir(parents=True, exist_ok=True)
         with open(out / "segments.jsonl", "w", encoding="utf-8") as f:
             for k, s in enumerate(segments):
                 rec = {"uid": problems[s.problem].uid, "gold": problems[s.problem].gold, "base": s.base,
-                       "base_text": base_texts[first[s.problem] + s.base],
-                       "frac": fracs[s.position], "length": s.length, "cut": s.cut, "segment": s.text,
+                       "base_text": base_texts[first[s.problem] + s.base], "frac": fracs[s.position],
+                       "length": s.length, "cut": s.cut, "segment": s.text,
                        "reference_answer": answers.get(int(reference[k]))}
                 for ci, c in enumerate(conditions):
                     i = k * C + ci

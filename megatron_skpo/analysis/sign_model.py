@@ -37,7 +37,8 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_skpo.analysis.metrics import cut_position
-from megatron_skpo.analysis.sampling import AnalysisError, Decoding, Grader, TaskSpec, decode, generate_all, load_task, open_engine
+from megatron_skpo.analysis.sampling import (
+    AnalysisError, Decoding, Grader, TaskSpec, decode, generate_all, load_task, open_engine)
 from megatron_skpo.analysis.sign_consistency import (
     SignStats, group_normalize, sign_stats, sign_stats_by_key, sign_stats_by_position)
 
@@ -183,10 +184,11 @@ def run_sign_consistency(model: str, task: TaskSpec, decoding: Decoding, *, grou
     lengths = [len(g.token_ids) for gs in groups for g in gs]
     return SignResult(
         settings={"model": str(model), **asdict(task), **asdict(decoding), "group_size": G, "ks": ks,
-                  "k_truth": k_truth, "position_step": step, "extractors": list(extractors), "stop": list(template.stop)},
+                  "k_truth": k_truth, "position_step": step, "extractors": list(extractors),
+                  "stop": list(template.stop)},
         fracs=fracs, ks=ks, problems=N,
         responses={"accuracy": float((outcome > 0).double().mean()), "mean_tokens": sum(lengths) / len(lengths),
-                   "correct_counts": {str(c): int((correct == c).sum()) for c in range(G + 1) if int((correct == c).sum())}},
+                   "correct_counts": {str(c): n for c in range(G + 1) if (n := int((correct == c).sum()))}},
         continuations=plan, by_position=by_pos, by_correct=by_count, overall=overall, grading=grading,
         seconds={k: round(v, 1) for k, v in seconds.items()})
 
@@ -212,7 +214,8 @@ def markdown(result: SignResult) -> str:
         cells = " | ".join(f"{_fmt(rows[n].sign_accuracy)} | {_fmt(rows[n].mae)}" for n in names)
         lines.append(f"| {c} | {result.responses['correct_counts'].get(str(c), 0)} | {cells} |")
     rows = {r.estimate: r.stats for r in result.overall}
-    lines += ["", "| overall | entries | " + " | ".join(f"{n} sign acc | {n} all G right | {n} MAE" for n in names) + " |",
+    overall_head = " | ".join(f"{n} sign acc | {n} all G right | {n} MAE" for n in names)
+    lines += ["", f"| overall | entries | {overall_head} |",
               "|---|---:|" + "---:|---:|---:|" * len(names),
               f"| all | {rows[names[0]].entries} | " + " | ".join(
                   f"{_fmt(rows[n].sign_accuracy)} | {_fmt(rows[n].all_signs_right)} | {_fmt(rows[n].mae)}"
@@ -241,8 +244,9 @@ def plot(result: SignResult, path: Path) -> None:
         axes[2].plot([r.correct for r in rows], [r.stats.sign_accuracy for r in rows], **style)
     axes[0].axhline(0.5, color="grey", linewidth=0.8)
     axes[2].axhline(0.5, color="grey", linewidth=0.8)
-    for ax, title, xlabel in zip(axes, ("sign accuracy by position", "MAE by position", "sign accuracy by correct count"),
-                                 ("prefix position (fraction of the response)",) * 2 + ("correct responses of G",)):
+    titles = ("sign accuracy by position", "MAE by position", "sign accuracy by correct count")
+    xlabels = ("prefix position (fraction of the response)",) * 2 + ("correct responses of G",)
+    for ax, title, xlabel in zip(axes, titles, xlabels):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
