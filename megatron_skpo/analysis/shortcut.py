@@ -127,6 +127,12 @@ class ShortcutResult:
                 "base": self.base, "acceptance": self.acceptance, "rows": [asdict(r) for r in self.rows],
                 "grading": self.grading, "seconds": self.seconds}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShortcutResult":
+        """Read back ``shortcut.json`` (e.g. to redraw the plot)."""
+        return cls(d["settings"], [Condition(**c) for c in d["conditions"]], d["fracs"], d["base"],
+                   [ConditionStats(**r) for r in d["rows"]], d["acceptance"], d["grading"], d["seconds"])
+
 
 def acceptance(result: ShortcutResult, min_ratio: float = MIN_ACCURACY_RATIO,
                max_gap: float = MAX_ZERO_ADV_GAP) -> list[dict]:
@@ -348,10 +354,10 @@ def plot(result: ShortcutResult, path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("cut position (fraction of the response)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
     fig.suptitle(f"shortcut validation: {Path(result.settings['model']).name} on {result.settings['dataset']}",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

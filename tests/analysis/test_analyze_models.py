@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rollout"))
 from rollout_fixtures import _fit_eos_row, build_tiny_llama  # noqa: E402
 
+from megatron_skpo.analysis.shortcut import ShortcutResult  # noqa: E402
 from megatron_skpo.cli.analyze import main  # noqa: E402
 
 PROBLEMS = ["Tom has 3 apples. He buys 4 more. How many?", "What is 3 + 4?",
@@ -74,6 +75,7 @@ def test_shortcut_end_to_end(task, tmp_path, capsys):
     assert 0 < overall["q"]["accuracy"] < 1  # the sevens: some right, some wrong
     assert all(0 <= r["zero_adv_rate"] <= 1 and 0 <= r["distinct_answers"] <= 4 for r in overall.values())
     assert [a["condition"] for a in result["acceptance"]] == ["skip1", "skip2"]
+    assert ShortcutResult.from_dict(result).as_dict() == result  # read back (to redraw the plot)
     records = [json.loads(line) for line in (out / "segments.jsonl").read_text().splitlines()]
     assert len(records) == segments
     for rec in records:
