@@ -99,25 +99,14 @@ def sample_prompts(run: Run, step: int) -> list[PromptItem]:
 
 
 def rollout(run: Run, prompts: list[PromptItem], step: int) -> tuple[RolloutBatch, list[int]]:
-    """This data-parallel rank's share of the step's rollouts: the prompts ``i`` with ``i mod DP ==
-    dp_rank`` (a prompt's group never splits), and their step indices. Every rank of a model-parallel
-    group generates the same share; the group's first rank's rollouts are kept by all (a GPU's
-    nondeterminism cannot make them train on different data)."""
-    par = run.par
-    mine = [i for i in range(len(prompts)) if i % par.dp_size == par.dp_rank]
+    """This rank's engine's share of the step's rollouts: the prompts ``i`` with ``i mod engines ==
+    engine_index`` (a prompt's group never splits; the world's ``world / rollout.tp`` engines
+    generate in parallel, whatever the training layout), and their step indices. The ranks of one
+    engine (rollout.tp > 1) submit the same requests and get the same rollouts."""
+    mine = run.par.share(len(prompts))
     torch.manual_seed(stream_seed(run.cfg.train.seed, step, 0))  # vLLM's sampling noise on CPU
     generator = torch.Generator().manual_seed(stream_seed(run.cfg.train.seed, step, 2))
-    local = run.method.sampler.sample(run.engine, [prompts[i] for i in mine], step, generator)
-    return same_in_model_parallel_group(local, par), mine
-
-
-def same_in_model_parallel_group(obj, par):
-    """``obj`` of the model-parallel group's first rank, on every rank of the group."""
-    if par.mp_group is None or dist.get_world_size(par.mp_group) == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(par.mp_group, 0), group=par.mp_group)
-    return box[0]
+    return run.method.sampler.sample(run.engine, [prompts[i] for i in mine], step, generator), mine
 
 
 def grade(run: Run, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -134,15 +123,17 @@ def grade(run: Run, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]
 
 def gather(run: Run, local: RolloutBatch, rewards: torch.Tensor, mine: list[int], counts: dict[str, float]
            ) -> tuple[RolloutBatch, torch.Tensor, dict[str, float]]:
-    """The whole step's batch and rewards on every rank (from every data-parallel rank's share), and
-    the reward metrics over the final answers (not SKPO's own-completion or dense MC rows)."""
+    """The whole step's batch and rewards on every rank (every engine's share, merged in prompt
+    order), and the reward metrics over the final answers (not SKPO's own-completion or dense MC rows).
+    Credit then runs on the whole batch on every rank (trackers and batch statistics stay identical);
+    each data-parallel rank trains its prompts (``trainer.rows``)."""
     from megatron_skpo.rollout.types import merge_shards
 
-    par = run.par
-    parts = [(local, mine, rewards.tolist(), counts)]
-    if par.dp_size > 1:
-        parts = [None] * par.dp_size
-        dist.all_gather_object(parts, (local, mine, rewards.tolist(), counts), group=par.dp_group)
+    parts = run.par.gather_shares((local, mine, rewards.tolist(), counts))
+    covered = sorted(i for _, idx, _, _ in parts for i in idx)
+    if covered != list(range(len(covered))) or len(covered) != run.cfg.train.prompts_per_step:
+        raise RuntimeError(f"rollout shards cover the step's prompts {covered}, not each of "
+                           f"0..{run.cfg.train.prompts_per_step - 1} once")
     batch = merge_shards([(b, idx) for b, idx, _, _ in parts])
     batch.stats = {**local.stats, **batch.stats}
     order = sorted((idx[s.group], p, r) for p, (b, idx, _, _) in enumerate(parts) for r, s in enumerate(b.samples))

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_skpo.config import Config
 from megatron_skpo.eval.metrics import pass_at_k
@@ -31,19 +30,12 @@ def load_validation(cfg: Config, tokenizer) -> Optional[Problems]:
 
 
 def validate(run, problems: Problems, seed: int, step: int) -> dict[str, float]:
-    """``val/*`` metrics of the engine's current weights on ``problems``, sharded over data-parallel
-    ranks like the rollouts (problem ``i`` on rank ``i mod DP``); rank 0 also writes every problem's
+    """``val/*`` metrics of the engine's current weights on ``problems``, sharded over the engines like
+    the rollouts (problem ``i`` on engine ``i mod engines``); rank 0 also writes every problem's
     correct samples to ``<logging.dir>/validation/step_<step>.json`` (paired comparisons between
     steps, e.g. the standard error of an improvement)."""
-    from megatron_skpo.trainer.stages import same_in_model_parallel_group
-
     v, par = run.cfg.validation, run.par
-    mine = [i for i in range(len(problems.items)) if i % par.dp_size == par.dp_rank]
-    local = same_in_model_parallel_group(_sample_and_grade(run, problems, mine, seed), par)
-    shards = [local]
-    if par.dp_size > 1:
-        shards = [None] * par.dp_size
-        dist.all_gather_object(shards, local, group=par.dp_group)
+    shards = par.gather_shares(_sample_and_grade(run, problems, par.share(len(problems.items)), seed))
     per_problem = [c for _, c, _ in sorted(x for shard in shards for x in shard["problems"])]
     lengths = [n for shard in shards for n in shard["lengths"]]
     rewards = [r for shard in shards for r in shard["rewards"]]
