@@ -89,3 +89,60 @@ def balanced_group(g: int = 8, spread: float = 0.1) -> Tensor:
     """A balanced group (half above, half below 0.5): p_i = 0.5 +- spread * (rank offsets)."""
     offsets = torch.linspace(-1.0, 1.0, g, dtype=torch.float64)
     return (0.5 + spread * offsets).clamp(0.0, 1.0)
+
+
+# --- the same diagnostic on a real model (``skpo-analyze sign-consistency --model``) -------------
+#
+# There the success probabilities are unknown: the "truth" at a prefix is the success rate of
+# K_truth continuations, the estimate that of K other continuations of the same prefix, and GRPO's
+# reference is the group-normalised outcome of the response itself. All three are normalised over
+# the G responses of a problem at the same relative position, with ``group_normalize``.
+
+
+@dataclass
+class SignStats:
+    """Sign agreement and error of estimated against "true" group-normalised advantages."""
+
+    entries: int  # (group, response) entries whose true advantage has a sign (is not 0)
+    groups: int  # groups with at least one such entry
+    sign_accuracy: float  # fraction of those entries whose estimate has the same sign (an estimate of 0 is wrong)
+    all_signs_right: float  # fraction of those groups with every such entry right
+    mae: float  # mean |estimate - truth| over every entry, zero-truth entries included
+    all_entries: int  # every entry (the MAE's denominator)
+
+
+def sign_stats(est: Tensor, truth: Tensor) -> SignStats:
+    """``est``, ``truth``: [N, G] group-normalised advantages of N groups; NaN rates where undefined."""
+    if est.shape != truth.shape or est.dim() != 2:
+        raise ValueError(f"sign_stats: est and truth must both be [N, G], got {tuple(est.shape)}, {tuple(truth.shape)}")
+    valid = truth != 0
+    right = torch.sign(est) == torch.sign(truth)
+    groups = valid.any(dim=1)
+    nan = float("nan")
+    entries, n_groups = int(valid.sum()), int(groups.sum())
+    acc = float(right[valid].to(torch.float64).mean()) if entries else nan
+    all_right = float((right | ~valid)[groups].all(dim=1).to(torch.float64).mean()) if n_groups else nan
+    mae = float((est - truth).abs().to(torch.float64).mean()) if est.numel() else nan
+    return SignStats(entries, n_groups, acc, all_right, mae, int(est.numel()))
+
+
+def sign_stats_by_position(est: Tensor, truth: Tensor) -> list[SignStats]:
+    """``est``, ``truth``: [N, G, M] advantages at M relative positions -> one SignStats per position."""
+    if est.shape != truth.shape or est.dim() != 3:
+        raise ValueError(f"sign_stats_by_position: est and truth must both be [N, G, M], got "
+                         f"{tuple(est.shape)}, {tuple(truth.shape)}")
+    return [sign_stats(est[:, :, m], truth[:, :, m]) for m in range(est.shape[2])]
+
+
+def sign_stats_by_key(est: Tensor, truth: Tensor, key: Tensor) -> dict[int, SignStats]:
+    """[N, G, M] advantages, [N] integer key per group (e.g. its correct count) -> SignStats per key
+    value, over every position of the groups with that key."""
+    if est.shape != truth.shape or est.dim() != 3 or key.shape != est.shape[:1]:
+        raise ValueError(f"sign_stats_by_key: need est, truth [N, G, M] and key [N], got {tuple(est.shape)}, "
+                         f"{tuple(truth.shape)}, {tuple(key.shape)}")
+    out = {}
+    for k in sorted(set(key.tolist())):
+        rows = key == k
+        flat = lambda x: x[rows].permute(0, 2, 1).reshape(-1, x.shape[1])  # noqa: E731 [N_k * M, G]
+        out[int(k)] = sign_stats(flat(est), flat(truth))
+    return out

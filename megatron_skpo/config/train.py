@@ -85,11 +85,15 @@ class CheckpointConfig:
                                          "input model; see export_overwrite)")
     export_overwrite: bool = doc(False, "replace a non-empty export_hf directory (its previous files are removed "
                                         "only after the new export is complete)")
+    export_max_shard_size: str = doc("5GB", "largest safetensors file of the export (e.g. 500MB); a bigger model is "
+                                            "written as model-0000k-of-0000n files plus model.safetensors.index.json")
 
     def __post_init__(self):
         check(self.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
         check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         check(self.dir is None or bool(self.dir.strip()), "checkpoint.dir", "must be a non-empty path or null")
+        check(_size_bytes(self.export_max_shard_size) > 0, "checkpoint.export_max_shard_size",
+              f"{self.export_max_shard_size!r} is not a positive size such as 5GB, 500MB or 1048576")
 
 
 @dataclass
@@ -105,6 +109,9 @@ class LoggingConfig:
     wandb_missing: Literal["warn", "error"] = doc(
         "warn", "logging.wandb is on but the wandb package does not import: warn and go on, or stop at start-up")
     progress: bool = doc(True, "show a progress bar with ETA")
+    phase_grad_norm_interval: int = doc(
+        0, "every N steps, measure each phase's gradient norm (SKPO: upstream vs downstream) with one extra "
+           "forward/backward per phase on the step's first mini-batch; 0 = off")
     lines: bool = doc(False, "print one line per step (step, reward, accuracy, validation, sampled tokens, seconds): "
                              "for logs and terminals where a progress bar is noise")
     progress_metrics: list[str] = doc(
@@ -112,6 +119,17 @@ class LoggingConfig:
 
     def __post_init__(self):
         check(bool(self.dir.strip()), "logging.dir", "must be a non-empty path")
+        check(self.phase_grad_norm_interval >= 0, "logging.phase_grad_norm_interval", "must be >= 0")
         check(bool(self.wandb_project.strip()), "logging.wandb_project", "must be non-empty")
         check(all(isinstance(m, str) and m for m in self.progress_metrics), "logging.progress_metrics",
               "must be a list of metric names")
+
+
+def _size_bytes(text: str) -> int:
+    """``"5GB"`` / ``"500MB"`` / ``"1024"`` in bytes (decimal units, as transformers uses); 0 if unreadable."""
+    from checkpoint_convert.hf_io import parse_size
+
+    try:
+        return parse_size(str(text))
+    except ValueError:
+        return 0

@@ -33,8 +33,11 @@ def configure_cpu_env() -> None:
     if torch.cuda.is_available():
         return
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    # vLLM otherwise reserves one core for itself; on 2 cores that halves throughput.
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+    cores, local_ranks = os.cpu_count() or 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_ranks > 1:  # one engine per local rank (torchrun): each binds its own core ("0|1|...")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(r % cores) for r in range(local_ranks)))
+    else:  # vLLM otherwise reserves one core for itself; on 2 cores that halves throughput
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
 
 

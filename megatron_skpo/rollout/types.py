@@ -133,3 +133,37 @@ class RolloutBatch:
             group=torch.tensor([s.group for s in self.samples], dtype=torch.long),
             parent=torch.tensor([s.parent for s in self.samples], dtype=torch.long),
             segment_span=torch.tensor([list(s.segment_span) for s in self.samples], dtype=torch.long).reshape(n, 2))
+
+
+def merge_shards(parts: list[tuple["RolloutBatch", list[int]]]) -> "RolloutBatch":
+    """One step's batch from the shards data-parallel ranks generated.
+
+    Args:
+        parts: per rank, its batch and the step-level index of each of its prompts (its rows'
+            ``group`` g is the rank's prompt g, i.e. step prompt ``index[g]``).
+    Returns:
+        every row, ordered by step prompt (rows of a prompt in their rank's order), with ``group``
+        the step prompt index and ``parent`` and the SKPO records' rows renumbered; ``stats`` holds
+        ``rollout/generated_tokens_all``, the tokens every part generated together.
+    """
+    keyed = []  # (step prompt, part, row)
+    for p, (batch, index) in enumerate(parts):
+        keyed += [(index[s.group], p, r) for r, s in enumerate(batch.samples)]
+    keyed.sort()
+    new_row = {(p, r): n for n, (_, p, r) in enumerate(keyed)}
+    samples = []
+    for q, p, r in keyed:
+        s = parts[p][0].samples[r]
+        parent = new_row[(p, s.parent)] if s.parent >= 0 else -1
+        samples.append(Sample(s.prompt_ids, s.response_ids, s.logprobs, s.finish_reason, s.prompt_key, q, s.phase,
+                              parent, s.position, s.segment_span))
+    records = []
+    for p, (batch, index) in enumerate(parts):
+        for rec in batch.skpo:
+            records.append(SkpoRecord(rec.prompt_key, rec.t_q, rec.upstream_lengths, rec.eos_before, rec.cut_lengths,
+                                      rec.nll, rec.selected, new_row[(p, rec.upstream_row)],
+                                      [new_row[(p, d)] for d in rec.downstream_rows],
+                                      new_row[(p, rec.completion_row)] if rec.completion_row >= 0 else -1))
+    records.sort(key=lambda rec: rec.upstream_row)
+    total = sum(b.stats.get("rollout/generated_tokens", b.generated_tokens()) for b, _ in parts)
+    return RolloutBatch(samples, records, {"rollout/generated_tokens_all": float(total)})

@@ -37,15 +37,31 @@ class Parallel:
     dp_group: Any
     dp_rank: int
     dp_size: int
+    engine_index: int = 0  # this rank's vLLM engine: rank // rollout.tp (an engine's ranks are consecutive)
+    engines: int = 1  # world // rollout.tp engines, each generating its share of every step
 
     @classmethod
-    def current(cls) -> "Parallel":
+    def current(cls, rollout_tp: int = 1) -> "Parallel":
         """From Megatron's parallel state (after :func:`megatron_skpo.model.builder.initialize_parallel`)."""
         from megatron.core import parallel_state as ps
 
-        return cls(dist.get_rank(), dist.get_world_size(), ps.get_tensor_model_parallel_group(),
-                   ps.get_pipeline_model_parallel_group(), ps.get_data_parallel_group(),
-                   ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return cls(rank, world, ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
+                   ps.get_data_parallel_group(), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+                   rank // rollout_tp, world // rollout_tp)
+
+    def share(self, n: int) -> list[int]:
+        """The items of ``n`` (a step's prompts, the held-out problems) this rank's engine generates."""
+        return [i for i in range(n) if i % self.engines == self.engine_index]
+
+    def gather_shares(self, local):
+        """Every engine's ``local`` (one copy per engine, in engine order) on every rank."""
+        if self.world == 1:
+            return [local]
+        parts = [None] * self.world
+        dist.all_gather_object(parts, local)
+        step = self.world // self.engines  # the ranks of an engine hold the same share: keep its first
+        return parts[::step]
 
 
 def init_distributed() -> tuple[int, int]:

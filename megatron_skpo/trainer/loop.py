@@ -46,15 +46,16 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
             with clock("drift"):
                 drift_of, drift_metrics = stages.drift(run, prompts)
             with clock("generate"):
-                batch = stages.rollout(run, prompts, step)
+                local, mine = stages.rollout(run, prompts, step)  # this data-parallel rank's share
             with clock("rewards"):
-                rewards, reward_metrics = stages.grade(run, batch)
+                rewards, counts = stages.grade(run, local)
+                batch, rewards, reward_metrics = stages.gather(run, local, rewards, mine, counts)
             with clock("advantages"):
                 cr = stages.credit(run, batch, rewards, drift_of)
             with clock("logprobs"):
                 minis = stages.prepare(run, batch, cr, len(prompts))
             with clock("train"):
-                train_metrics = stages.update(run, minis)
+                train_metrics = stages.update(run, minis, step)
                 stages.remember(run, batch, minis)
             with clock("sync"):
                 sync_metrics = stages.sync_weights(run)
@@ -73,7 +74,10 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
                 break
     out = export_hf or cfg.checkpoint.export_hf
     if out:
+        from checkpoint_convert.hf_io import parse_size
+
         write_hf(run.policy, run.hf_config, cfg.model.hf_path, out, run.rank, run.par.tp_group, run.par.pp_group,
+                 shard_bytes=parse_size(cfg.checkpoint.export_max_shard_size),
                  overwrite=cfg.checkpoint.export_overwrite)
     if engine is None:
         run.engine.close(release_distributed=False)

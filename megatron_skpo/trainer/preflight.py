@@ -37,6 +37,7 @@ def preflight(cfg: Config, export_hf: Optional[str] = None, overwrite: bool = Fa
         if ds is not None:
             problems += _dataset(field, ds)
     problems += _layout(cfg, hf, world_size or int(os.environ.get("WORLD_SIZE", "1")))
+    problems += _fp8(cfg)
     problems += _run_dir(cfg, overwrite)
     out = export_hf or cfg.checkpoint.export_hf
     if out:
@@ -96,6 +97,15 @@ def _dataset(field: str, ds: DatasetConfig) -> list[str]:
     return []
 
 
+def _fp8(cfg: Config) -> list[str]:
+    from megatron_skpo.model.builder import te_available
+
+    if cfg.model.fp8 is None or te_available():
+        return []
+    return [f"model.fp8 = {cfg.model.fp8!r} needs Transformer Engine on CUDA GPUs, which this machine lacks: "
+            "set model.fp8=null, or run where transformer_engine is installed"]
+
+
 def _layout(cfg: Config, hf: Optional[dict], world: int) -> list[str]:
     tp, pp, out = cfg.parallel.tp, cfg.parallel.pp, []
     if world % (tp * pp):
@@ -103,6 +113,17 @@ def _layout(cfg: Config, hf: Optional[dict], world: int) -> list[str]:
                    "(WORLD_SIZE: ranks launched by torchrun/srun)")
     if world % cfg.rollout.tp:
         out.append(f"rollout.tp = {cfg.rollout.tp} does not divide the world size {world}")
+    if tp % cfg.rollout.tp:
+        out.append(f"rollout.tp = {cfg.rollout.tp} does not divide parallel.tp = {tp}: a vLLM engine must lie "
+                   "inside one model replica's ranks (a smaller rollout.tp runs more engines, each on its share)")
+    engines = max(world // cfg.rollout.tp, 1)
+    if cfg.train.prompts_per_step < engines:
+        out.append(f"train.prompts_per_step = {cfg.train.prompts_per_step} is below the number of vLLM engines "
+                   f"{engines} (world / rollout.tp): each engine generates prompt i mod engines of the step")
+    dp = max(world // (tp * pp), 1)
+    if cfg.train.mini_batch_prompts < dp:
+        out.append(f"train.mini_batch_prompts = {cfg.train.mini_batch_prompts} is below the data-parallel size {dp}: "
+                   "every rank trains prompt i mod DP of each mini-batch, so some ranks would have nothing to train")
     if hf is None:
         return out
     heads = int(hf.get("num_attention_heads", 0) or 0)

@@ -100,7 +100,7 @@ def build_run(cfg: Config, engine: Optional[VLLMEngine] = None) -> Run:
         raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} exceeds the "
                          f"{len(problems.items)} usable training problems")
     t = cfg.algo.tracker
-    return Run(cfg=cfg, par=Parallel.current(), engine=engine, tokenizer=engine.tokenizer, policy=policy,
+    return Run(cfg=cfg, par=Parallel.current(cfg.rollout.tp), engine=engine, tokenizer=engine.tokenizer, policy=policy,
                reference=reference, hf_config=hf_config, problems=problems, validation=held_out,
                method=build_method(cfg, engine.tokenizer), objective=objective_settings(cfg.algo),
                epochs=build.epoch_sampler(cfg, len(problems.items)),

@@ -67,8 +67,9 @@ def start_metrics(run: Run) -> dict[str, float]:
 
 
 def finished(run: Run, step: int, batch: RolloutBatch) -> bool:
-    """Count the step's sampled tokens; True at ``train.steps`` or once ``train.max_sampled_tokens`` is reached."""
-    run.progress.sampled_tokens += int(batch.stats.get("rollout/generated_tokens", batch.generated_tokens()))
+    """Count the step's sampled tokens (every rank's); True at ``train.steps`` or once
+    ``train.max_sampled_tokens`` is reached."""
+    run.progress.sampled_tokens += int(batch.stats["rollout/generated_tokens_all"])
     budget = run.cfg.train.max_sampled_tokens
     return step == run.cfg.train.steps or (budget is not None and run.progress.sampled_tokens >= budget)
 
@@ -97,29 +98,55 @@ def sample_prompts(run: Run, step: int) -> list[PromptItem]:
     return [items[k] for k in keys]
 
 
-def rollout(run: Run, prompts: list[PromptItem], step: int) -> RolloutBatch:
+def rollout(run: Run, prompts: list[PromptItem], step: int) -> tuple[RolloutBatch, list[int]]:
+    """This rank's engine's share of the step's rollouts: the prompts ``i`` with ``i mod engines ==
+    engine_index`` (a prompt's group never splits; the world's ``world / rollout.tp`` engines
+    generate in parallel, whatever the training layout), and their step indices. The ranks of one
+    engine (rollout.tp > 1) submit the same requests and get the same rollouts."""
+    mine = run.par.share(len(prompts))
     torch.manual_seed(stream_seed(run.cfg.train.seed, step, 0))  # vLLM's sampling noise on CPU
     generator = torch.Generator().manual_seed(stream_seed(run.cfg.train.seed, step, 2))
-    return run.method.sampler.sample(run.engine, prompts, step, generator)
+    return run.method.sampler.sample(run.engine, [prompts[i] for i in mine], step, generator), mine
 
 
 def grade(run: Run, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
-    """[N] float64 rewards of the rows the method grades (0 elsewhere) and reward/accuracy metrics
-    over its scored rows (the final answers: not SKPO's own-completion or dense MC continuations)."""
-    m = run.method
-    rows = [i for i, s in enumerate(batch.samples) if s.phase in m.graded_phases]
+    """[N] float64 rewards of the rows the method grades (0 elsewhere), and the grading counts."""
+    rows = [i for i, s in enumerate(batch.samples) if s.phase in run.method.graded_phases]
     texts = [run.tokenizer.decode(batch.samples[i].response_ids, skip_special_tokens=True) for i in rows]
     golds = [run.problems.answers[batch.samples[i].prompt_key] for i in rows]
     scores, stats = run.pool.score(texts, golds)
     rewards = torch.zeros(len(batch), dtype=torch.float64)
     rewards[rows] = torch.tensor(scores, dtype=torch.float64)
-    final = [i for i in rows if batch.samples[i].phase in (m.scored_phases or m.graded_phases)]
+    return rewards, {"no_answer": float(stats.no_answer), "timeout": float(stats.timeout), "graded": float(stats.n),
+                     "seconds": stats.seconds}
+
+
+def gather(run: Run, local: RolloutBatch, rewards: torch.Tensor, mine: list[int], counts: dict[str, float]
+           ) -> tuple[RolloutBatch, torch.Tensor, dict[str, float]]:
+    """The whole step's batch and rewards on every rank (every engine's share, merged in prompt
+    order), and the reward metrics over the final answers (not SKPO's own-completion or dense MC rows).
+    Credit then runs on the whole batch on every rank (trackers and batch statistics stay identical);
+    each data-parallel rank trains its prompts (``trainer.rows``)."""
+    from megatron_skpo.rollout.types import merge_shards
+
+    parts = run.par.gather_shares((local, mine, rewards.tolist(), counts))
+    covered = sorted(i for _, idx, _, _ in parts for i in idx)
+    if covered != list(range(len(covered))) or len(covered) != run.cfg.train.prompts_per_step:
+        raise RuntimeError(f"rollout shards cover the step's prompts {covered}, not each of "
+                           f"0..{run.cfg.train.prompts_per_step - 1} once")
+    batch = merge_shards([(b, idx) for b, idx, _, _ in parts])
+    batch.stats = {**local.stats, **batch.stats}
+    order = sorted((idx[s.group], p, r) for p, (b, idx, _, _) in enumerate(parts) for r, s in enumerate(b.samples))
+    merged = torch.tensor([parts[p][2][r] for _, p, r in order], dtype=torch.float64)
+    total = {k: sum(c[k] for *_, c in parts) for k in counts}
+    m = run.method
+    final = [i for i, s in enumerate(batch.samples) if s.phase in (m.scored_phases or m.graded_phases)]
     correct = run.cfg.reward.correct
-    return rewards, {"reward": float(rewards[final].mean()),
-                     "accuracy": sum(float(rewards[i]) == correct for i in final) / len(final),
-                     "reward/no_answer_rate": stats.no_answer / max(stats.n, 1),
-                     "reward/timeouts": float(stats.timeout), "reward/graded": float(stats.n),
-                     "time/grade": stats.seconds}
+    return batch, merged, {"reward": float(merged[final].mean()),
+                           "accuracy": sum(float(merged[i]) == correct for i in final) / len(final),
+                           "reward/no_answer_rate": total["no_answer"] / max(total["graded"], 1),
+                           "reward/timeouts": total["timeout"], "reward/graded": total["graded"],
+                           "time/grade": counts["seconds"]}
 
 
 def drift(run: Run, prompts: list[PromptItem]) -> tuple[dict, dict[str, float]]:
@@ -213,12 +240,34 @@ def grads_finite(policy) -> bool:
     return float(bad) == 0
 
 
-def update(run: Run, minis: list[MiniBatch]) -> dict[str, float]:
-    """One optimizer step per mini-batch; non-finite loss or gradients skip the step (counted)."""
+def phase_grad_norms(run: Run, m: MiniBatch) -> dict[str, float]:
+    """``grad_norm/<phase>``: the gradient norm of each phase's weighted loss alone on mini-batch ``m``
+    (one extra forward/backward per phase; no optimizer step). With one phase there is nothing to split."""
+    from dataclasses import replace
+
+    from megatron_skpo.model.train_step import forward_backward, zero_grads
+
+    phases, out = run.method.phases, {}
+    if len(phases) < 2 or not m.micro:
+        return out
+    for p in phases:
+        alone = tuple(replace(q, weight=q.weight if q is p else 0.0) for q in phases)
+        zero_grads(run.policy)
+        forward_backward(run.policy, m.micro, make_loss_fn(m.rows, m.counts, alone, run.objective), normalizer=1.0)
+        run.policy.optimizer.prepare_grads()
+        out[f"grad_norm/{p.phase}"] = float(run.policy.optimizer.get_grad_norm() or 0.0)
+    zero_grads(run.policy)
+    return out
+
+
+def update(run: Run, minis: list[MiniBatch], step: int = 0) -> dict[str, float]:
+    """One optimizer step per mini-batch; non-finite loss or gradients skip the step (counted). Every
+    ``logging.phase_grad_norm_interval`` steps, each phase's gradient norm is measured first."""
     from megatron_skpo.model.train_step import (forward_backward, moe_metrics, optimizer_step, reduce_metrics,
                                                 share_from_last_stage, zero_grads)
 
-    sums: dict[str, float] = {}
+    interval = run.cfg.logging.phase_grad_norm_interval
+    sums: dict[str, float] = phase_grad_norms(run, minis[0]) if interval and minis and step % interval == 0 else {}
     for m in minis:
         zero_grads(run.policy)
         loss_fn = make_loss_fn(m.rows, m.counts, run.method.phases, run.objective)
@@ -266,7 +315,8 @@ def batch_metrics(batch: RolloutBatch, cr: Credit) -> dict[str, float]:
     st = batch.stats
     out.update({"time/rollout": st.get("rollout/seconds", 0.0), "time/rollout_cpu": st.get("rollout/cpu_seconds", 0.0),
                 "perf/rollout_tokens_per_s": st.get("rollout/tokens_per_s", 0.0),
-                "rollout/generated_tokens": st.get("rollout/generated_tokens", 0.0)})
+                "rollout/generated_tokens": st.get("rollout/generated_tokens", 0.0),
+                "rollout/generated_tokens_all": st.get("rollout/generated_tokens_all", 0.0)})
     out["dynamic_sampling/dropped_rows"] = float(len(cr.dropped_rows))
     return {**out, **cr.metrics}
 

@@ -30,32 +30,43 @@ def load_validation(cfg: Config, tokenizer) -> Optional[Problems]:
 
 
 def validate(run, problems: Problems, seed: int, step: int) -> dict[str, float]:
-    """``val/*`` metrics of the engine's current weights on ``problems``; rank 0 also writes every
-    problem's correct samples to ``<logging.dir>/validation/step_<step>.json`` (paired comparisons
-    between steps, e.g. the standard error of an improvement)."""
-    v = run.cfg.validation
-    engine = run.engine
+    """``val/*`` metrics of the engine's current weights on ``problems``, sharded over the engines like
+    the rollouts (problem ``i`` on engine ``i mod engines``); rank 0 also writes every problem's
+    correct samples to ``<logging.dir>/validation/step_<step>.json`` (paired comparisons between
+    steps, e.g. the standard error of an improvement)."""
+    v, par = run.cfg.validation, run.par
+    shards = par.gather_shares(_sample_and_grade(run, problems, par.share(len(problems.items)), seed))
+    per_problem = [c for _, c, _ in sorted(x for shard in shards for x in shard["problems"])]
+    lengths = [n for shard in shards for n in shard["lengths"]]
+    rewards = [r for shard in shards for r in shard["rewards"]]
+    no_answer = sum(shard["no_answer"] for shard in shards)
+    if run.rank == 0:
+        out = Path(run.cfg.logging.dir) / "validation"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"step_{step:06d}.json").write_text(json.dumps({"step": step, "k": v.k, "correct": per_problem}) + "\n")
+    flat = [c for per in per_problem for c in per]
+    return {f"val/avg@{v.k}": sum(flat) / len(flat),
+            f"val/pass@{v.k}": sum(pass_at_k(v.k, sum(c), v.k) for c in per_problem) / len(per_problem),
+            "val/reward": sum(rewards) / len(rewards), "val/length": sum(lengths) / len(lengths),
+            "val/no_answer_rate": no_answer / len(flat), "val/problems": float(len(per_problem))}
+
+
+def _sample_and_grade(run, problems: Problems, mine: list[int], seed: int) -> dict:
+    """This rank's problems: ``[(index, [correct per sample], k)]``, lengths, rewards, no-answer count."""
+    v, engine = run.cfg.validation, run.engine
     saved = engine.settings
     engine.settings = dataclasses.replace(saved, temperature=v.temperature)
     torch.manual_seed(seed)  # vLLM's sampling noise on CPU
     try:
         cap = v.max_tokens or run.cfg.rollout.max_response_tokens
-        groups = generate(engine, [GenRequest(p.prompt_ids, v.k, cap, tag=i) for i, p in enumerate(problems.items)],
-                          run.cfg.rollout.timeout_s)
+        groups = generate(engine, [GenRequest(problems.items[i].prompt_ids, v.k, cap, tag=i) for i in mine],
+                          run.cfg.rollout.timeout_s) if mine else []
     finally:
         engine.settings = saved
     texts = [run.tokenizer.decode(g.token_ids, skip_special_tokens=True) for gens in groups for g in gens]
-    golds = [problems.answers[i] for i, gens in enumerate(groups) for _ in gens]
-    rewards, stats = run.pool.score(texts, golds)
+    golds = [problems.answers[i] for i, gens in zip(mine, groups) for _ in gens]
+    rewards, stats = run.pool.score(texts, golds) if texts else ([], None)
     correct = [r == run.cfg.reward.correct for r in rewards]
-    per_problem = [correct[i * v.k:(i + 1) * v.k] for i in range(len(groups))]
-    lengths = [len(g.token_ids) for gens in groups for g in gens]
-    if run.rank == 0:
-        out = Path(run.cfg.logging.dir) / "validation"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"step_{step:06d}.json").write_text(json.dumps({"step": step, "k": v.k, "correct": [
-            [bool(c) for c in per] for per in per_problem]}) + "\n")
-    return {f"val/avg@{v.k}": sum(correct) / len(correct),
-            f"val/pass@{v.k}": sum(pass_at_k(v.k, sum(c), v.k) for c in per_problem) / len(per_problem),
-            "val/reward": sum(rewards) / len(rewards), "val/length": sum(lengths) / len(lengths),
-            "val/no_answer_rate": stats.no_answer / max(stats.n, 1), "val/problems": float(len(per_problem))}
+    return {"problems": [(i, correct[k * v.k:(k + 1) * v.k], v.k) for k, i in enumerate(mine)],
+            "lengths": [len(g.token_ids) for gens in groups for g in gens], "rewards": list(rewards),
+            "no_answer": stats.no_answer if stats is not None else 0}

@@ -155,6 +155,13 @@ skpo_srun_cmd() {
 skpo_report() {
   echo "skpo-launch: ${MODEL_NAME:-model} recipe=$SKPO_RECIPE nodes=$SKPO_NNODES gpus/node=$SKPO_GPN" \
        "tp=$SKPO_TP pp=$SKPO_PP dp=$SKPO_DP rdzv=$SKPO_MASTER:$SKPO_PORT run_dir=$SKPO_RUN_DIR"
+  # rollout sharding (trainer/stages.py): world / rollout.tp vLLM engines, prompt i on engine i mod engines
+  local rtp=1 arg world=$((SKPO_NNODES * SKPO_GPN))
+  for arg in ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} ${SKPO_OVERRIDES[@]+"${SKPO_OVERRIDES[@]}"}; do
+    [[ $arg == rollout.tp=* ]] && rtp=${arg#rollout.tp=}
+  done
+  echo "skpo-launch: rollouts on $((world / rtp)) vLLM engines (rollout.tp=$rtp), each generating" \
+       "1/$((world / rtp)) of a step's prompts; updates on dp=$SKPO_DP model replicas"
   local latest=$SKPO_RUN_DIR/checkpoints/latest
   if [[ -f $latest ]]; then
     echo "skpo-launch: resuming from $SKPO_RUN_DIR/checkpoints/$(<"$latest") (restart ${SLURM_RESTART_COUNT:-0})"

@@ -52,6 +52,9 @@ def test_dry_run_two_nodes_eight_gpus(tmp_path):
         assert {"parallel.tp=2", "parallel.pp=1", "model.hf_path=checkpoints/Qwen2.5-Math-7B",
                 "checkpoint.resume=true", "checkpoint.dir=runs/qwen2.5-math-7b/checkpoints"} <= set(train)
     assert "tp=2 pp=1 dp=8" in r.stdout
+    assert "rollouts on 16 vLLM engines (rollout.tp=1), each generating 1/16 of a step's prompts" in r.stdout
+    r = bash("scripts/run_7b.sh", "--dry-run", "rollout.tp=2", env=JOB)
+    assert "rollouts on 8 vLLM engines (rollout.tp=2)" in r.stdout
     assert "# per job: srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 bash" in r.stdout
 
 

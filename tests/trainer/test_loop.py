@@ -30,7 +30,7 @@ EXTRA = {"rloo": ":algo.kl.coef=0.05", "cispo": ":algo.tis.enabled=true,algo.tis
 # and validates on 4 held-out problems before the first step, at step 2 and after the last
 SKPO4 = ("skpo:4:data.train.limit=8,data.eval.path={data},data.eval.prompt_field=prompt,"
          "data.eval.answer_field=reward_model.ground_truth,data.eval.offset=8,data.eval.limit=4,"
-         "validation.interval=2,validation.k=2")
+         "validation.interval=2,validation.k=2,logging.phase_grad_norm_interval=2")
 TIMING_PREFIXES = ("time/", "perf/")
 
 
@@ -147,6 +147,14 @@ def test_revisited_prompts_get_a_measured_drift(work):
         assert r["spo/revisited_rate"] == 0 and r["spo/D"] == 0 and r["spo/rho"] == pytest.approx(0.96)
     for r in records[2:]:
         assert r["spo/revisited_rate"] == 1 and r["spo/D"] > 0 and 0.875 <= r["spo/rho"] <= 0.96
+
+
+def test_phase_gradient_norms_every_interval(work):
+    """logging.phase_grad_norm_interval=2: SKPO's upstream and downstream gradient norms at steps 2 and 4."""
+    records = {r["step"]: r for r in steps(work / "reference" / "metrics.jsonl")}
+    for step in (2, 4):
+        assert records[step]["grad_norm/upstream"] > 0 and records[step]["grad_norm/downstream"] > 0
+    assert "grad_norm/upstream" not in records[1] and "grad_norm/upstream" not in records[3]
 
 
 def test_validation_inside_the_loop(work):

@@ -104,3 +104,12 @@ def test_export_into_a_non_empty_directory_needs_the_switch(tmp_path, model):
     assert "is not empty" in problem and "checkpoint.export_overwrite=true" in problem
     assert preflight(cfg(tmp_path, model, "checkpoint.export_overwrite=true"), export_hf=str(out)) == []
     assert preflight(cfg(tmp_path, model), export_hf=str(tmp_path / "run" / "hf")) == []  # inside the run: fine
+
+
+def test_layouts_that_cannot_shard_the_step(tmp_path, model):
+    (p,) = preflight(cfg(tmp_path, model, "train.prompts_per_step=6", "train.mini_batch_prompts=1"), world_size=2)
+    assert "train.mini_batch_prompts = 1 is below the data-parallel size 2" in p
+    assert preflight(cfg(tmp_path, model, "train.prompts_per_step=6", "train.mini_batch_prompts=3"), world_size=2) == []
+    problems = preflight(cfg(tmp_path, model, "rollout.tp=2"), world_size=3)
+    assert any("rollout.tp = 2 does not divide the world size 3" in p for p in problems)
+    assert any("rollout.tp = 2 does not divide parallel.tp = 1" in p for p in problems)
