@@ -36,7 +36,7 @@ fi
 step "train: ${DEMO_ALGO:-skpo} for ${DEMO_STEPS:-20} steps, held-out avg@${DEMO_K:-8} before and after (configs/demo_cpu.yaml)"
 rm -rf "$out/train" "$out/trained"  # the demo's own previous output: every demo starts afresh
 .venv/bin/skpo-train configs/demo_cpu.yaml model.hf_path="$model" algo.name="${DEMO_ALGO:-skpo}" \
-  logging.dir="$out/train" train.steps="${DEMO_STEPS:-20}" validation.k="${DEMO_K:-8}" \
+  logging.dir="$out/train" train.steps="${DEMO_STEPS:-20}" validation.k="${DEMO_K:-8}" validation.interval=0 \
   logging.progress=false logging.lines=true checkpoint.enabled=false --export-hf "$out/trained"
 
 step "summary"

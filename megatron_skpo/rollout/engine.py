@@ -224,6 +224,8 @@ class VLLMEngine:
         A bucket must hold whole decoder layers (vLLM fuses q/k/v and gate/up per layer and
         processes a layer once all its parts arrived).
         """
+        dtype = self.llm.llm_engine.model_config.dtype  # vLLM casts anyway, and warns per tensor (norms are fp32)
+        named = [(k, t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t) for k, t in named]
         with _quiet("vllm.model_executor.model_loader.reload.layerwise"), \
                 _quiet("vllm.model_executor.model_loader.reload.inplace"):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named,
