@@ -10,7 +10,7 @@
 #   4. print the summary: rewards per step, time per stage, and the held-out change with its
 #      standard error (paired over the same problems);
 #   5. show the paper's sign-consistency diagnostic of Monte Carlo advantages.
-# Environment: DEMO_STEPS (default 20), DEMO_K (validation samples per problem, default 8),
+# Environment: DEMO_STEPS (default 20), DEMO_K (validation samples per problem, default 16),
 # DEMO_ALGO (default skpo; grpo, cispo, ... train the same task with a baseline).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,10 +33,10 @@ else
   echo "cached"
 fi
 
-step "train: ${DEMO_ALGO:-skpo} for ${DEMO_STEPS:-20} steps, held-out avg@${DEMO_K:-8} before and after (configs/demo_cpu.yaml)"
+step "train: ${DEMO_ALGO:-skpo} for ${DEMO_STEPS:-20} steps, held-out avg@${DEMO_K:-16} before and after (configs/demo_cpu.yaml)"
 rm -rf "$out/train" "$out/trained"  # the demo's own previous output: every demo starts afresh
 .venv/bin/skpo-train configs/demo_cpu.yaml model.hf_path="$model" algo.name="${DEMO_ALGO:-skpo}" \
-  logging.dir="$out/train" train.steps="${DEMO_STEPS:-20}" validation.k="${DEMO_K:-8}" validation.interval=0 \
+  logging.dir="$out/train" train.steps="${DEMO_STEPS:-20}" validation.k="${DEMO_K:-16}" validation.interval=0 \
   logging.progress=false logging.lines=true checkpoint.enabled=false --export-hf "$out/trained"
 
 step "summary"
