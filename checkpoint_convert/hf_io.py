@@ -18,6 +18,8 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
+
+from checkpoint_convert.sizes import parse_size  # noqa: F401  (re-exported for the shard writers)
 from safetensors.torch import load_file, save_file
 
 from checkpoint_convert.staging import ConvertError
@@ -174,11 +176,3 @@ def write_index(out: Path, shards: list[list[str]], total_bytes: int) -> None:
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def parse_size(text: str) -> int:
-    """``"5GB"``, ``"500MB"``, ``"1024"`` -> bytes (decimal units, as transformers uses)."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    t = text.strip().upper()
-    for unit, mult in units.items():
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)

@@ -198,24 +198,13 @@ def run_shortcut(model: str, task: TaskSpec, decoding: Decoding, *, group_size: 
 
     from megatron_skpo.data.prompts import get_template
     from megatron_skpo.rollout.engine import GenRequest
-    from megatron_skpo.skpo.prompt import fill_template
 
-    if group_size < 2 or positions < 1 or base_responses < 1:
-        raise AnalysisError(f"shortcut: need --group-size >= 2, --positions >= 1 and --base-responses >= 1, got "
-                            f"{group_size}, {positions}, {base_responses}")
-    if downstream_budget not in ("remaining", "full"):
-        raise AnalysisError(f"--downstream-budget: got {downstream_budget!r}; allowed values: 'remaining', 'full'")
     template = get_template(task.prompt_template)
     extractors = tuple(extractors or template.extractors)
     skip_texts = list(skip_texts or [template.skip])
-    for text in skip_texts:
-        try:
-            fill_template(text, "s", "q")
-        except ValueError as e:
-            raise AnalysisError(f"--skip-template: {e}") from None
+    _check_settings(group_size, positions, base_responses, downstream_budget, skip_texts)
     conditions = conditions_for(skip_texts)
     fracs = relative_positions(positions)
-    C = len(conditions)
     t0 = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(model)
     problems = load_task(task, tokenizer)
@@ -229,18 +218,75 @@ def run_shortcut(model: str, task: TaskSpec, decoding: Decoding, *, group_size: 
         if not segments:
             raise AnalysisError("shortcut: every base response is shorter than 2 tokens; nothing to cut "
                                 "(raise --max-tokens or check the prompt template)")
-        requests = []  # segment-major, conditions inner: request k * C + c
-        for s in segments:
-            after = decoding.max_tokens - s.cut if downstream_budget == "remaining" else decoding.max_tokens
-            for c in conditions:
-                requests.append(GenRequest(condition_prompt(c, problems[s.problem], s, tokenizer), group_size,
-                                           decoding.max_tokens if c.kind == "q" else max(after, 1), None))
+        requests = _continuation_requests(segments, conditions, problems, tokenizer, decoding, group_size,
+                                          downstream_budget)
         gens = generate_all(engine, requests, "continuations", progress)
         seconds["generation"] = time.monotonic() - t1
     finally:
         engine.close()
 
     t2 = time.monotonic()
+    graded = _grade(base, gens, segments, conditions, problems, tokenizer, extractors, workers, grading_timeout)
+    seconds["grading"] = time.monotonic() - t2
+    codes = AnswerCodes()
+    per = _per_condition(conditions, graded["grades"], gens, len(segments), group_size, codes)
+    reference = modal_answer(per["hard_prefix"]["ids"])
+    position = torch.tensor([s.position for s in segments])
+    cut = torch.tensor([s.cut for s in segments])
+    rows = [r for c in conditions for r in summarize_condition(
+        c.name, per[c.name]["correct"], per[c.name]["ids"], per[c.name]["lengths"], reference, position, cut, fracs)]
+    base_correct = [g.status == "correct" for g in graded["base_grades"]]
+    base_len = [len(g.token_ids) for gs in base for g in gs]
+    result = ShortcutResult(
+        settings={"model": str(model), **asdict(task), **asdict(decoding), "group_size": group_size,
+                  "positions": positions, "base_responses": base_responses, "downstream_budget": downstream_budget,
+                  "extractors": list(extractors), "stop": list(template.stop)},
+        conditions=conditions, fracs=fracs,
+        base={"problems": len(problems), "responses": len(base_correct),
+              "accuracy": sum(base_correct) / len(base_correct), "mean_tokens": sum(base_len) / len(base_len),
+              "skipped_short": skipped, "segments": len(segments)},
+        rows=rows, grading=graded["counts"], seconds={k: round(v, 1) for k, v in seconds.items()})
+    result.acceptance = acceptance(result)
+    if out is not None:
+        _write_segments(out / "segments.jsonl", segments, problems, base, conditions, fracs, graded, per,
+                        reference, codes, group_size)
+    return result
+
+
+def _check_settings(group_size: int, positions: int, base_responses: int, downstream_budget: str,
+                    skip_texts: list[str]) -> None:
+    from megatron_skpo.skpo.prompt import fill_template
+
+    if group_size < 2 or positions < 1 or base_responses < 1:
+        raise AnalysisError(f"shortcut: need --group-size >= 2, --positions >= 1 and --base-responses >= 1, got "
+                            f"{group_size}, {positions}, {base_responses}")
+    if downstream_budget not in ("remaining", "full"):
+        raise AnalysisError(f"--downstream-budget: got {downstream_budget!r}; allowed values: 'remaining', 'full'")
+    for text in skip_texts:
+        try:
+            fill_template(text, "s", "q")
+        except ValueError as e:
+            raise AnalysisError(f"--skip-template: {e}") from None
+
+
+def _continuation_requests(segments, conditions, problems, tokenizer, decoding: Decoding, group_size: int,
+                           downstream_budget: str) -> list:
+    """Segment-major, conditions inner: request ``k * C + c``."""
+    from megatron_skpo.rollout.engine import GenRequest
+
+    requests = []
+    for s in segments:
+        after = decoding.max_tokens - s.cut if downstream_budget == "remaining" else decoding.max_tokens
+        for c in conditions:
+            requests.append(GenRequest(condition_prompt(c, problems[s.problem], s, tokenizer), group_size,
+                                       decoding.max_tokens if c.kind == "q" else max(after, 1), None))
+    return requests
+
+
+def _grade(base, gens, segments, conditions, problems, tokenizer, extractors, workers: int,
+           grading_timeout: float) -> dict:
+    """Base responses and every continuation graded in one worker pool (texts kept for the JSONL)."""
+    C = len(conditions)
     with Grader(extractors, workers, grading_timeout) as grader:
         base_texts = [decode(tokenizer, g.token_ids) for gs in base for g in gs]
         base_grades = grader.grade(base_texts, [p.gold for p, gs in zip(problems, base) for _ in gs])
@@ -251,12 +297,14 @@ def run_shortcut(model: str, task: TaskSpec, decoding: Decoding, *, group_size: 
             texts += [decode(tokenizer, (s.ids if c.kind == "hard_prefix" else []) + g.token_ids) for g in group]
             golds += [problems[s.problem].gold] * len(group)
         grades = grader.grade(texts, golds)
-        grading = dict(grader.counts)
-    seconds["grading"] = time.monotonic() - t2
+        counts = dict(grader.counts)
+    return {"base_texts": base_texts, "base_grades": base_grades, "texts": texts, "grades": grades,
+            "counts": counts}
 
-    S, G = len(segments), group_size
-    codes = AnswerCodes()
-    per: dict[str, dict[str, Tensor]] = {}
+
+def _per_condition(conditions, grades, gens, S: int, G: int, codes: AnswerCodes) -> dict[str, dict[str, Tensor]]:
+    """Per condition, ``[segments, G]`` tensors of correctness, answer codes and response lengths."""
+    C, per = len(conditions), {}
     for ci, c in enumerate(conditions):
         sel = [k * C + ci for k in range(S)]
         gr = [grades[i * G + g] for i in sel for g in range(G)]
@@ -264,42 +312,30 @@ def run_shortcut(model: str, task: TaskSpec, decoding: Decoding, *, group_size: 
             "correct": torch.tensor([x.status == "correct" for x in gr]).view(S, G),
             "ids": torch.tensor(codes.encode([x.answer for x in gr]), dtype=torch.long).view(S, G),
             "lengths": torch.tensor([len(gens[i][g].token_ids) for i in sel for g in range(G)]).view(S, G)}
-    reference = modal_answer(per["hard_prefix"]["ids"])
-    position = torch.tensor([s.position for s in segments])
-    cut = torch.tensor([s.cut for s in segments])
-    rows = [r for c in conditions for r in summarize_condition(
-        c.name, per[c.name]["correct"], per[c.name]["ids"], per[c.name]["lengths"], reference, position, cut, fracs)]
-    base_correct = [g.status == "correct" for g in base_grades]
-    base_len = [len(g.token_ids) for gs in base for g in gs]
-    result = ShortcutResult(
-        settings={"model": str(model), **asdict(task), **asdict(decoding), "group_size": group_size,
-                  "positions": positions, "base_responses": base_responses, "downstream_budget": downstream_budget,
-                  "extractors": list(extractors), "stop": list(template.stop)},
-        conditions=conditions, fracs=fracs,
-        base={"problems": len(problems), "responses": len(base_correct),
-              "accuracy": sum(base_correct) / len(base_correct), "mean_tokens": sum(base_len) / len(base_len),
-              "skipped_short": skipped, "segments": S},
-        rows=rows, grading=grading, seconds={k: round(v, 1) for k, v in seconds.items()})
-    result.acceptance = acceptance(result)
-    if out is not None:
-        answers = {j: a for a, j in codes.ids.items()}
-        first = [0]
-        for gs in base:
-            first.append(first[-1] + len(gs))
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "segments.jsonl", "w", encoding="utf-8") as f:
-            for k, s in enumerate(segments):
-                rec = {"uid": problems[s.problem].uid, "gold": problems[s.problem].gold, "base": s.base,
-                       "base_text": base_texts[first[s.problem] + s.base], "frac": fracs[s.position],
-                       "length": s.length, "cut": s.cut, "segment": s.text,
-                       "reference_answer": answers.get(int(reference[k]))}
-                for ci, c in enumerate(conditions):
-                    i = k * C + ci
-                    rec[c.name] = {"responses": texts[i * G:(i + 1) * G],
-                                   "answers": [x.answer for x in grades[i * G:(i + 1) * G]],
-                                   "correct": per[c.name]["correct"][k].tolist()}
-                f.write(json.dumps(rec) + "\n")
-    return result
+    return per
+
+
+def _write_segments(path: Path, segments, problems, base, conditions, fracs, graded: dict, per, reference,
+                    codes: AnswerCodes, G: int) -> None:
+    """One JSON line per segment: its base response, reference answer and every condition's group."""
+    C, texts, grades = len(conditions), graded["texts"], graded["grades"]
+    answers = {j: a for a, j in codes.ids.items()}
+    first = [0]
+    for gs in base:
+        first.append(first[-1] + len(gs))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for k, s in enumerate(segments):
+            rec = {"uid": problems[s.problem].uid, "gold": problems[s.problem].gold, "base": s.base,
+                   "base_text": graded["base_texts"][first[s.problem] + s.base], "frac": fracs[s.position],
+                   "length": s.length, "cut": s.cut, "segment": s.text,
+                   "reference_answer": answers.get(int(reference[k]))}
+            for ci, c in enumerate(conditions):
+                i = k * C + ci
+                rec[c.name] = {"responses": texts[i * G:(i + 1) * G],
+                               "answers": [x.answer for x in grades[i * G:(i + 1) * G]],
+                               "correct": per[c.name]["correct"][k].tolist()}
+            f.write(json.dumps(rec) + "\n")
 
 
 def _fmt(x: float, digits: int = 3) -> str:

@@ -193,10 +193,7 @@ def _shortcut(args, model_dir: Path) -> int:
         extractors=extractors_for(args.prompt_template, args.extractors), workers=args.workers,
         grading_timeout=args.grading_timeout, out=out, progress=not args.quiet)
     result.settings["model"] = args.model
-    shortcut.write(result, out)
-    print(shortcut.markdown(result))
-    print(f"results in {out}/shortcut.json, shortcut.png, shortcut.md, segments.jsonl")
-    return 0
+    return _report(shortcut, result, out, "shortcut", "segments.jsonl")
 
 
 def _sign_model(args, model_dir: Path) -> int:
@@ -209,10 +206,7 @@ def _sign_model(args, model_dir: Path) -> int:
         k_truth=args.k_truth, step=args.position_step, extractors=extractors_for(args.prompt_template, args.extractors),
         workers=args.workers, grading_timeout=args.grading_timeout, progress=not args.quiet)
     result.settings["model"] = args.model
-    sign_model.write(result, out)
-    print(sign_model.markdown(result))
-    print(f"results in {out}/sign_consistency.json, sign_consistency.png, sign_consistency.md")
-    return 0
+    return _report(sign_model, result, out, "sign_consistency")
 
 
 def _implicit(args, tmp: str) -> int:
@@ -234,9 +228,14 @@ def _implicit(args, tmp: str) -> int:
         workers=args.workers, grading_timeout=args.grading_timeout, progress=not args.quiet)
     result.runs = dict(args.runs)
     result.settings["evaluator"] = args.evaluator
-    implicit_advantage.write(result, out)
-    print(implicit_advantage.markdown(result))
-    print(f"results in {out}/implicit_advantage.json, implicit_advantage.png, implicit_advantage.md")
+    return _report(implicit_advantage, result, out, "implicit_advantage")
+
+
+def _report(module, result, out: Path, stem: str, *extra: str) -> int:
+    """Write an analysis' JSON, Markdown and PNG (``module.write``), print its table and where it went."""
+    module.write(result, out)
+    print(module.markdown(result))
+    print(f"results in {out}/" + ", ".join([f"{stem}.json", f"{stem}.png", f"{stem}.md", *extra]))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from checkpoint_convert.sizes import parse_size
 from megatron_skpo.config.base import check, doc
 
 
@@ -127,8 +128,6 @@ class LoggingConfig:
 
 def _size_bytes(text: str) -> int:
     """``"5GB"`` / ``"500MB"`` / ``"1024"`` in bytes (decimal units, as transformers uses); 0 if unreadable."""
-    from checkpoint_convert.hf_io import parse_size
-
     try:
         return parse_size(str(text))
     except ValueError:

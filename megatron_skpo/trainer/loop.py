@@ -74,7 +74,7 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
                 break
     out = export_hf or cfg.checkpoint.export_hf
     if out:
-        from checkpoint_convert.hf_io import parse_size
+        from checkpoint_convert.sizes import parse_size
 
         write_hf(run.policy, run.hf_config, cfg.model.hf_path, out, run.rank, run.par.tp_group, run.par.pp_group,
                  shard_bytes=parse_size(cfg.checkpoint.export_max_shard_size),
