@@ -23,15 +23,19 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
 from megatron_skpo.analysis.metrics import cut_position, implicit_advantage, nanmean
 from megatron_skpo.analysis.sampling import (
-    AnalysisError, Decoding, Grader, TaskSpec, decode, generate_all, load_task, open_engine)
+    AnalysisError, Decoding, Grader, TaskProblem, TaskSpec, decode, generate_all, load_task, open_engine)
+
+if TYPE_CHECKING:  # vLLM's engine module loads only once an analysis runs
+    from megatron_skpo.rollout import engine as rollout
 
 
 def interior_positions(n: int) -> list[float]:
@@ -99,36 +103,42 @@ def summarize(names: Sequence[str], rates: torch.Tensor, present: torch.Tensor, 
     return rows
 
 
-def run_implicit_advantage(runs: dict[str, str], evaluator: str, task: TaskSpec, decoding: Decoding, *,
-                           samples: int = 8, max_correct: int = 2, k: int = 8, positions: int = 4,
-                           extractors: Sequence[str] = (), workers: int = 2, grading_timeout: float = 5.0,
-                           progress: bool = True) -> ImplicitResult:
-    """Run the analysis; ``runs`` maps a name to an HF directory, ``evaluator`` is an HF directory."""
-    from transformers import AutoTokenizer
+# (run, problem, the response's token ids without a final EOS)
+_KeptResponse = tuple[int, int, list[int]]
 
-    from megatron_skpo.data.prompts import get_template
-    from megatron_skpo.rollout.engine import GenRequest
 
+def _check_arguments(runs: dict[str, str], samples: int, max_correct: int, k: int) -> None:
+    """Reject too few runs and non-positive counts, naming the flags."""
     if len(runs) < 2:
         raise AnalysisError(f"--runs: compare at least two runs (NAME=HF_DIR ...), got {list(runs)}")
     if samples < 1 or max_correct < 1 or k < 1:
         raise AnalysisError(f"implicit-advantage: --samples, --max-correct and --k must be >= 1, got "
                          f"{samples}, {max_correct}, {k}")
-    fracs = interior_positions(positions)
-    template = get_template(task.prompt_template)
-    extractors = tuple(extractors or template.extractors)
+
+
+def _evaluator_tokenizer(runs: dict[str, str], evaluator: str) -> Any:
+    """The evaluator's tokenizer, after checking that every run has the same vocabulary."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(evaluator)
     vocab = tokenizer.get_vocab()
     for name, path in runs.items():
         if path != evaluator and AutoTokenizer.from_pretrained(path).get_vocab() != vocab:
             raise AnalysisError(f"--runs {name}={path}: its tokenizer differs from the evaluator's ({evaluator}); "
                              "prefixes are continued as token ids, so every run must use the evaluator's tokenizer")
-    problems = load_task(task, tokenizer)
-    names = list(runs)
-    seconds: dict[str, float] = {}
-    responses: dict[str, list[list]] = {}
+    return tokenizer
+
+
+@contextmanager
+def _sampled_runs(runs: dict[str, str], evaluator: str, problems: Sequence[TaskProblem], decoding: Decoding,
+                  stop: Sequence[str], samples: int, progress: bool, seconds: dict[str, float]
+                  ) -> Iterator[tuple[rollout.VLLMEngine, dict[str, list[list[rollout.Generation]]]]]:
+    """Yields the evaluator's engine, still open, and every run's responses, one engine per model directory."""
+    from megatron_skpo.rollout.engine import GenRequest
+
+    responses: dict[str, list[list[rollout.Generation]]] = {}
     by_dir: dict[str, list[str]] = {}
-    for name in names:
+    for name in runs:
         by_dir.setdefault(str(Path(runs[name]).resolve()), []).append(name)
     eval_dir = str(Path(evaluator).resolve())
     order = [d for d in by_dir if d != eval_dir] + [eval_dir]  # the evaluator's engine last: it stays open
@@ -136,7 +146,7 @@ def run_implicit_advantage(runs: dict[str, str], evaluator: str, task: TaskSpec,
     try:
         for d in order:
             t0 = time.monotonic()
-            engine = open_engine(d, decoding, template.stop)
+            engine = open_engine(d, decoding, stop)
             seconds[f"engine_start:{Path(d).name}"] = time.monotonic() - t0
             for name in by_dir.get(d, []):
                 t1 = time.monotonic()
@@ -146,57 +156,103 @@ def run_implicit_advantage(runs: dict[str, str], evaluator: str, task: TaskSpec,
             if d != eval_dir:
                 engine.close()
                 engine = None
-        eos = engine.eos_token_id
-
-        t2 = time.monotonic()
-        with Grader(extractors, workers, grading_timeout) as grader:
-            kept: list[tuple[int, int, list[int]]] = []  # (run, problem, content ids)
-            sampled = {}
-            for ri, name in enumerate(names):
-                texts = [decode(tokenizer, g.token_ids) for gs in responses[name] for g in gs]
-                golds = [p.gold for p in problems for _ in range(samples)]
-                grades = grader.grade(texts, golds)
-                n_correct, n_kept, with_kept = 0, 0, 0
-                for pi, gs in enumerate(responses[name]):
-                    mine = 0
-                    for si, g in enumerate(gs):
-                        if grades[pi * samples + si].status != "correct":
-                            continue
-                        n_correct += 1
-                        ids = g.token_ids[:-1] if g.token_ids and g.token_ids[-1] == eos else g.token_ids
-                        if mine < max_correct and len(ids) >= 2:
-                            kept.append((ri, pi, list(ids)))
-                            mine += 1
-                    n_kept += mine
-                    with_kept += mine > 0
-                sampled[name] = {"model": runs[name], "responses": len(texts), "correct": n_correct, "kept": n_kept,
-                                 "problems_with_kept": with_kept}
-        seconds["grading_responses"] = time.monotonic() - t2
-        if not kept:
-            raise AnalysisError("implicit-advantage: no run produced a correct response of two or more tokens; "
-                             "nothing to cut (raise --samples or --limit)")
-        cuts = [[cut_position(len(ids), f, lo=1) for f in fracs] for _, _, ids in kept]
-        requests = [GenRequest(problems[pi].prompt_ids + ids[:t], k, decoding.max_tokens - t, None)
-                    for (_, pi, ids), ts in zip(kept, cuts) for t in ts]
-        t3 = time.monotonic()
-        conts = generate_all(engine, requests, "evaluator continuations", progress)
-        seconds["evaluate"] = time.monotonic() - t3
+        yield engine, responses
     finally:
         if engine is not None:
             engine.close()
 
-    t4 = time.monotonic()
-    M = len(fracs)
+
+def _keep_correct(grader: Grader, tokenizer: Any, runs: dict[str, str], problems: Sequence[TaskProblem],
+                  responses: dict[str, list[list[rollout.Generation]]], samples: int, max_correct: int,
+                  eos: int) -> tuple[list[_KeptResponse], dict[str, dict]]:
+    """The kept correct responses as (run, problem, content ids), and each run's sampling counts."""
+    kept: list[_KeptResponse] = []
+    sampled = {}
+    for ri, name in enumerate(runs):
+        texts = [decode(tokenizer, g.token_ids) for gs in responses[name] for g in gs]
+        golds = [p.gold for p in problems for _ in range(samples)]
+        grades = grader.grade(texts, golds)
+        n_correct, n_kept, with_kept = 0, 0, 0
+        for pi, gs in enumerate(responses[name]):
+            mine = 0
+            for si, g in enumerate(gs):
+                if grades[pi * samples + si].status != "correct":
+                    continue
+                n_correct += 1
+                ids = g.token_ids[:-1] if g.token_ids and g.token_ids[-1] == eos else g.token_ids
+                # a one-token response has no interior position to cut at
+                if mine < max_correct and len(ids) >= 2:
+                    kept.append((ri, pi, list(ids)))
+                    mine += 1
+            n_kept += mine
+            with_kept += mine > 0
+        sampled[name] = {"model": runs[name], "responses": len(texts), "correct": n_correct, "kept": n_kept,
+                         "problems_with_kept": with_kept}
+    return kept, sampled
+
+
+def _continuation_requests(kept: Sequence[_KeptResponse], problems: Sequence[TaskProblem],
+                           fracs: Sequence[float], k: int,
+                           max_tokens: int) -> tuple[list[list[int]], list[rollout.GenRequest]]:
+    """The cut positions of each kept response, and the evaluator's K continuations of each prefix."""
+    from megatron_skpo.rollout.engine import GenRequest
+
+    cuts = [[cut_position(len(ids), f, lo=1) for f in fracs] for _, _, ids in kept]
+    requests = [GenRequest(problems[pi].prompt_ids + ids[:t], k, max_tokens - t, None)
+                for (_, pi, ids), ts in zip(kept, cuts) for t in ts]
+    return cuts, requests
+
+
+def _continuation_rates(grader: Grader, tokenizer: Any, kept: Sequence[_KeptResponse],
+                        cuts: Sequence[Sequence[int]], conts: Sequence[Sequence[rollout.Generation]],
+                        problems: Sequence[TaskProblem], k: int) -> torch.Tensor:
+    """[X, M] success rate R of each kept response's prefix continuations."""
+    m = len(cuts[0])
+    texts, golds = [], []
+    for x, (_, pi, ids) in enumerate(kept):
+        for j, t in enumerate(cuts[x]):
+            texts += [decode(tokenizer, ids[:t] + g.token_ids) for g in conts[x * m + j]]
+            golds += [problems[pi].gold] * k
+    ok = torch.tensor([g.status == "correct" for g in grader.grade(texts, golds)], dtype=torch.float64)
+    return ok.view(len(kept), m, k).mean(dim=2)
+
+
+def run_implicit_advantage(runs: dict[str, str], evaluator: str, task: TaskSpec, decoding: Decoding, *,
+                           samples: int = 8, max_correct: int = 2, k: int = 8, positions: int = 4,
+                           extractors: Sequence[str] = (), workers: int = 2, grading_timeout: float = 5.0,
+                           progress: bool = True) -> ImplicitResult:
+    """Run the analysis; ``runs`` maps a name to an HF directory, ``evaluator`` is an HF directory."""
+    from megatron_skpo.data.prompts import get_template
+
+    _check_arguments(runs, samples, max_correct, k)
+    fracs = interior_positions(positions)
+    template = get_template(task.prompt_template)
+    extractors = tuple(extractors or template.extractors)
+    tokenizer = _evaluator_tokenizer(runs, evaluator)
+    problems = load_task(task, tokenizer)
+    names = list(runs)
+    seconds: dict[str, float] = {}
+    # the evaluator's engine stays open from sampling through the continuations, then closes
+    with _sampled_runs(runs, evaluator, problems, decoding, template.stop, samples, progress,
+                       seconds) as (engine, responses):
+        t0 = time.monotonic()
+        with Grader(extractors, workers, grading_timeout) as grader:
+            kept, sampled = _keep_correct(grader, tokenizer, runs, problems, responses, samples, max_correct,
+                                          engine.eos_token_id)
+        seconds["grading_responses"] = time.monotonic() - t0
+        if not kept:
+            raise AnalysisError("implicit-advantage: no run produced a correct response of two or more tokens; "
+                             "nothing to cut (raise --samples or --limit)")
+        cuts, requests = _continuation_requests(kept, problems, fracs, k, decoding.max_tokens)
+        t1 = time.monotonic()
+        conts = generate_all(engine, requests, "evaluator continuations", progress)
+        seconds["evaluate"] = time.monotonic() - t1
+
+    t2 = time.monotonic()
     with Grader(extractors, workers, grading_timeout) as grader:
-        texts, golds = [], []
-        for x, (_, pi, ids) in enumerate(kept):
-            for j, t in enumerate(cuts[x]):
-                texts += [decode(tokenizer, ids[:t] + g.token_ids) for g in conts[x * M + j]]
-                golds += [problems[pi].gold] * k
-        ok = torch.tensor([g.status == "correct" for g in grader.grade(texts, golds)], dtype=torch.float64)
+        r = _continuation_rates(grader, tokenizer, kept, cuts, conts, problems, k)
         grading = dict(grader.counts)
-    seconds["grading_continuations"] = time.monotonic() - t4
-    r = ok.view(len(kept), M, k).mean(dim=2)
+    seconds["grading_continuations"] = time.monotonic() - t2
     rates, present = per_run_rates(r, torch.tensor([x[0] for x in kept]), torch.tensor([x[1] for x in kept]),
                                    len(names), len(problems))
     return ImplicitResult(

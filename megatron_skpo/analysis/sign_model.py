@@ -32,15 +32,19 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
 from megatron_skpo.analysis.metrics import cut_position
 from megatron_skpo.analysis.sampling import (
-    AnalysisError, Decoding, Grader, TaskSpec, decode, generate_all, load_task, open_engine)
+    AnalysisError, Decoding, Grader, TaskProblem, TaskSpec, decode, generate_all, load_task, open_engine)
 from megatron_skpo.analysis.sign_consistency import (
     SignStats, group_normalize, sign_stats, sign_stats_by_key, sign_stats_by_position)
+
+if TYPE_CHECKING:  # vLLM's engine module loads only once an analysis runs
+    from megatron_skpo.rewards import Grade
+    from megatron_skpo.rollout import engine as rollout
 
 
 def position_fracs(step: float) -> list[float]:
@@ -104,18 +108,110 @@ def summarize(truth: torch.Tensor, est: dict[str, torch.Tensor], outcome: torch.
     return by_pos, by_count, overall
 
 
+# (problem, prefix token ids) -> the (response, position) entries cut there; equal prefixes share one key
+_Prefixes = dict[tuple[int, tuple[int, ...]], list[tuple[int, int]]]
+
+
+def _checked_ks(ks: Sequence[int], k_truth: int) -> list[int]:
+    """The distinct estimate sizes K, ascending, after checking that they and k_truth are >= 1."""
+    ks = sorted(set(ks))
+    if not ks or ks[0] < 1 or k_truth < 1:
+        raise AnalysisError(f"sign-consistency: --k and --k-truth must be >= 1, got {ks}, {k_truth}")
+    return ks
+
+
+def _outcomes(grader: Grader, tokenizer: Any, groups: Sequence[Sequence[rollout.Generation]],
+              problems: Sequence[TaskProblem], group_size: int) -> torch.Tensor:
+    """[N, G] outcome reward of every response: +1 correct, -1 otherwise."""
+    texts = [decode(tokenizer, g.token_ids) for gs in groups for g in gs]
+    grades = grader.grade(texts, [p.gold for p in problems for _ in range(group_size)])
+    return torch.tensor([1.0 if x.status == "correct" else -1.0 for x in grades]).view(len(problems), group_size)
+
+
+def _distinct_prefixes(groups: Sequence[Sequence[rollout.Generation]], eos: int, fracs: Sequence[float]) -> _Prefixes:
+    """Every response's prefix at every position, grouped by (problem, prefix ids)."""
+    content = [[g.token_ids[:-1] if g.token_ids and g.token_ids[-1] == eos else g.token_ids for g in gs]
+               for gs in groups]
+    prefixes: _Prefixes = {}
+    for n, ids_of in enumerate(content):
+        for i, ids in enumerate(ids_of):
+            for m, f in enumerate(fracs):
+                t = cut_position(len(ids), f) if ids else 0
+                prefixes.setdefault((n, tuple(ids[:t])), []).append((i, m))
+    return prefixes
+
+
+def _continuation_requests(problems: Sequence[TaskProblem], prefixes: _Prefixes, k_truth: int, k: int,
+                           max_tokens: int) -> list[rollout.GenRequest]:
+    """One request per distinct prefix: k_truth continuations shared by its users, then K per user."""
+    from megatron_skpo.rollout.engine import GenRequest
+
+    return [GenRequest(problems[n].prompt_ids + list(pre), k_truth + k * len(users), max_tokens - len(pre), None)
+            for (n, pre), users in prefixes.items()]
+
+
+def _continuation_plan(requests: Sequence[rollout.GenRequest], *, problems: int, group_size: int, positions: int,
+                       k_truth: int, k: int, progress: bool) -> dict[str, int]:
+    """How many prefixes and continuations the run costs, announced before anything is sampled."""
+    uses = problems * group_size * positions
+    plan = {"prefixes": len(requests), "uses": uses, "requested": sum(r.n for r in requests),
+            "without_sharing": uses * (k_truth + k)}
+    if progress:
+        print(f"sign-consistency: {problems} problems x {group_size} responses x {positions} positions -> "
+              f"{plan['prefixes']} distinct prefixes, {plan['requested']} continuations (k_truth={k_truth}, "
+              f"K={k})", flush=True)
+    return plan
+
+
+def _grade_continuations(grader: Grader, tokenizer: Any, problems: Sequence[TaskProblem], prefixes: _Prefixes,
+                         conts: Sequence[Sequence[rollout.Generation]]) -> list[Grade]:
+    """The grade of every prefix + continuation text, in request order."""
+    texts, golds = [], []
+    for (n, pre), gens in zip(prefixes, conts):
+        texts += [decode(tokenizer, list(pre) + g.token_ids) for g in gens]
+        golds += [problems[n].gold] * len(gens)
+    return grader.grade(texts, golds)
+
+
+def _success_rates(grades: Sequence[Grade], prefixes: _Prefixes, conts: Sequence[Sequence[rollout.Generation]],
+                   shape: tuple[int, int, int], ks: Sequence[int],
+                   k_truth: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The truth V* and the estimates V^_K (``mc_k{K}``), [N, G, M] success rates, from the grades."""
+    k_max = ks[-1]
+    truth = torch.zeros(*shape, dtype=torch.float64)
+    est = {f"mc_k{k}": torch.zeros(*shape, dtype=torch.float64) for k in ks}
+    at = 0
+    for ((n, _), users), gens in zip(prefixes.items(), conts):
+        ok = torch.tensor([grades[at + j].status == "correct" for j in range(len(gens))], dtype=torch.float64)
+        at += len(gens)
+        for u, (i, m) in enumerate(users):
+            truth[n, i, m] = ok[:k_truth].mean()
+            # each user's own K continuations, so that the estimates stay independent of one another
+            mine = ok[k_truth + u * k_max: k_truth + (u + 1) * k_max]
+            for k in ks:
+                est[f"mc_k{k}"][n, i, m] = mine[:k].mean()
+    return truth, est
+
+
+def _response_summary(groups: Sequence[Sequence[rollout.Generation]], outcome: torch.Tensor) -> dict:
+    """Response accuracy, mean length in tokens and the number of groups with each correct count."""
+    correct = (outcome > 0).sum(dim=1)
+    lengths = [len(g.token_ids) for gs in groups for g in gs]
+    return {"accuracy": float((outcome > 0).double().mean()), "mean_tokens": sum(lengths) / len(lengths),
+            "correct_counts": {str(c): n for c in range(outcome.shape[1] + 1) if (n := int((correct == c).sum()))}}
+
+
 def run_sign_consistency(model: str, task: TaskSpec, decoding: Decoding, *, group_size: int = 8,
                          ks: Sequence[int] = (8,), k_truth: int = 64, step: float = 0.05,
                          extractors: Sequence[str] = (), workers: int = 2, grading_timeout: float = 5.0,
                          progress: bool = True) -> SignResult:
+    """Run the analysis on the HF directory ``model`` (the steps are in the module docstring)."""
     from transformers import AutoTokenizer
 
     from megatron_skpo.data.prompts import get_template
     from megatron_skpo.rollout.engine import GenRequest
 
-    ks = sorted(set(ks))
-    if not ks or ks[0] < 1 or k_truth < 1:
-        raise AnalysisError(f"sign-consistency: --k and --k-truth must be >= 1, got {ks}, {k_truth}")
+    ks = _checked_ks(ks, k_truth)
     fracs = position_fracs(step)
     template = get_template(task.prompt_template)
     extractors = tuple(extractors or template.extractors)
@@ -124,7 +220,6 @@ def run_sign_consistency(model: str, task: TaskSpec, decoding: Decoding, *, grou
     problems = load_task(task, tokenizer)
     engine = open_engine(model, decoding, template.stop)
     seconds = {"engine_start": time.monotonic() - t0}
-    eos = engine.eos_token_id
     N, G, M, K = len(problems), group_size, len(fracs), ks[-1]
     try:
         t1 = time.monotonic()
@@ -132,27 +227,11 @@ def run_sign_consistency(model: str, task: TaskSpec, decoding: Decoding, *, grou
                               "responses", progress)
         seconds["responses"] = time.monotonic() - t1
         with Grader(extractors, workers, grading_timeout) as grader:
-            texts = [decode(tokenizer, g.token_ids) for gs in groups for g in gs]
-            outcome = torch.tensor([1.0 if x.status == "correct" else -1.0 for x in
-                                    grader.grade(texts, [p.gold for p in problems for _ in range(G)])]).view(N, G)
-        content = [[g.token_ids[:-1] if g.token_ids and g.token_ids[-1] == eos else g.token_ids for g in gs]
-                   for gs in groups]
-        # one request per distinct prefix of a problem: k_truth shared continuations, then K per user
-        prefixes: dict[tuple, list[tuple[int, int]]] = {}
-        for n in range(N):
-            for i in range(G):
-                ids = content[n][i]
-                for m, f in enumerate(fracs):
-                    t = cut_position(len(ids), f) if ids else 0
-                    prefixes.setdefault((n, tuple(ids[:t])), []).append((i, m))
-        keys = list(prefixes)
-        requests = [GenRequest(problems[n].prompt_ids + list(pre), k_truth + K * len(prefixes[(n, pre)]),
-                               decoding.max_tokens - len(pre), None) for n, pre in keys]
-        plan = {"prefixes": len(keys), "uses": N * G * M, "requested": sum(r.n for r in requests),
-                "without_sharing": N * G * M * (k_truth + K)}
-        if progress:
-            print(f"sign-consistency: {N} problems x {G} responses x {M} positions -> {plan['prefixes']} distinct "
-                  f"prefixes, {plan['requested']} continuations (k_truth={k_truth}, K={K})", flush=True)
+            outcome = _outcomes(grader, tokenizer, groups, problems, G)
+        prefixes = _distinct_prefixes(groups, engine.eos_token_id, fracs)
+        requests = _continuation_requests(problems, prefixes, k_truth, K, decoding.max_tokens)
+        plan = _continuation_plan(requests, problems=N, group_size=G, positions=M, k_truth=k_truth, k=K,
+                                  progress=progress)
         t2 = time.monotonic()
         conts = generate_all(engine, requests, "continuations", progress)
         seconds["continuations"] = time.monotonic() - t2
@@ -161,34 +240,16 @@ def run_sign_consistency(model: str, task: TaskSpec, decoding: Decoding, *, grou
 
     t3 = time.monotonic()
     with Grader(extractors, workers, grading_timeout) as grader:
-        texts, golds = [], []
-        for (n, pre), gens in zip(keys, conts):
-            texts += [decode(tokenizer, list(pre) + g.token_ids) for g in gens]
-            golds += [problems[n].gold] * len(gens)
-        grades = grader.grade(texts, golds)
+        grades = _grade_continuations(grader, tokenizer, problems, prefixes, conts)
         grading = dict(grader.counts)
     seconds["grading"] = time.monotonic() - t3
-    truth = torch.zeros(N, G, M, dtype=torch.float64)
-    est = {f"mc_k{k}": torch.zeros(N, G, M, dtype=torch.float64) for k in ks}
-    at = 0
-    for (n, pre), gens in zip(keys, conts):
-        ok = torch.tensor([grades[at + j].status == "correct" for j in range(len(gens))], dtype=torch.float64)
-        at += len(gens)
-        for u, (i, m) in enumerate(prefixes[(n, pre)]):
-            truth[n, i, m] = ok[:k_truth].mean()
-            mine = ok[k_truth + u * K: k_truth + (u + 1) * K]
-            for k in ks:
-                est[f"mc_k{k}"][n, i, m] = mine[:k].mean()
+    truth, est = _success_rates(grades, prefixes, conts, (N, G, M), ks, k_truth)
     by_pos, by_count, overall = summarize(truth, est, outcome, fracs)
-    correct = (outcome > 0).sum(dim=1)
-    lengths = [len(g.token_ids) for gs in groups for g in gs]
     return SignResult(
         settings={"model": str(model), **asdict(task), **asdict(decoding), "group_size": G, "ks": ks,
                   "k_truth": k_truth, "position_step": step, "extractors": list(extractors),
                   "stop": list(template.stop)},
-        fracs=fracs, ks=ks, problems=N,
-        responses={"accuracy": float((outcome > 0).double().mean()), "mean_tokens": sum(lengths) / len(lengths),
-                   "correct_counts": {str(c): n for c in range(G + 1) if (n := int((correct == c).sum()))}},
+        fracs=fracs, ks=ks, problems=N, responses=_response_summary(groups, outcome),
         continuations=plan, by_position=by_pos, by_correct=by_count, overall=overall, grading=grading,
         seconds={k: round(v, 1) for k, v in seconds.items()})
 

@@ -89,7 +89,7 @@ class SKPOConfig:
     skip_template: Optional[str] = doc(
         None, "(ours) the skip content put in the prompt's problem slot, with {segment} and {problem}; null = "
               "the prompt template's own (data/prompts.py: a chat turn's 'Partial reasoning: ... Problem: ...', "
-              "the few-shot block's partial answer then question)")
+              "the few-shot block's '(draft: ...)' then the question)")
     upstream_reward: Literal["mc", "own_completion"] = doc(
         "mc", "mc = mean downstream reward; own_completion = 'w/o MC' ablation")
     upstream_loss: str = doc("ppo_clip", "policy loss of the upstream phase (registry name)")

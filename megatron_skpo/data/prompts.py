@@ -37,8 +37,10 @@ FEWSHOT_PLAIN_SHOTS = (
 
 # SKPO's skip content in a chat turn's problem slot (docs/algorithm.md §2 step 4): segment first.
 CHAT_SKIP = "Partial reasoning:\n{segment}\n\nProblem:\n{problem}"
-# ... and in the few-shot completion prompt's last "Question:" block: the partial answer, then the problem.
-FEWSHOT_SKIP = "(partial answer:{segment})\n{problem}"
+# ... and in the few-shot completion prompt's last "Question:" block: the segment as a draft, then the
+# problem. Chosen by `skpo-analyze shortcut` on SmolLM2-135M + MAWPS-easy among six texts (README,
+# Results): the downstream keeps 0.87x q's accuracy and its zero-advantage rate is 0.07 above q's.
+FEWSHOT_SKIP = "(draft:{segment})\n{problem}"
 
 
 @dataclass(frozen=True)

@@ -60,9 +60,6 @@ class SDPAttention(DotProductAttention):
             raise ValueError("SDPAttention takes a boolean attention_mask (no bias, no packed_seq_params)")
         sq, b = query.shape[0], query.shape[1]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
-        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        if groups > 1:  # GQA: each key/value head serves `groups` consecutive query heads (megatron's layout)
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         p = self.attention_dropout.p if self.training else 0.0
         # dropout draws from the model-parallel RNG stream, as megatron-core's attention does
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 and not self.config.sequence_parallel \
@@ -77,8 +74,11 @@ class SDPAttention(DotProductAttention):
 
     def _sdpa(self, q, k, v, masked: Optional[torch.Tensor], p: float) -> torch.Tensor:
         """Causal attention when ``masked`` is None, else where ``masked`` is False."""
+        # GQA: each key/value head serves `groups` consecutive query heads (megatron's layout), which is
+        # what enable_gqa computes without copying the keys and values `groups` times
         return F.scaled_dot_product_attention(q, k, v, attn_mask=None if masked is None else ~masked, dropout_p=p,
-                                              is_causal=masked is None, scale=self.softmax_scale)
+                                              is_causal=masked is None, scale=self.softmax_scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _keys(k: torch.Tensor, v: torch.Tensor, start: int, end: int, keys: Optional[torch.Tensor]):

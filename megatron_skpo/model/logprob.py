@@ -18,6 +18,11 @@ caller passes the plain last-stage hidden states.
 
 Gradients (per token, ``p = softmax(z)``, ``E = sum_v p_v z_v``):
     d log pi / d z_v = 1[v = y] - p_v,     d H / d z_v = -p_v (z_v - E).
+The entropy term is computed only when the entropy has a gradient (an entropy bonus in the loss).
+
+Precision: the three matmuls (logits, both gradients) run in the weights' dtype, as every other
+layer's; the softmax statistics and ``dz`` are fp32, and the output-weight gradient is summed over
+chunks in fp32.
 """
 from __future__ import annotations
 
@@ -34,10 +39,35 @@ def _all_reduce(t: torch.Tensor, group: Optional[ProcessGroup], op=dist.ReduceOp
     return t
 
 
+_CPU_SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch(name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A ``[rows, cols]`` work buffer. On CPU one buffer per name and dtype is kept and reused:
+    a fresh allocation of a chunk's logits (hundreds of MB) comes from the kernel zero-filled and
+    costs more than the exp over it. The buffers stay allocated (two fp32 and one in the weights'
+    dtype of chunk x V/TP: 0.5 GB at 1024 x 49k in bf16), as large as the largest chunk seen.
+    CUDA's caching allocator already reuses memory."""
+    if device.type != "cpu":
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    buf = _CPU_SCRATCH.get((name, dtype))
+    if buf is None or buf.numel() < rows * cols:
+        buf = _CPU_SCRATCH[(name, dtype)] = torch.empty(rows * cols, dtype=dtype)
+    return buf[:rows * cols].view(rows, cols)
+
+
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, inv_tau: float, pad_from: int) -> torch.Tensor:
-    """Scaled fp32 logits ``[C, V/TP]`` of one chunk; padded columns (local index >= pad_from) -inf."""
-    z = (h @ w.t()).float().mul_(inv_tau)
-    if pad_from < z.shape[1]:
+    """Scaled fp32 logits ``[C, V/TP]`` of one chunk (a scratch buffer); padded columns (local
+    index >= pad_from) -inf. The matmul runs in the weights' dtype, the softmax maths in fp32."""
+    rows, cols = h.shape[0], w.shape[0]
+    z = _scratch("logits", rows, cols, torch.float32, h.device)
+    if w.dtype == torch.float32:
+        torch.mm(h, w.t(), out=z)
+    else:
+        z.copy_(torch.mm(h, w.t(), out=_scratch("low", rows, cols, w.dtype, h.device)))
+    if inv_tau != 1.0:
+        z.mul_(inv_tau)
+    if pad_from < cols:
         z[:, pad_from:] = float("-inf")
     return z
 
@@ -49,10 +79,23 @@ def _local_target(target: torch.Tensor, start: int, width: int) -> tuple[torch.T
     return local.clamp(0, width - 1), owned
 
 
+def _accumulate(total: Optional[torch.Tensor], part: torch.Tensor) -> torch.Tensor:
+    """Sum of the chunks' weight gradients, in fp32 when there is more than one chunk.
+
+    Each chunk's ``dz^T h`` is one matmul in the weight's dtype, as every other linear layer's
+    weight gradient is (the matmul accumulates in fp32 and rounds its result once); an fp32 matmul
+    instead would cost about 3x on CPU, where the output layer is the largest matmul of a small
+    model. The sum over chunks is kept in fp32: each chunk adds one rounding, not one per addition."""
+    if total is None:
+        return part
+    return (total if total.dtype == torch.float32 else total.float()).add_(part)
+
+
 class _FusedLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, chunk, group, vocab_start, vocab_size, temperature,
                 reduce_grad_hidden):
+        ctx.set_materialize_grads(False)  # an unused output (often the entropy) gets no gradient pass
         inv_tau, width = 1.0 / temperature, weight.shape[0]
         pad_from = max(0, min(width, vocab_size - vocab_start))
         T = hidden.shape[0]
@@ -61,12 +104,13 @@ class _FusedLogProb(torch.autograd.Function):
         for s in range(0, T, chunk):
             e_ = min(s + chunk, T)
             z = _chunk_logits(hidden[s:e_], weight, inv_tau, pad_from)
-            m = _all_reduce(z.max(dim=1).values, group, dist.ReduceOp.MAX)
+            m = _all_reduce(z.amax(dim=1), group, dist.ReduceOp.MAX)
             local, owned = _local_target(target[s:e_], vocab_start, width)
             zt = torch.where(owned, z.gather(1, local[:, None])[:, 0] - m, 0.0)
             z.sub_(m[:, None])  # z - m: <= 0, padded columns stay -inf
-            ex = torch.exp(z)
-            z.nan_to_num_(neginf=0.0)  # -inf * 0 would be nan in the entropy sum
+            ex = torch.exp(z, out=_scratch("exp", e_ - s, width, torch.float32, z.device))
+            if pad_from < width:
+                z[:, pad_from:] = 0.0  # -inf * 0 would be nan in the entropy sum
             stats = torch.stack([ex.sum(1), zt, torch.einsum("cv,cv->c", ex, z)], dim=1)
             s_sum, zt, ez = _all_reduce(stats, group).unbind(1)
             log_s = torch.log(s_sum)
@@ -74,7 +118,6 @@ class _FusedLogProb(torch.autograd.Function):
             lse[s:e_] = m + log_s
             mean_z[s:e_] = m + ez / s_sum
             ent[s:e_] = log_s - ez / s_sum
-            del z, ex
         ctx.save_for_backward(hidden, weight, target, lse, mean_z)
         ctx.args = (chunk, group, vocab_start, pad_from, inv_tau, reduce_grad_hidden)
         return logp, ent
@@ -84,26 +127,47 @@ class _FusedLogProb(torch.autograd.Function):
         hidden, weight, target, lse, mean_z = ctx.saved_tensors
         chunk, group, vocab_start, pad_from, inv_tau, reduce_grad_hidden = ctx.args
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
-        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float()
+        with_entropy = g_ent is not None and bool(g_ent.any())
         grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_w = None
         for s in range(0, hidden.shape[0], chunk):
             e_ = min(s + chunk, hidden.shape[0])
-            z = _chunk_logits(hidden[s:e_], weight, inv_tau, pad_from)
-            p = (z - lse[s:e_, None]).exp_()
-            # dz = -p * (g_logp + g_ent * (z - E)) + g_logp * onehot(y), built in place in z
-            z.sub_(mean_z[s:e_, None]).nan_to_num_(neginf=0.0)
-            z.mul_(g_ent[s:e_, None]).add_(g_logp[s:e_, None]).mul_(p).neg_()
-            local, owned = _local_target(target[s:e_], vocab_start, weight.shape[0])
-            rows = torch.nonzero(owned)[:, 0]
-            z[rows, local[rows]] += g_logp[s:e_][rows]
-            z.mul_(inv_tau)
-            grad_h[s:e_] = z.to(weight.dtype) @ weight
-            grad_w.addmm_(z.t(), hidden[s:e_].float())  # fp32 accumulation also for bf16 inputs
-            del z, p
+            dz = _chunk_dlogits(hidden[s:e_], weight, target[s:e_], lse[s:e_], mean_z[s:e_], g_logp[s:e_],
+                                g_ent[s:e_] if with_entropy else None, vocab_start, pad_from, inv_tau)
+            torch.mm(dz, weight, out=grad_h[s:e_])
+            grad_w = _accumulate(grad_w, dz.t() @ hidden[s:e_])
+        if grad_w is None:  # no tokens
+            grad_w = torch.zeros_like(weight)
         if reduce_grad_hidden:
             _all_reduce(grad_h, group)
         return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None, None
+
+
+def _chunk_dlogits(h, weight, target, lse, mean_z, g_logp, g_ent, vocab_start, pad_from, inv_tau):
+    """One chunk's gradient w.r.t. its logits ``h W^T`` (the 1/tau included), in the weight's dtype:
+
+        dz = -p * (g_logp + g_ent * (z - E)) + g_logp * onehot(y),   p = softmax(z),
+
+    with the logits recomputed and ``p`` from the saved log-sum-exp; the entropy term only when
+    the entropy has a gradient (``g_ent`` not None). Built in scratch buffers, in place."""
+    width = weight.shape[0]
+    z = _chunk_logits(h, weight, inv_tau, pad_from)
+    p = torch.sub(z, lse[:, None], out=_scratch("exp", z.shape[0], width, torch.float32, z.device)).exp_()
+    if g_ent is None:
+        dz = p.mul_(-g_logp[:, None])
+    else:
+        z.sub_(mean_z[:, None])
+        if pad_from < width:
+            z[:, pad_from:] = 0.0  # -inf * 0 would be nan
+        dz = z.mul_(g_ent[:, None]).add_(g_logp[:, None]).mul_(p).neg_()
+    local, owned = _local_target(target, vocab_start, width)
+    rows = torch.nonzero(owned)[:, 0]
+    dz[rows, local[rows]] += g_logp[rows]
+    if inv_tau != 1.0:
+        dz.mul_(inv_tau)
+    if weight.dtype == torch.float32:
+        return dz
+    return _scratch("low", dz.shape[0], width, weight.dtype, dz.device).copy_(dz)
 
 
 def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,

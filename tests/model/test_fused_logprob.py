@@ -58,6 +58,34 @@ def test_matches_fp64_reference_tp1(chunk, temperature):
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("vocab_size", [None, V - 5], ids=["full", "padded"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprob_only_loss_skips_the_entropy_term(vocab_size, temperature):
+    # the entropy output unused (no entropy bonus): backward gets None for it and drops its term
+    hidden, weight, target, g_logp, _ = _inputs()
+    target = target % (vocab_size or V)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, _ = fused_logprob_entropy(h, w, target, chunk=10, temperature=temperature, vocab_size=vocab_size)
+    (logp * g_logp).sum().backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref, _ = reference(h64, w64, target, vocab_size=vocab_size, temperature=temperature)
+    (ref * g_logp.double()).sum().backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [16, 1000], ids=["chunks", "one-chunk"])
+def test_bf16_weights_match_the_fp64_reference_to_bf16_rounding(chunk):
+    # bf16 matmuls (logits, both gradients), fp32 softmax maths and fp32 sums over chunks
+    hidden, weight, target, g_logp, g_ent = _inputs(t=64, h=32, v=40)
+    got = _grads(fused_logprob_entropy, hidden.bfloat16(), weight.bfloat16(), target, g_logp, g_ent, chunk=chunk)
+    ref = _grads(reference, hidden.bfloat16().double(), weight.bfloat16().double(), target, g_logp.double(),
+                 g_ent.double())
+    assert got[2].dtype == got[3].dtype == torch.bfloat16
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.double(), b, atol=0.05 * b.abs().max().item(), rtol=0)
+
+
 def test_padded_vocab_columns_are_masked():
     hidden, weight, target, g_logp, g_ent = _inputs()
     padded = torch.cat([weight, torch.randn(8, H)])  # junk rows: must not change anything

@@ -161,7 +161,7 @@ def test_fewshot_completion_prompt_keeps_its_format(plain_tok):
     slot = PromptSlot.of(problem, "fewshot_plain", use_chat_template=False)
     seg = " 3 + 5 = 8. The"
     down = build_downstream_prompt(slot.content(problem), [], seg, plain_tok, template=FEWSHOT_SKIP, slot=slot)
-    assert down.text == FEWSHOT_PLAIN_SHOTS + f"Question: (partial answer:{seg})\n{problem.prompt}\nAnswer:"
+    assert down.text == FEWSHOT_PLAIN_SHOTS + f"Question: (draft:{seg})\n{problem.prompt}\nAnswer:"
     assert down.token_ids[0] == plain_tok.bos_token_id  # a completion prompt is encoded with BOS, like q's
     assert seg.strip() in _segment_text_of(down, plain_tok)
 
