@@ -56,6 +56,11 @@ def _scratch(name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.
     return buf[:rows * cols].view(rows, cols)
 
 
+def release_cpu_scratch() -> None:
+    """Free the CPU work buffers of :func:`fused_logprob_entropy` (the next call allocates them again)."""
+    _CPU_SCRATCH.clear()
+
+
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, inv_tau: float, pad_from: int) -> torch.Tensor:
     """Scaled fp32 logits ``[C, V/TP]`` of one chunk (a scratch buffer); padded columns (local
     index >= pad_from) -inf. The matmul runs in the weights' dtype, the softmax maths in fp32."""

@@ -187,3 +187,19 @@ def test_tp2_matches_fp64_reference(tied):
     if not tied:
         for r in results:
             torch.testing.assert_close(r[3].double(), h0.grad, atol=1e-5, rtol=0)
+
+
+def test_cpu_scratch_is_reused_and_can_be_released():
+    from megatron_skpo.model import logprob
+
+    hidden, weight, target, g_logp, g_ent = _inputs()
+    first = _grads(fused_logprob_entropy, hidden, weight, target, g_logp, g_ent, chunk=8)
+    buffers = {k: v.data_ptr() for k, v in logprob._CPU_SCRATCH.items()}
+    assert buffers  # kept after the call
+    _grads(fused_logprob_entropy, hidden[:5], weight, target[:5], g_logp[:5], g_ent[:5], chunk=8)
+    assert {k: v.data_ptr() for k, v in logprob._CPU_SCRATCH.items()} == buffers  # a smaller call reuses them
+    logprob.release_cpu_scratch()
+    assert not logprob._CPU_SCRATCH
+    again = _grads(fused_logprob_entropy, hidden, weight, target, g_logp, g_ent, chunk=8)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
