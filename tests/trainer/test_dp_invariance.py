@@ -97,8 +97,11 @@ def test_dp2_equals_dp1_on_the_same_rollouts(model_dir, algo):
     two = spawn(_worker, 2, model_dir, algo)
     assert two[0]["rows"] + two[1]["rows"] == one["rows"]  # each prompt trained once, on one rank
     for r in two:
-        # the second update sees weights that differ by fp32 reduction order (all-reduce vs local sum)
+        # the second update sees weights that differ by fp32 reduction order (all-reduce vs local sum),
+        # which Adam's normalisation amplifies where a gradient is small: up to 1.4e-6 with the
+        # previous log-prob kernel, 1.8e-6 with the current one; an Adam step here moves a weight by
+        # about lr = 1e-3, far above the 5e-6 bound
         assert r["loss"] == pytest.approx(one["loss"], rel=2e-5, abs=1e-9)
         assert r["grad_norm"] == pytest.approx(one["grad_norm"], rel=2e-5)
         for name, w in one["weights"].items():
-            torch.testing.assert_close(r["weights"][name], w, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(r["weights"][name], w, atol=5e-6, rtol=1e-5)
