@@ -25,6 +25,7 @@ import torch
 from checkpoint_convert import checks, hf_io, mcore_io
 from checkpoint_convert.hf_source import HFUnitSource
 from checkpoint_convert.measure import Measure
+from checkpoint_convert.sizes import parse_size
 from checkpoint_convert.staging import ConvertError, check_out_dir, check_separate, staged_dir
 from checkpoint_convert.stream_save import StreamingSaveStrategy
 from megatron_skpo.model.mappings.common import EMBED, OUTPUT
@@ -92,6 +93,16 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 
     return _report("hf-to-mcore", Path(out_dir), m, src.total_bytes)
 
 
+def _shard_bytes(max_shard_size: str) -> int:
+    try:
+        size = parse_size(max_shard_size)
+    except ValueError as e:
+        raise ConvertError(f"--max-shard-size: {e}") from None
+    if size <= 0:
+        raise ConvertError(f"--max-shard-size: got {max_shard_size!r}; it must be positive (e.g. 5GB)")
+    return size
+
+
 def _hf_plan(expected: dict[int, dict], ck: mcore_io.McoreCheckpoint, max_bytes: int) -> list[list[str]]:
     """Output shards over HF names in the usual order (layers, then embedding/norm/head)."""
     itemsize = ck.shapes["embedding.word_embeddings.weight"][1].itemsize
@@ -142,6 +153,7 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, like: Optional[str |
     """
     if dtype != "auto" and dtype not in checks.DTYPES:
         raise ConvertError(f"--dtype: got {dtype!r}; allowed: auto, {', '.join(checks.DTYPES)}")
+    shard_bytes = _shard_bytes(max_shard_size)  # before the checkpoint is opened: bad input fails first
     inputs = {"--mcore": mcore_dir, "--like": like}
     check_separate(out_dir, inputs)
     ck = mcore_io.open_mcore(mcore_dir, like, trust=trust_checkpoint)
@@ -149,7 +161,7 @@ def mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, like: Optional[str |
     tpl = mcore_io.template(cfg, ck.padded_vocab)
     checks.check_mcore_keys(ck.shapes, tpl.sharded, str(ck.ckpt_dir))
     expected = checks.expected_hf(mapping, cfg, tpl.params)
-    plan = _hf_plan(expected, ck, hf_io.parse_size(max_shard_size))
+    plan = _hf_plan(expected, ck, shard_bytes)
     check_out_dir(out_dir, force, inputs)
     cast = None if dtype == "auto" else checks.DTYPES[dtype]
     with Measure() as m, staged_dir(out_dir, force, inputs) as tmp:

@@ -18,8 +18,6 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
-
-from checkpoint_convert.sizes import parse_size  # noqa: F401  (re-exported for the shard writers)
 from safetensors.torch import load_file, save_file
 
 from checkpoint_convert.staging import ConvertError

