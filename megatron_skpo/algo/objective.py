@@ -46,6 +46,8 @@ class ObjectiveSettings:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     tis_cap: Optional[float] = None  # None = truncated importance sampling off
+    off_policy: str = "decoupled"  # OFF_POLICY_CORRECTIONS name, for rows of an older policy version
+    off_policy_cap: float = 5.0  # decoupled: cap of pi_prox / mu on stale rows
 
 
 @dataclass
@@ -54,7 +56,7 @@ class PhaseExtras:
 
     ref_log_probs: Optional[Tensor] = None  # reference policy (KL penalty, when kl_coef > 0)
     entropy: Optional[Tensor] = None  # per-token entropy of the current policy
-    tis_weights: Optional[Tensor] = None  # detached TIS weights; None = TIS off
+    tis_weights: Optional[Tensor] = None  # detached per-token weights (TIS, off-policy correction); None = 1
 
 
 @dataclass(frozen=True)

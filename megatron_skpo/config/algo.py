@@ -148,6 +148,10 @@ class AlgoConfig:
     gspo_eps_high: float = doc(4e-4, "GSPO's sequence-ratio upper clip")
     kl: KLConfig = doc(factory=KLConfig, help="KL penalty")
     tis: TISConfig = doc(factory=TISConfig, help="truncated importance sampling")
+    off_policy: Literal["decoupled", "behaviour"] = doc(
+        "decoupled", "correction for stale rows (rollout.max_staleness > 0): decoupled = ratio to the recomputed "
+        "proximal policy times min(pi_prox / mu, off_policy_cap); behaviour = ratio to the sampler's mu")
+    off_policy_cap: float = doc(5.0, "decoupled: cap of the behaviour importance weight pi_prox / mu on stale rows")
     tracker: TrackerConfig = doc(factory=TrackerConfig, help="SPO value tracker")
     skpo: SKPOConfig = doc(factory=SKPOConfig, help="SKPO")
     dense_mc: DenseMCConfig = doc(factory=DenseMCConfig, help="dense Monte Carlo baseline")
@@ -156,3 +160,4 @@ class AlgoConfig:
         check(self.group_size >= 1, "algo.group_size", "must be >= 1")
         check(self.norm_length > 0, "algo.norm_length", "must be > 0")
         check(self.adv_eps >= 0, "algo.adv_eps", "must be >= 0")
+        check(self.off_policy_cap > 0, "algo.off_policy_cap", "must be > 0")

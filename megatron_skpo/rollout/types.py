@@ -43,6 +43,7 @@ class Sample:
     parent: int = -1  # downstream: row of its upstream segment; mc: row it continues; else -1
     position: int = -1  # mc: prefix length of the parent's response it continues from
     segment_span: tuple[int, int] = (0, 0)  # downstream: [start, end) of the segment in prompt_ids
+    version: int = 0  # policy version (optimizer steps taken) of the weights that generated it
 
     def __post_init__(self):
         if len(self.logprobs) != len(self.response_ids):
@@ -156,7 +157,7 @@ def merge_shards(parts: list[tuple["RolloutBatch", list[int]]]) -> "RolloutBatch
         s = parts[p][0].samples[r]
         parent = new_row[(p, s.parent)] if s.parent >= 0 else -1
         samples.append(Sample(s.prompt_ids, s.response_ids, s.logprobs, s.finish_reason, s.prompt_key, q, s.phase,
-                              parent, s.position, s.segment_span))
+                              parent, s.position, s.segment_span, s.version))
     records = []
     for p, (batch, index) in enumerate(parts):
         for rec in batch.skpo:
@@ -167,3 +168,18 @@ def merge_shards(parts: list[tuple["RolloutBatch", list[int]]]) -> "RolloutBatch
     records.sort(key=lambda rec: rec.upstream_row)
     total = sum(b.stats.get("rollout/generated_tokens", b.generated_tokens()) for b, _ in parts)
     return RolloutBatch(samples, records, {"rollout/generated_tokens_all": float(total)})
+
+
+def batch_to_state(batch: RolloutBatch) -> dict:
+    """Plain lists, numbers and strings (``torch.load(weights_only=True)`` and JSON can hold them):
+    a batch kept in the rollout queue's checkpoint, or sent between processes."""
+    from dataclasses import asdict
+
+    return {"samples": [{**asdict(s), "segment_span": list(s.segment_span)} for s in batch.samples],
+            "skpo": [asdict(r) for r in batch.skpo], "stats": {k: float(v) for k, v in batch.stats.items()}}
+
+
+def batch_from_state(state: dict) -> RolloutBatch:
+    """The inverse of :func:`batch_to_state`."""
+    samples = [Sample(**{**s, "segment_span": tuple(s["segment_span"])}) for s in state["samples"]]
+    return RolloutBatch(samples, [SkpoRecord(**r) for r in state["skpo"]], dict(state["stats"]))

@@ -92,6 +92,10 @@ class SKPOSampler:
         t_q = sample_split_positions(self.lengths.lengths([p.key for p in prompts]), lo, hi, generator, mode, step)
         return t_q.clamp(max=self.max_tokens - 1)
 
+    def plan(self, prompts: Sequence[PromptItem], step: int, generator: torch.Generator) -> dict:
+        """The split positions from this process's length tracker (``sample`` takes them as ``t_q``)."""
+        return {"t_q": self.split_positions(prompts, step, generator)}
+
     def sample(self, engine: Engine, prompts: Sequence[PromptItem], step: int = 0,
                generator: Optional[torch.Generator] = None, t_q: Optional[torch.Tensor] = None) -> RolloutBatch:
         """One step's rollouts; ``generator`` draws t_q and breaks random selections (default: the

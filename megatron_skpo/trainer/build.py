@@ -4,9 +4,10 @@ engine, the Megatron policy (and the frozen reference), the problems and their p
 Design decisions (ours):
 - One process per rank (torchrun/srun set RANK/WORLD_SIZE/MASTER_*); without them the trainer is
   a 1-rank job on a free local port. The process group is gloo without CUDA and nccl with it.
-- The vLLM engine lives in every rank's process (vLLM's ``external_launcher`` joins the job's
-  world). Every rank generates the whole step's rollouts with the same seed (identical batches),
-  then trains on its data-parallel slice of the prompts.
+- Colocated (``rollout.placement``): the vLLM engine lives in every rank's process (vLLM's
+  ``external_launcher`` joins the job's world), each engine generates its share of the step's
+  prompts, and every rank then trains its data-parallel slice. Disaggregated: the engines are
+  rollout workers of their own (``trainer.remote``), and the trainer loads the tokenizer itself.
 """
 from __future__ import annotations
 
@@ -84,8 +85,9 @@ def sampling_settings(cfg: Config, stop: tuple[str, ...]):
     return SamplingSettings(r.temperature, r.top_p, r.top_k, tuple(dict.fromkeys([*r.stop, *stop])))
 
 
-def build_engine(cfg: Config, stop: tuple[str, ...]):
-    """The rollout engine colocated in this rank's process, with the template's stop strings added."""
+def build_engine(cfg: Config, stop: tuple[str, ...], launcher: str = "external_launcher"):
+    """The rollout engine, with the template's stop strings added: colocated in this rank's process
+    (``external_launcher``: it joins the job's world), or a rollout worker's own (``local``)."""
     from dataclasses import replace
 
     from megatron_skpo.rollout.engine import VLLMEngine
@@ -94,7 +96,26 @@ def build_engine(cfg: Config, stop: tuple[str, ...]):
     # with model.mcore_path, hf_path need not hold weights: the engine starts from dummy ones, which the
     # loop replaces with the policy's before the first rollout (as it does on every resume)
     return VLLMEngine.from_config(rollout, cfg.model.hf_path, trust_remote_code=cfg.model.trust_remote_code,
-                                  load_format="dummy" if cfg.model.mcore_path else "auto")
+                                  launcher=launcher, load_format="dummy" if cfg.model.mcore_path else "auto")
+
+
+def load_tokenizer(cfg: Config):
+    """The HF tokenizer of ``model.hf_path`` (what vLLM's ``get_tokenizer`` loads), for a trainer
+    without a colocated engine."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.model.hf_path, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def pin_trainer(spec: str) -> None:
+    """Bind the trainer to ``rollout.trainer_cpus`` (its torch threads too), off the workers' cores."""
+    if not spec:
+        return
+    from megatron_skpo.config.rollout import parse_cpus
+
+    cpus = parse_cpus(spec)
+    os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(len(cpus))
 
 
 def hf_config_of(model_dir: str) -> dict:

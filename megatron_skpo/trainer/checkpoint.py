@@ -287,6 +287,7 @@ class CheckpointManager:
         error: Optional[CheckpointError] = None
         try:
             meta = self._read_marker(ck)
+            parts = {n: p for n, p in parts.items() if n in meta["parts"] or not getattr(p, "optional", False)}
             missing = [n for n in parts if n not in meta["parts"]]
             if missing:
                 raise CheckpointError(f"checkpoint {ck.path}: has no part(s) {', '.join(missing)} "

@@ -22,6 +22,7 @@ from megatron_skpo.algo.kl import kl_k3
 from megatron_skpo.algo.losses import PolicyLossInput, PolicyLossParams
 from megatron_skpo.algo.metrics import LossMetrics
 from megatron_skpo.algo.objective import ObjectiveSettings, PhaseCounts, PhaseExtras, PhaseLoss, phased_objective
+from megatron_skpo.algo.off_policy import OffPolicySettings, off_policy_inputs
 from megatron_skpo.algo.tis import tis_weights
 from megatron_skpo.model.packing import PackedBatch, split_rows
 from megatron_skpo.trainer.rows import TrainRows
@@ -32,7 +33,7 @@ def objective_settings(algo) -> ObjectiveSettings:
     c = algo.clip
     params = PolicyLossParams(c.eps_low, c.eps_high, c.dual_clip_c, algo.gspo_eps_low, algo.gspo_eps_high)
     return ObjectiveSettings(params, float(algo.norm_length), algo.kl.coef, algo.kl.estimator, algo.entropy_coef,
-                             algo.tis.cap if algo.tis.enabled else None)
+                             algo.tis.cap if algo.tis.enabled else None, algo.off_policy, algo.off_policy_cap)
 
 
 def global_counts(rows: TrainRows, phases: tuple[PhaseLoss, ...], group=None) -> dict[str, PhaseCounts]:
@@ -45,10 +46,20 @@ def global_counts(rows: TrainRows, phases: tuple[PhaseLoss, ...], group=None) ->
 
 
 def _phase_input(cols: dict[str, Tensor], idx: list[int], s: ObjectiveSettings) -> tuple[PolicyLossInput, PhaseExtras]:
+    """One phase's loss input. Rows of an older policy version (``stale`` > 0, asynchronous rollouts)
+    get ``algo.off_policy``'s correction; a mini-batch without them is the synchronous input exactly."""
     pick = {k: v[idx] for k, v in cols.items()}
-    inp = PolicyLossInput(pick["logp"], pick["old_logp"], pick["adv"], pick["mask"])
-    tis = tis_weights(pick["old_logp"], pick["sampler_logp"], s.tis_cap, pick["mask"]) if s.tis_cap else None
-    return inp, PhaseExtras(pick.get("ref_logp"), pick["entropy"], tis)
+    old, mask = pick["old_logp"], pick["mask"]
+    stale = pick["stale"] > 0 if "stale" in pick else None
+    if stale is not None and bool((stale & (mask > 0)).any()):
+        old, weights = off_policy_inputs(s.off_policy, old, pick["sampler_logp"].to(old.dtype), stale,
+                                         OffPolicySettings(s.off_policy_cap, s.tis_cap))
+        if weights is not None:
+            weights = torch.where(mask > 0, weights, torch.ones_like(weights))
+    else:
+        weights = tis_weights(old, pick["sampler_logp"], s.tis_cap, mask) if s.tis_cap else None
+    inp = PolicyLossInput(pick["logp"], old, pick["adv"], mask)
+    return inp, PhaseExtras(pick.get("ref_logp"), pick["entropy"], weights)
 
 
 def make_loss_fn(rows: TrainRows, counts: dict[str, PhaseCounts], phases: tuple[PhaseLoss, ...],
@@ -59,7 +70,8 @@ def make_loss_fn(rows: TrainRows, counts: dict[str, PhaseCounts], phases: tuple[
         if "old_logp" not in batch.token_values:  # on-policy: this forward's own log-probs are pi_old
             batch.token_values["old_logp"] = logp.detach().float()
         cols = {"logp": logp, "entropy": entropy, "mask": batch.loss_mask,
-                **{k: v for k, v in batch.token_values.items() if k in ("adv", "old_logp", "sampler_logp", "ref_logp")}}
+                **{k: v for k, v in batch.token_values.items()
+                   if k in ("adv", "old_logp", "sampler_logp", "ref_logp", "stale")}}
         cols = {k: split_rows(v, batch) for k, v in cols.items()}
         phase_of = [rows.phases[i] for i in batch.seq_index if i >= 0]
         inputs = {p.phase: _phase_input(cols, [k for k, q in enumerate(phase_of) if q == p.phase], s) for p in phases}

@@ -151,8 +151,8 @@ class StateDictPart:
 
     collective = False
 
-    def __init__(self, obj: Stateful):
-        self.obj = obj
+    def __init__(self, obj: Stateful, optional: bool = False):
+        self.obj, self.optional = obj, optional  # optional: a checkpoint without it loads (state as built)
 
     def save(self, directory: Path) -> None:
         torch.save(self.obj.state_dict(), directory / "state.pt")
@@ -213,8 +213,8 @@ class JsonPart:
 
     collective = False
 
-    def __init__(self, obj: Stateful):
-        self.obj = obj
+    def __init__(self, obj: Stateful, optional: bool = False):
+        self.obj, self.optional = obj, optional  # optional: a checkpoint without it loads (state as built)
 
     def save(self, directory: Path) -> None:
         (directory / "state.json").write_text(json.dumps(self.obj.state_dict(), indent=1, sort_keys=True) + "\n")

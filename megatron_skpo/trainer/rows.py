@@ -54,8 +54,12 @@ def train_row(batch: RolloutBatch, row: int, adv: Tensor, overlong_filter: bool)
 
 
 def mini_batches(batch: RolloutBatch, advantages: dict[int, Tensor], dropped: set[int], num_prompts: int,
-                 prompts_per_mini_batch: int, dp_rank: int, dp_size: int, overlong_filter: bool) -> list[TrainRows]:
-    """This rank's rows of every mini-batch (prompt indices are the rows' ``group``)."""
+                 prompts_per_mini_batch: int, dp_rank: int, dp_size: int, overlong_filter: bool,
+                 policy_version: int = -1) -> list[TrainRows]:
+    """This rank's rows of every mini-batch (prompt indices are the rows' ``group``). With
+    ``policy_version`` (the trainer's optimizer steps so far), a mini-batch holding rows of an older
+    version also gets the token values ``stale`` (the row's staleness on its response tokens), which
+    select the off-policy correction in the loss; without such rows it is the synchronous input."""
     by_prompt: dict[int, list[int]] = {}
     for i, s in enumerate(batch.samples):
         if s.phase in TRAINED_PHASES and i not in dropped:
@@ -65,8 +69,12 @@ def mini_batches(batch: RolloutBatch, advantages: dict[int, Tensor], dropped: se
         mine = [q for k, q in enumerate(range(start, start + prompts_per_mini_batch)) if k % dp_size == dp_rank]
         rows = [r for q in mine for r in by_prompt.get(q, [])]
         built = [train_row(batch, r, advantages[r], overlong_filter) for r in rows]
-        out.append(TrainRows([b[0] for b in built], [b[1] for b in built],
-                             {"adv": [b[2] for b in built], "sampler_logp": [b[3] for b in built]},
+        values = {"adv": [b[2] for b in built], "sampler_logp": [b[3] for b in built]}
+        lag = [max(policy_version - batch.samples[r].version, 0) if policy_version >= 0 else 0 for r in rows]
+        if any(lag):
+            values["stale"] = [torch.where(b[1] > 0, float(d), 0.0) if d else torch.zeros_like(b[1])
+                               for b, d in zip(built, lag)]
+        out.append(TrainRows([b[0] for b in built], [b[1] for b in built], values,
                              [batch.samples[r].phase for r in rows], rows,
                              [len(batch.samples[r].prompt_ids) for r in rows]))
     return out

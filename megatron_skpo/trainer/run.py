@@ -1,7 +1,8 @@
 """Everything one training run holds, built once from the config (:func:`build_run`), and its
 checkpoint parts. The loop (``trainer.loop``) and the stages (``trainer.stages``) read it.
 
-Order matters: the process group first, then the vLLM engine (it joins the job's world), then
+Order matters: the process group first, then the vLLM engine (it joins the job's world; with
+``rollout.placement: disaggregated`` rank 0 starts the rollout workers instead), then
 Megatron's parallel state and the policy, then the data (the engine's tokenizer renders prompts),
 then the method of ``algo.name``'s family (``megatron_skpo.catalog``).
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
+
+import torch
 
 from megatron_skpo.algo.objective import ObjectiveSettings
 from megatron_skpo.algo.tracker import ValueTracker
@@ -27,7 +30,9 @@ from megatron_skpo.trainer.model_state import ModelPart
 from megatron_skpo.trainer.objective import objective_settings
 from megatron_skpo.trainer.parts import (JsonPart, Layout, RankStateDictPart, StateDictPart, TrainProgress,
                                         training_parts)
+from megatron_skpo.trainer.remote import RolloutWorkers
 from megatron_skpo.trainer.resume import ConfigRecord
+from megatron_skpo.trainer.rollout_queue import RolloutQueue
 from megatron_skpo.trainer.validation import load_validation
 
 
@@ -35,7 +40,7 @@ from megatron_skpo.trainer.validation import load_validation
 class Run:
     cfg: Config
     par: Parallel
-    engine: VLLMEngine
+    engine: Optional[VLLMEngine]  # colocated: this rank's engine; disaggregated: None (``workers``)
     tokenizer: object  # the engine's HF tokenizer (PreTrainedTokenizerBase)
     policy: Policy
     reference: Optional[Policy]  # frozen starting weights, only when algo.kl.coef > 0
@@ -50,6 +55,8 @@ class Run:
     guard: NonFiniteGuard
     progress: TrainProgress
     record: ConfigRecord  # the config, saved with every checkpoint and compared on resume
+    queue: RolloutQueue  # requested and finished rollouts, their versions (the staleness bound)
+    workers: Optional[RolloutWorkers] = None  # disaggregated, rank 0: the rollout workers
     pool: Optional[RewardPool] = None  # opened by the loop
 
     @property
@@ -74,6 +81,7 @@ class Run:
         merge = partial(DriftStore.merge_states, dp_rank=self.par.dp_rank, dp_size=self.par.dp_size)
         parts["drift"] = RankStateDictPart(self.drift, self.rank, layout, merge)
         parts["model"] = ModelPart(self.policy, self.rank)
+        parts["rollout_queue"] = StateDictPart(self.queue, optional=True)  # absent before the queue existed
         return parts
 
 
@@ -83,26 +91,35 @@ def build_run(cfg: Config, engine: Optional[VLLMEngine] = None) -> Run:
     from megatron_skpo.catalog import build_method
     from megatron_skpo.model.builder import initialize_parallel
 
-    build.init_distributed()
-    if engine is None:
+    rank, world = build.init_distributed()
+    workers, colocated = None, cfg.rollout.placement == "colocated"
+    if not colocated:  # the engines live in the rollout workers; the trainer only needs the tokenizer
+        engine, tokenizer = None, build.load_tokenizer(cfg)
+        build.pin_trainer(cfg.rollout.trainer_cpus)
+        workers = RolloutWorkers(cfg, "nccl" if torch.cuda.is_available() else "gloo") if rank == 0 else None
+    elif engine is None:
         engine = build.build_engine(cfg, build.template_stop(cfg))
     else:
         engine.settings = build.sampling_settings(cfg, build.template_stop(cfg))
+    tokenizer = engine.tokenizer if colocated else tokenizer
     initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, ep=cfg.parallel.ep)
     hf_config, weights = build.start_state(cfg)  # no HF weights with model.mcore_path
     policy = build.build_policy_from(cfg, hf_config, weights, cfg.train.steps * (
         cfg.train.prompts_per_step // cfg.train.mini_batch_prompts))
     reference = build.build_reference(cfg, hf_config, weights) if cfg.algo.kl.coef > 0 else None
     del weights
-    problems = build.load_problems(cfg, engine.tokenizer)
-    held_out = load_validation(cfg, engine.tokenizer)
+    problems = build.load_problems(cfg, tokenizer)
+    held_out = load_validation(cfg, tokenizer)
     if cfg.train.prompts_per_step > len(problems.items):
         raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} exceeds the "
                          f"{len(problems.items)} usable training problems")
     t = cfg.algo.tracker
-    return Run(cfg=cfg, par=Parallel.current(cfg.rollout.tp), engine=engine, tokenizer=engine.tokenizer, policy=policy,
+    # the rollout workers are one engine for the trainer's sharding: every rank gets the whole batch
+    par = Parallel.current(cfg.rollout.tp if colocated else world)
+    return Run(cfg=cfg, par=par, engine=engine, tokenizer=tokenizer, policy=policy,
                reference=reference, hf_config=hf_config, problems=problems, validation=held_out,
-               method=build_method(cfg, engine.tokenizer), objective=objective_settings(cfg.algo),
+               method=build_method(cfg, tokenizer), objective=objective_settings(cfg.algo),
                epochs=build.epoch_sampler(cfg, len(problems.items)),
                tracker=ValueTracker(t.rho_min, t.rho_max, t.d_half, t.priority_floor, t.prior),
-               drift=DriftStore(), guard=NonFiniteGuard(), progress=TrainProgress(), record=ConfigRecord(cfg))
+               drift=DriftStore(), guard=NonFiniteGuard(), progress=TrainProgress(), record=ConfigRecord(cfg),
+               queue=RolloutQueue(cfg.rollout.max_staleness), workers=workers)

@@ -187,7 +187,7 @@ def prepare(run: Run, batch: RolloutBatch, cr: Credit, num_prompts: int) -> list
 
     par = run.par
     rows = mini_batches(batch, cr.advantages, cr.dropped_rows, num_prompts, run.cfg.train.mini_batch_prompts,
-                        par.dp_rank, par.dp_size, run.cfg.algo.overlong_filter)
+                        par.dp_rank, par.dp_size, run.cfg.algo.overlong_filter, run.progress.step)
     share = run.cfg.parallel.share_prompts and shares_prompts(run.policy.gpt)
     recompute_old = len(rows) > 1
     out = []
@@ -209,7 +209,11 @@ def parity(run: Run, minis: list[MiniBatch]) -> dict[str, float]:
     cat = lambda k: torch.cat([mb.token_values[k] for mb in micro])[None]  # noqa: E731
     mask = torch.cat([mb.loss_mask for mb in micro])[None] > 0
     c = run.cfg.algo.clip
-    return logprob_parity(cat("old_logp"), cat("sampler_logp"), mask, c.eps_low, c.eps_high)
+    out = logprob_parity(cat("old_logp"), cat("sampler_logp"), mask, c.eps_low, c.eps_high)
+    if bool(mask.any()):  # k3 KL(mu || pi_old): sampler/trainer mismatch, plus the policy's drift on stale rows
+        log_r = (cat("old_logp").double() - cat("sampler_logp").double())[mask]
+        out["async/mismatch_kl"] = float((log_r.exp() - 1 - log_r).mean())
+    return out
 
 
 def remember(run: Run, batch: RolloutBatch, minis: list[MiniBatch]) -> None:
@@ -286,15 +290,33 @@ def update(run: Run, minis: list[MiniBatch], step: int = 0) -> dict[str, float]:
     return sums
 
 
-def sync_weights(run: Run) -> dict[str, float]:
-    """Stream the policy's weights into vLLM (bucketed) and drop its prefix cache."""
-    from megatron_skpo.rollout.weight_sync import megatron_to_hf_stream, push_weights
+def sync_weights(run: Run, version: int) -> dict[str, float]:
+    """Stream the policy's weights (``version``: optimizer steps taken) into vLLM (bucketed) and drop its
+    prefix cache: into this rank's colocated engine, or broadcast from rank 0 to the rollout workers
+    (every rank still walks the stream: gathering the shards is collective)."""
+    from megatron_skpo.rollout.weight_sync import SyncStats, megatron_to_hf_stream, push_weights
 
     stream = megatron_to_hf_stream(run.policy.model, run.hf_config, tp_group=run.par.tp_group,
                                    pp_group=run.par.pp_group)
-    stats = push_weights(run.engine, stream, run.cfg.rollout.weight_sync_bucket_mb * 2**20)
+    bucket = run.cfg.rollout.weight_sync_bucket_mb * 2**20
+    if run.engine is not None:
+        stats = push_weights(run.engine, stream, bucket)
+    elif run.workers is not None:
+        stats = run.workers.push(stream, version, bucket)
+    else:
+        t0 = time.perf_counter()
+        for _ in stream:
+            pass
+        stats = SyncStats(time.perf_counter() - t0, 0, 0, 0)
     return {"time/weight_sync": stats.seconds, "perf/weight_sync_GBps": stats.gb_per_s,
             "weight_sync/GB": stats.bytes / 1e9, "weight_sync/buckets": float(stats.buckets)}
+
+
+def train_rate(minis: list[MiniBatch], times: dict[str, float]) -> dict[str, float]:
+    """``perf/train_tokens_per_s``: tokens through the model in the update (prompts included) per second."""
+    tokens = sum(int(mb.tokens.numel()) for m in minis for mb in m.micro)
+    seconds = times.get("time/train", 0.0) + times.get("time/logprobs", 0.0)
+    return {"perf/train_tokens_per_s": tokens / seconds} if seconds > 0 else {}
 
 
 def batch_metrics(batch: RolloutBatch, cr: Credit) -> dict[str, float]:

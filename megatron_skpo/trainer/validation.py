@@ -1,7 +1,8 @@
 """Validation inside the loop: avg@k and pass@k of the current policy on ``data.eval``.
 
-The colocated engine holds the current weights (validation runs right after a weight sync, or
-before the first step), samples ``validation.k`` responses per held-out problem at
+The colocated engine or the rollout workers hold the current weights (validation runs right after a
+weight sync, or before the first step; a disaggregated run's workers take it after the requests
+sent before it), samples ``validation.k`` responses per held-out problem at
 ``validation.temperature``, and the reward pool grades them. Sampling noise is re-seeded from
 (train.seed, step), so a resumed run repeats a validation exactly. Metrics: ``val/avg@k`` (mean
 correctness over all samples, an unbiased estimate of pass@1), ``val/pass@k`` (every problem with at
@@ -19,6 +20,7 @@ import torch
 from megatron_skpo.config import Config
 from megatron_skpo.eval.metrics import pass_at_k
 from megatron_skpo.rollout.engine import GenRequest, generate
+from megatron_skpo.trainer import build
 from megatron_skpo.trainer.build import Problems, load_problems
 
 
@@ -51,18 +53,39 @@ def validate(run, problems: Problems, seed: int, step: int) -> dict[str, float]:
             "val/no_answer_rate": no_answer / len(flat), "val/problems": float(len(per_problem))}
 
 
-def _sample_and_grade(run, problems: Problems, mine: list[int], seed: int) -> dict:
-    """This rank's problems: ``[(index, [correct per sample], k)]``, lengths, rewards, no-answer count."""
+def _generate(run, problems: Problems, mine: list[int], seed: int) -> list:
+    """``validation.k`` samples of each of ``mine`` with the current weights: on this rank's engine, or
+    (disaggregated) on the rollout workers, problem ``mine[i]`` on worker i mod workers, sent to every rank."""
     v, engine = run.cfg.validation, run.engine
+    cap = v.max_tokens or run.cfg.rollout.max_response_tokens
+    if engine is None:
+        groups = None
+        if run.workers is not None:
+            w = len(run.workers.channels)
+            shares = [[problems.items[i].prompt_ids for k, i in enumerate(mine) if k % w == j] for j in range(w)]
+            settings = build.sampling_settings(run.cfg, build.template_stop(run.cfg))
+            per = run.workers.validate(shares, v.k, cap, dataclasses.replace(settings, temperature=v.temperature),
+                                       seed)
+            groups = [per[k % w][k // w] for k in range(len(mine))]
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            box = [groups]
+            torch.distributed.broadcast_object_list(box, src=0)
+            groups = box[0]
+        return groups
     saved = engine.settings
     engine.settings = dataclasses.replace(saved, temperature=v.temperature)
     torch.manual_seed(seed)  # vLLM's sampling noise on CPU
     try:
-        cap = v.max_tokens or run.cfg.rollout.max_response_tokens
-        groups = generate(engine, [GenRequest(problems.items[i].prompt_ids, v.k, cap, tag=i) for i in mine],
-                          run.cfg.rollout.timeout_s) if mine else []
+        return generate(engine, [GenRequest(problems.items[i].prompt_ids, v.k, cap, tag=i) for i in mine],
+                        run.cfg.rollout.timeout_s) if mine else []
     finally:
         engine.settings = saved
+
+
+def _sample_and_grade(run, problems: Problems, mine: list[int], seed: int) -> dict:
+    """This rank's problems: ``[(index, [correct per sample], k)]``, lengths, rewards, no-answer count."""
+    v = run.cfg.validation
+    groups = _generate(run, problems, mine, seed)
     texts = [run.tokenizer.decode(g.token_ids, skip_special_tokens=True) for gens in groups for g in gens]
     golds = [problems.answers[i] for i, gens in zip(mine, groups) for _ in gens]
     rewards, stats = run.pool.score(texts, golds) if texts else ([], None)

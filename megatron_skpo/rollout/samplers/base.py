@@ -27,6 +27,11 @@ class PromptItem:
 
 
 class Sampler(Protocol):
+    def plan(self, prompts: Sequence[PromptItem], step: int, generator: torch.Generator) -> dict:
+        """What ``sample`` draws from trainer-side state (SKPO: the split positions from the length
+        tracker), as keyword arguments for ``sample``: a rollout worker in another process gets them
+        with the request. ``sample(..., generator)`` without them draws the same from ``generator``."""
+
     def sample(self, engine: Engine, prompts: Sequence[PromptItem], step: int = 0,
                generator: Optional[torch.Generator] = None) -> RolloutBatch:
         """Generate one step's rollouts for ``prompts``; ``generator`` drives the sampler's own random

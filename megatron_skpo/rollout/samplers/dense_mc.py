@@ -34,6 +34,9 @@ class DenseMCSampler:
         self.group_size, self.max_tokens, self.timeout_s = group_size, max_tokens, timeout_s
         self.num_rollouts, self.num_positions = num_rollouts, num_positions
 
+    def plan(self, prompts: Sequence[PromptItem], step: int, generator: torch.Generator) -> dict:
+        return {}  # nothing drawn from trainer state
+
     def sample(self, engine: Engine, prompts: Sequence[PromptItem], step: int = 0,
                generator: Optional[torch.Generator] = None) -> RolloutBatch:
         check_unique_keys(prompts)

@@ -20,6 +20,9 @@ class GroupSampler:
             raise ValueError(f"GroupSampler: group_size ({group_size}) and max_tokens ({max_tokens}) must be >= 1")
         self.group_size, self.max_tokens, self.timeout_s = group_size, max_tokens, timeout_s
 
+    def plan(self, prompts: Sequence[PromptItem], step: int, generator: torch.Generator) -> dict:
+        return {}  # nothing drawn from trainer state
+
     def sample(self, engine: Engine, prompts: Sequence[PromptItem], step: int = 0,
                generator: Optional[torch.Generator] = None) -> RolloutBatch:
         check_unique_keys(prompts)
