@@ -49,6 +49,7 @@ setup(
             "skpo-plot=megatron_skpo.cli.plot:main",
             "skpo-analyze=megatron_skpo.cli.analyze:main",
             "skpo-convert=checkpoint_convert.cli:main",
+            "skpo-rollout=megatron_skpo.trainer.worker:main",
         ]
     },
 )

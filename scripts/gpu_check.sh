@@ -13,7 +13,12 @@
 #   2. fused vs naive log-prob/entropy numerics on GPU (fp32 and bf16);
 #   3. skpo-bench logprob at the Qwen2.5-1.5B and -7B output-layer shapes (bf16, 8192 tokens);
 #   4. skpo-bench step: Qwen2.5-1.5B (all 28 layers) and Qwen2.5-7B per-layer shape (4 layers:
-#      the full 7B with fp32 master weights and Adam state does not fit one 80 GB GPU).
+#      the full 7B with fp32 master weights and Adam state does not fit one 80 GB GPU);
+#   5. skpo-bench transport: the disaggregated placement's weight broadcast to a rollout worker, 2 GB of
+#      bf16 in 512 MB buckets, over NCCL from GPU to GPU (needs 2 GPUs: one per process, NCCL refuses
+#      two ranks on one device) and over gloo from host memory.
+# Not here: the overlapped (rollout.max_staleness=1) step itself needs vLLM, which the GPU image lacks
+# and which is too large to carry; it runs on CPU in the test suite and in skpo-bench overlap.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out_dir="${OUT:-.}"
@@ -89,6 +94,12 @@ run logprob_7b $bench logprob --tokens 8192 --hidden 3584 --vocab 152064 --dtype
 run logprob_7b_tp4 $bench logprob --tokens 8192 --hidden 3584 --vocab 152064 --dtype bf16 --chunk 4096 --tp 4
 run step_1.5b $bench step --model qwen2.5-1.5b --seq-len 2048 --micro-batch-tokens 8192 --micro-batches 2 --steps 3
 run step_7b_4layers $bench step --model qwen2.5-7b --layers 4 --seq-len 2048 --micro-batch-tokens 8192 --micro-batches 2 --steps 3
+if [ "$("$py" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  run transport_nccl $bench transport --backend nccl --size-gb 2 --bucket-mb 512
+else
+  echo '{"check": "transport_nccl", "error": "skipped: NCCL needs 2 GPUs (one per process)"}' >> "$results"
+fi
+run transport_gloo $bench transport --backend gloo --size-gb 2 --bucket-mb 512
 
 "$py" - "$results" <<'EOF'
 import json, sys
@@ -102,6 +113,8 @@ for r in rows:
         s = "FAILED: " + r["error"]
     elif r.get("bench") == "hf_parity":
         s = f"llama diff {fmt(r['llama_max_abs_diff'])}, qwen2 diff {fmt(r['qwen2_max_abs_diff'])}, ok={r['ok']}"
+    elif r.get("bench") == "transport":
+        s = f"{r['backend']}: {r['bytes']/1e9:.2f} GB in {fmt(r['seconds'])}s = {fmt(r['GBps'])} GB/s"
     elif r.get("bench") == "logprob":
         s = (f"fused {fmt(r['fused_seconds'])}s/{r['fused_peak_bytes']/2**20:.0f}MiB vs naive "
              f"{fmt(r['naive_seconds'])}s/{r['naive_peak_bytes']/2**20:.0f}MiB, max|dlogp| {fmt(r['max_abs_diff_logp'])}")

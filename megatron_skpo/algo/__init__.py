@@ -5,4 +5,5 @@ SKPO's own pieces (segment selectors, split, upstream credit) live in ``megatron
 which builds on this package and never the other way round.
 """
 from megatron_skpo.algo import registries  # noqa: F401
-from megatron_skpo.algo import advantages, aggregation, kl, losses, metrics, objective, tis, tracker  # noqa: F401
+from megatron_skpo.algo import (advantages, aggregation, kl, losses, metrics, objective, off_policy,  # noqa: F401
+                               tis, tracker)

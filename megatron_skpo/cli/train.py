@@ -57,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = dump_config(cfg)
     print(text, end="")
-    from megatron_skpo.trainer.preflight import preflight, set_aside
+    from megatron_skpo.trainer.preflight import placement_lines, preflight, set_aside
 
+    if os.environ.get("RANK", "0") == "0":
+        for line in placement_lines(cfg, int(os.environ.get("WORLD_SIZE", "1"))):
+            print(f"skpo-train: {line}", file=sys.stderr)
     problems = preflight(cfg, args.export_hf, args.overwrite)
     for line in problems:
         print(f"skpo-train: {line}", file=sys.stderr)

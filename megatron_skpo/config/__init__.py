@@ -105,6 +105,7 @@ def validate_cross(cfg: Config) -> None:
         ("algo.skpo.downstream_loss", algo.skpo.downstream_loss, registries.POLICY_LOSSES),
         ("algo.skpo.selection", algo.skpo.selection, SEGMENT_SELECTORS),
         ("algo.kl.estimator", algo.kl.estimator, registries.KL_ESTIMATORS),
+        ("algo.off_policy", algo.off_policy, registries.OFF_POLICY_CORRECTIONS),
     ):
         if name not in reg:
             raise ConfigError(f"{path}: got {name!r}; allowed values: {', '.join(map(repr, reg.names()))}")

@@ -87,6 +87,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         check(math.isfinite(value), path, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, int) and not isinstance(value, bool):  # `rollout.worker_cpus=0` reads 0 as a number
+            return str(value)
         check(isinstance(value, str), path, f"expected a string, got {value!r}")
         return value
     raise ConfigError(f"{path}: unsupported annotation {tp!r}")

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 Named = list[tuple[str, torch.Tensor]]
+_ALIGN = 16  # bytes
 
 
 def send_msg(conn, kind: str, payload: dict) -> None:
@@ -82,7 +83,11 @@ class Channel:
                                   "(rollout.timeout_s)")
 
     def _why(self) -> str:
-        return self.alive() or "the process is still alive"
+        """Why the connection closed: the process's end if it comes within 5 s (the socket closes first)."""
+        deadline = time.monotonic() + 5.0
+        while (why := self.alive()) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return why or "the process is still alive"
 
 
 def weight_group(host: str, port: int, rank: int, size: int, timeout_s: float, backend: str = "gloo"):
@@ -121,15 +126,16 @@ def send_buckets(pg, buckets: Iterable[Named], timeout_s: float, stalled: Callab
         for name, t in bucket:
             b = t.detach().contiguous().reshape(-1).view(torch.uint8)
             meta.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), offset, b.numel()])
-            flat.append(b)
-            offset += b.numel()
+            pad = -b.numel() % _ALIGN  # every tensor starts aligned, so the receiver can view it in place
+            flat += [b, torch.zeros(pad, dtype=torch.uint8, device=b.device)]
+            offset += b.numel() + pad
         meta_t = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8).to(device)
         data = torch.cat(flat).to(device) if flat else torch.empty(0, dtype=torch.uint8, device=device)
         what = f"bucket {i} ({len(bucket)} tensors from {bucket[0][0] if bucket else '-'}, {offset:,} bytes)"
         _broadcast(pg, _header(meta_t.numel(), data.numel(), 1, device), what + " header", timeout_s, stalled)
         _broadcast(pg, meta_t, what + " metadata", timeout_s, stalled)
         _broadcast(pg, data, what, timeout_s, stalled)
-        total, count = total + offset, count + 1
+        total, count = total + sum(m[4] for m in meta), count + 1
     _broadcast(pg, _header(0, 0, 0, device), "the end marker", timeout_s, stalled)
     return total, count
 

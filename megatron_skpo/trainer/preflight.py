@@ -106,6 +106,41 @@ def _fp8(cfg: Config) -> list[str]:
             "set model.fp8=null, or run where transformer_engine is installed"]
 
 
+def placement_lines(cfg: Config, world: int) -> list[str]:
+    """How the run's ranks, engines and cores are laid out (printed by ``--dry-run`` and at start)."""
+    r = cfg.rollout
+    mode = {0: "synchronous"}.get(r.max_staleness, "one-step-off" if r.max_staleness == 1 else
+                                  f"bounded staleness {r.max_staleness}")
+    if r.placement == "colocated":
+        return [f"placement: colocated: {max(world // r.tp, 1)} vLLM engine(s) of rollout.tp={r.tp} inside the "
+                f"{world} trainer rank(s); generation and training take turns ({mode})"]
+    where = ("spawned on the trainer's node" if r.worker_launch == "spawn" else
+             f"started by the launcher (skpo-rollout --connect <rank 0>:{r.bridge_port})")
+    cores = (f"; worker cores {r.worker_cpus}, trainer cores {r.trainer_cpus or 'any'}" if r.worker_cpus else "")
+    devices = f"; worker devices {r.worker_devices}" if r.worker_devices else ""
+    return [f"placement: disaggregated: {world} trainer rank(s) + {r.workers} rollout worker(s) of rollout.tp={r.tp}, "
+            f"{where}{cores}{devices}; {mode} (rollout.max_staleness={r.max_staleness}), off-policy correction "
+            f"{cfg.algo.off_policy if r.max_staleness else 'none needed'}"]
+
+
+def _placement(cfg: Config) -> list[str]:
+    from megatron_skpo.config.rollout import parse_cpus
+
+    r, out = cfg.rollout, []
+    if r.placement != "disaggregated":
+        return out
+    have = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = [set(parse_cpus(x)) for x in r.worker_cpus.split("|") if x]
+    trainer = set(parse_cpus(r.trainer_cpus)) if r.trainer_cpus else set()
+    for name, cores in [("rollout.worker_cpus", c) for c in workers] + [("rollout.trainer_cpus", trainer)]:
+        if cores and max(cores) >= (os.cpu_count() or 1):
+            out.append(f"{name}: core {max(cores)} does not exist here ({os.cpu_count()} cores, {have} usable)")
+    if trainer and any(w & trainer for w in workers):
+        out.append(f"rollout.worker_cpus {r.worker_cpus!r} and rollout.trainer_cpus {r.trainer_cpus!r} share cores: "
+                   "the point of pinning is that they do not")
+    return out
+
+
 def _layout(cfg: Config, hf: Optional[dict], world: int) -> list[str]:
     tp, pp, out = cfg.parallel.tp, cfg.parallel.pp, []
     if world % (tp * pp):
@@ -116,7 +151,8 @@ def _layout(cfg: Config, hf: Optional[dict], world: int) -> list[str]:
     if tp % cfg.rollout.tp:
         out.append(f"rollout.tp = {cfg.rollout.tp} does not divide parallel.tp = {tp}: a vLLM engine must lie "
                    "inside one model replica's ranks (a smaller rollout.tp runs more engines, each on its share)")
-    engines = max(world // cfg.rollout.tp, 1)
+    engines = max(world // cfg.rollout.tp, 1) if cfg.rollout.placement == "colocated" else cfg.rollout.workers
+    out += _placement(cfg)
     if cfg.train.prompts_per_step < engines:
         out.append(f"train.prompts_per_step = {cfg.train.prompts_per_step} is below the number of vLLM engines "
                    f"{engines} (world / rollout.tp): each engine generates prompt i mod engines of the step")

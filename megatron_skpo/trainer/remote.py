@@ -56,18 +56,28 @@ class RolloutWorkers:
         weights_port = r.bridge_port + 1 if r.bridge_port else free_port()
         key = secrets.token_bytes(32)
         Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)  # the workers' logs and the key live there
-        self.listener = Listener((bind, port), authkey=key)
-        if spawn:
-            self.procs = [self._spawn(f"{host}:{port}", key, i) for i in range(r.workers)]
-        else:
-            key_path = Path(cfg.logging.dir) / KEY_FILE
+        self.listener, self.channels = Listener((bind, port), authkey=key), []
+        self.stash: list[list[tuple[str, dict]]] = [[] for _ in range(r.workers)]  # replies kept for later
+        try:
+            self._start(spawn, host, port, weights_port, key, backend)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, spawn: bool, host: str, port: int, weights_port: int, key: bytes, backend: str) -> None:
+        r = self.cfg.rollout
+        if not spawn:
+            key_path = Path(self.cfg.logging.dir) / KEY_FILE
             fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(key.hex())
             print(f"skpo-train: waiting for {r.workers} rollout worker(s): skpo-rollout --connect {host}:{port} "
                   f"--key-file {key_path}", flush=True)
-        self.channels = [self._accept(i) for i in range(r.workers)]
-        self.stash: list[list[tuple[str, dict]]] = [[] for _ in self.channels]  # replies kept for later
+        for i in range(r.workers):  # one at a time: channel i is process i
+            if spawn:
+                self.procs.append(self._spawn(f"{host}:{port}", key, i))
+            self.channels.append(self._accept(i))
+        cfg = self.cfg
         for i, ch in enumerate(self.channels):
             ch.send("hello", config=to_dict(cfg), index=i, workers=r.workers, weights_port=weights_port,
                     backend=backend)
@@ -83,8 +93,8 @@ class RolloutWorkers:
     def _spawn(self, address: str, key: bytes, i: int) -> subprocess.Popen:
         r = self.cfg.rollout
         env = {**os.environ, "SKPO_BRIDGE_KEY": key.hex()}
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                    "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"):
+        for var in [v for v in env if v.startswith(("TORCHELASTIC_", "GROUP_", "ROLE_"))] + [
+                "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]:
             env.pop(var, None)  # the worker is not a rank of the trainer's job
         if cpus := _split(r.worker_cpus, r.workers, i):
             env["SKPO_WORKER_CPUS"] = cpus
@@ -170,7 +180,7 @@ class RolloutWorkers:
         return [self._expect(i, "validated", "validating")["groups"] for i in range(len(self.channels))]
 
     def close(self) -> None:
-        """Ask the workers to exit; end any that do not within 30 s."""
+        """Ask the workers to exit; end any that do not within 30 s (all of them at once after a failure)."""
         for ch in self.channels:
             try:
                 ch.send("close")

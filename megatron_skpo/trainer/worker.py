@@ -99,13 +99,39 @@ def serve(conn, engine, sampler, pg, cfg) -> None:
         idle_since = time.perf_counter()
 
 
-def run_worker(host: str, port: int, key: bytes) -> int:
-    """Connect, build the engine and the method's sampler, then serve."""
+def connect(host: str, port: int, key, wait_s: float):
+    """The control connection; retried until ``wait_s`` while the trainer is not listening yet or
+    refuses the key (``key()`` is read again: a requeued run writes a new key file)."""
+    from multiprocessing import AuthenticationError
     from multiprocessing.connection import Client
 
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return Client((host, port), authkey=key())
+        except (ConnectionRefusedError, OSError, AuthenticationError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
+def read_key(path: str, wait_s: float) -> bytes:
+    """The run's bridge key, written by the trainer when it starts (waits up to ``wait_s``)."""
+    deadline = time.monotonic() + wait_s
+    while not os.path.isfile(path):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"skpo-rollout: no bridge key at {path} after {wait_s:.0f} s: is the trainer running "
+                             "with rollout.worker_launch=external and this logging.dir?")
+        time.sleep(2.0)
+    with open(path) as f:
+        return bytes.fromhex(f.read().strip())
+
+
+def run_worker(host: str, port: int, key, wait_s: float = 0.0) -> int:
+    """Connect, build the engine and the method's sampler, then serve."""
     from megatron_skpo.rollout.bridge import recv_msg, send_msg
 
-    conn = Client((host, port), authkey=key)
+    conn = connect(host, port, key, wait_s)
     try:
         hello = recv_msg(conn)[1]
         from megatron_skpo.catalog import build_method
@@ -138,6 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--connect", required=True, help="HOST:PORT of the trainer's bridge (its rank 0)")
     parser.add_argument("--key-file", help="the run's bridge key (<logging.dir>/rollout_bridge.key); spawned "
                         f"workers get it in ${KEY_ENV}")
+    parser.add_argument("--wait", type=float, default=600.0, help="seconds to wait for the trainer's key file and "
+                        "bridge (a worker started by the launcher may come up first)")
     parser.add_argument("--spawned", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.spawned:
@@ -147,14 +175,13 @@ def main(argv=None) -> int:
     host, _, port = args.connect.rpartition(":")
     if not host or not port.isdigit():
         parser.error(f"--connect {args.connect!r}: expected HOST:PORT")
-    if args.key_file:
-        with open(args.key_file) as f:
-            key = bytes.fromhex(f.read().strip())
-    elif os.environ.get(KEY_ENV):
-        key = bytes.fromhex(os.environ[KEY_ENV])
+    if os.environ.get(KEY_ENV):
+        key = lambda: bytes.fromhex(os.environ[KEY_ENV])  # noqa: E731
+    elif args.key_file:
+        key = lambda: read_key(args.key_file, args.wait)  # noqa: E731
     else:
         parser.error(f"no bridge key: pass --key-file or set ${KEY_ENV}")
-    return run_worker(host, int(port), key)
+    return run_worker(host, int(port), key, 0.0 if args.spawned else args.wait)
 
 
 if __name__ == "__main__":

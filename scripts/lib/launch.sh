@@ -12,7 +12,11 @@
 #   --gpus-per-node N        processes per node [GPUS_PER_NODE] (default: Slurm's GPU count, else 1)
 #   --recipe FILE            training recipe [RECIPE] (default: the model file's)
 #   --run-dir DIR            run directory; checkpoints in DIR/checkpoints [RUN_DIR]
-#   --port N                 rendezvous port on the first node [SKPO_PORT] (default: 20000 + job id % 10000)
+#   --port N                 rendezvous port on the first node [SKPO_PORT] (default: 20000 + job id % 10000);
+#                            the rollout bridge uses the next two ports
+#   --rollout-nodes N        disaggregated rollouts [ROLLOUT_NODES] (default 0: colocated): the last N nodes
+#                            run vLLM rollout workers (skpo-rollout, one per rollout.tp GPUs), the others
+#                            train; add rollout.max_staleness=1 to overlap generation and training
 #   --dry-run                print the per-node torchrun commands and exit [SKPO_DRY_RUN=1]
 #   key=value ...            further skpo-train overrides (after the model file's MODEL_ARGS)
 # SKPO_TORCHRUN_SCRIPT=FILE makes torchrun run FILE instead of skpo-train (used by the Slurm test).
@@ -27,21 +31,22 @@ skpo_parse_args() {
   SKPO_RECIPE=${RECIPE:-${MODEL_RECIPE:-}}
   SKPO_RUN_DIR=${RUN_DIR:-runs/${MODEL_NAME:-skpo}}
   SKPO_DRY_RUN=${SKPO_DRY_RUN:-0}
+  SKPO_ROLLOUT_NODES=${ROLLOUT_NODES:-0}
   SKPO_OVERRIDES=()
   while (($#)); do
     case $1 in
-      --tp|--pp|--nodes|--gpus-per-node|--recipe|--run-dir|--port)
+      --tp|--pp|--nodes|--gpus-per-node|--recipe|--run-dir|--port|--rollout-nodes)
         (($# >= 2)) || skpo_die "$1 needs a value"
         case $1 in
           --tp) SKPO_TP=$2 ;; --pp) SKPO_PP=$2 ;; --nodes) SKPO_NNODES_ARG=$2 ;;
           --gpus-per-node) SKPO_GPN=$2 ;; --recipe) SKPO_RECIPE=$2 ;; --run-dir) SKPO_RUN_DIR=$2 ;;
-          --port) SKPO_PORT=$2 ;;
+          --port) SKPO_PORT=$2 ;; --rollout-nodes) SKPO_ROLLOUT_NODES=$2 ;;
         esac
         shift 2 ;;
       --dry-run) SKPO_DRY_RUN=1; shift ;;
       -h|--help) sed -n '/^# Options/,/^# SKPO_TORCHRUN/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
       *=*) SKPO_OVERRIDES+=("$1"); shift ;;
-      *) skpo_die "unknown argument '$1' (options: --tp --pp --nodes --gpus-per-node --recipe --run-dir --port --dry-run, or key=value overrides)" ;;
+      *) skpo_die "unknown argument '$1' (options: --tp --pp --nodes --gpus-per-node --recipe --run-dir --port --rollout-nodes --dry-run, or key=value overrides)" ;;
     esac
   done
   [[ -n $SKPO_RECIPE ]] || skpo_die "no recipe: the model file sets MODEL_RECIPE, or pass --recipe FILE"
@@ -100,6 +105,17 @@ skpo_cluster() {
   local job=${SLURM_JOB_ID:-0}
   SKPO_PORT=${SKPO_PORT:-$((20000 + job % 10000))}
   SKPO_RDZV_ID=${SLURM_JOB_ID:-skpo-local}
+  [[ $SKPO_ROLLOUT_NODES =~ ^[0-9]+$ ]] || skpo_die "--rollout-nodes must be a count, got '$SKPO_ROLLOUT_NODES'"
+  SKPO_ALL_NODES=$SKPO_NNODES
+  ((SKPO_ROLLOUT_NODES < SKPO_NNODES)) ||
+    skpo_die "--rollout-nodes $SKPO_ROLLOUT_NODES leaves no training node of $SKPO_NNODES"
+  SKPO_NNODES=$((SKPO_NNODES - SKPO_ROLLOUT_NODES))  # the trainer's nodes (the first ones)
+  SKPO_RTP=1
+  local arg
+  for arg in ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} ${SKPO_OVERRIDES[@]+"${SKPO_OVERRIDES[@]}"}; do
+    [[ $arg == rollout.tp=* ]] && SKPO_RTP=${arg#rollout.tp=}
+  done
+  ((SKPO_GPN % SKPO_RTP == 0)) || skpo_die "rollout.tp=$SKPO_RTP does not divide $SKPO_GPN GPUs per node"
   local world=$((SKPO_NNODES * SKPO_GPN)) mp=$((SKPO_TP * SKPO_PP))
   ((world % mp == 0)) || skpo_die "world size $world ($SKPO_NNODES nodes x $SKPO_GPN) is not divisible by TP x PP = $mp"
   SKPO_DP=$((world / mp))
@@ -111,9 +127,33 @@ skpo_program() {
     SKPO_PROGRAM=("$SKPO_TORCHRUN_SCRIPT")
     return
   fi
+  local placement=()
+  if ((SKPO_ROLLOUT_NODES > 0)); then
+    placement=(rollout.placement=disaggregated rollout.worker_launch=external
+      "rollout.workers=$((SKPO_ROLLOUT_NODES * SKPO_GPN / SKPO_RTP))" "rollout.bridge_host=$SKPO_MASTER"
+      "rollout.bridge_port=$((SKPO_PORT + 1))")
+  fi
   SKPO_PROGRAM=(-m megatron_skpo.cli.train "$SKPO_RECIPE" ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"}
     "parallel.tp=$SKPO_TP" "parallel.pp=$SKPO_PP" "logging.dir=$SKPO_RUN_DIR"
-    "checkpoint.dir=$SKPO_RUN_DIR/checkpoints" checkpoint.resume=true "${SKPO_OVERRIDES[@]}")
+    "checkpoint.dir=$SKPO_RUN_DIR/checkpoints" checkpoint.resume=true ${placement[@]+"${placement[@]}"}
+    "${SKPO_OVERRIDES[@]}")
+  # each rollout node: GPUs/rollout.tp workers, worker i on GPUs [i*tp, (i+1)*tp)
+  SKPO_ROLLOUT_PROGRAM=(-m megatron_skpo.trainer.worker --connect "$SKPO_MASTER:$((SKPO_PORT + 1))"
+    --key-file "$SKPO_RUN_DIR/rollout_bridge.key")
+}
+
+# The rollout workers of one rollout node (executed there by srun): one per rollout.tp GPUs.
+skpo_rollout_node() {
+  local rtp=$1 gpn=$2; shift 2
+  local i pids=() devices
+  for ((i = 0; i < gpn / rtp; i++)); do
+    devices=$(seq -s, $((i * rtp)) $((i * rtp + rtp - 1)))
+    CUDA_VISIBLE_DEVICES=$devices "${PYTHON:-python}" "$@" &
+    pids+=($!)
+  done
+  local rc=0 pid
+  for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+  return "$rc"
 }
 
 # torchrun command of node NODE_RANK running PROGRAM..., into SKPO_CMD (needs the exported SKPO_* shape).
@@ -150,18 +190,29 @@ skpo_model_file() {
 skpo_srun_cmd() {
   SKPO_SRUN=(srun "--nodes=$SKPO_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1
     bash "$SKPO_LIB_DIR/launch.sh" node)
+  SKPO_SRUN_ROLLOUT=()
+  if ((SKPO_ROLLOUT_NODES > 0)); then
+    SKPO_SRUN=(srun "--nodes=$SKPO_NNODES" --relative=0 --ntasks-per-node=1 --kill-on-bad-exit=1
+      bash "$SKPO_LIB_DIR/launch.sh" node)
+    SKPO_SRUN_ROLLOUT=(srun "--nodes=$SKPO_ROLLOUT_NODES" "--relative=$SKPO_NNODES" --ntasks-per-node=1
+      bash "$SKPO_LIB_DIR/launch.sh" rollout "$SKPO_RTP" "$SKPO_GPN")
+  fi
 }
 
 skpo_report() {
-  echo "skpo-launch: ${MODEL_NAME:-model} recipe=$SKPO_RECIPE nodes=$SKPO_NNODES gpus/node=$SKPO_GPN" \
+  echo "skpo-launch: ${MODEL_NAME:-model} recipe=$SKPO_RECIPE nodes=$SKPO_ALL_NODES gpus/node=$SKPO_GPN" \
        "tp=$SKPO_TP pp=$SKPO_PP dp=$SKPO_DP rdzv=$SKPO_MASTER:$SKPO_PORT run_dir=$SKPO_RUN_DIR"
   # rollout sharding (trainer/stages.py): world / rollout.tp vLLM engines, prompt i on engine i mod engines
-  local rtp=1 arg world=$((SKPO_NNODES * SKPO_GPN))
-  for arg in ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} ${SKPO_OVERRIDES[@]+"${SKPO_OVERRIDES[@]}"}; do
-    [[ $arg == rollout.tp=* ]] && rtp=${arg#rollout.tp=}
-  done
-  echo "skpo-launch: rollouts on $((world / rtp)) vLLM engines (rollout.tp=$rtp), each generating" \
-       "1/$((world / rtp)) of a step's prompts; updates on dp=$SKPO_DP model replicas"
+  local rtp=$SKPO_RTP world=$((SKPO_NNODES * SKPO_GPN))
+  if ((SKPO_ROLLOUT_NODES > 0)); then
+    local workers=$((SKPO_ROLLOUT_NODES * SKPO_GPN / rtp))
+    echo "skpo-launch: disaggregated: training on the first $SKPO_NNODES node(s) ($world GPUs), rollouts on" \
+         "the last $SKPO_ROLLOUT_NODES node(s): $workers vLLM rollout workers (rollout.tp=$rtp), each generating" \
+         "1/$workers of a step's prompts, bridge $SKPO_MASTER:$((SKPO_PORT + 1)); updates on dp=$SKPO_DP model replicas"
+  else
+    echo "skpo-launch: rollouts on $((world / rtp)) vLLM engines (rollout.tp=$rtp), each generating" \
+         "1/$((world / rtp)) of a step's prompts; updates on dp=$SKPO_DP model replicas"
+  fi
   local latest=$SKPO_RUN_DIR/checkpoints/latest
   if [[ -f $latest ]]; then
     echo "skpo-launch: resuming from $SKPO_RUN_DIR/checkpoints/$(<"$latest") (restart ${SLURM_RESTART_COUNT:-0})"
@@ -188,14 +239,27 @@ skpo_launch() {
       skpo_torchrun_cmd "$r" "${SKPO_PROGRAM[@]}"
       echo "# node $r: $(skpo_print_cmd "${SKPO_CMD[@]}")"
     done
+    if ((SKPO_ROLLOUT_NODES > 0)); then
+      echo "# rollout job step: $(skpo_print_cmd "${SKPO_SRUN_ROLLOUT[@]}" "${SKPO_ROLLOUT_PROGRAM[@]}")"
+      for ((r = SKPO_NNODES; r < SKPO_ALL_NODES; r++)); do
+        echo "# node $r: $((SKPO_GPN / SKPO_RTP)) x CUDA_VISIBLE_DEVICES=<rollout.tp GPUs>" \
+             "$(skpo_print_cmd "${PYTHON:-python}" "${SKPO_ROLLOUT_PROGRAM[@]}")"
+      done
+    fi
     return 0
   fi
+  ((SKPO_ROLLOUT_NODES == 0)) || [[ -n ${SLURM_JOB_ID:-} ]] || skpo_die "--rollout-nodes needs Slurm (submit with sbatch)"
   if [[ -z ${SLURM_JOB_ID:-} ]]; then
     ((SKPO_NNODES == 1)) || skpo_die "$SKPO_NNODES nodes need Slurm: submit with sbatch (or pass --dry-run)"
     skpo_torchrun_cmd 0 "${SKPO_PROGRAM[@]}"
     exec "${SKPO_CMD[@]}"
   fi
   trap skpo_requeue USR1
+  local rollout_pid=""
+  if ((SKPO_ROLLOUT_NODES > 0)); then  # the workers wait for the trainer's key file and bridge
+    "${SKPO_SRUN_ROLLOUT[@]}" "${SKPO_ROLLOUT_PROGRAM[@]}" &
+    rollout_pid=$!
+  fi
   "${SKPO_SRUN[@]}" "${SKPO_PROGRAM[@]}" &
   local pid=$! rc=0
   wait "$pid" || rc=$?
@@ -203,10 +267,21 @@ skpo_launch() {
     rc=0
     wait "$pid" || rc=$?
   done
+  if [[ -n $rollout_pid ]]; then  # the trainer closed the workers; end a straggler
+    kill "$rollout_pid" 2>/dev/null || true
+    wait "$rollout_pid" 2>/dev/null || true
+  fi
   return "$rc"
 }
 
 SKPO_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# Executed by srun on every rollout node: its rollout workers.
+if [[ ${BASH_SOURCE[0]} == "$0" && ${1:-} == rollout ]]; then
+  shift
+  skpo_rollout_node "$@"
+  exit $?
+fi
 
 # Executed by srun on every node: node rank from Slurm, then torchrun.
 if [[ ${BASH_SOURCE[0]} == "$0" && ${1:-} == node ]]; then

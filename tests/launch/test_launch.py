@@ -148,3 +148,23 @@ def test_model_files_launch_a_valid_config(model, layout):
     assert cfg.model.hf_path.startswith("checkpoints/Qwen3-") and cfg.logging.dir == f"runs/{model}"
     dp = 16 // (layout[0] * layout[1])
     assert dp % layout[2] == 0, "EP must divide the data-parallel size"
+
+
+def test_dry_run_with_rollout_nodes_splits_the_job(tmp_path):
+    """--rollout-nodes 1 on a 3 x 8 job: torchrun on the first 2 nodes with the disaggregated placement
+    (8 external workers at rollout.tp 1, bridge on the rendezvous port + 1), workers on the third."""
+    job = {**JOB, "SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_NODELIST": "gpu[017-019]"}
+    r = bash("scripts/run_7b.sh", "--dry-run", "--rollout-nodes", "1", "rollout.max_staleness=1", env=job)
+    assert r.returncode == 0, r.stderr
+    cmds = node_commands(r.stdout)
+    assert sorted(cmds) == [0, 1, 2]
+    for rank in (0, 1):
+        assert cmds[rank][1:3] == ["--nnodes=2", "--nproc-per-node=8"]
+        train = cmds[rank][10:]
+        for kv in ("rollout.placement=disaggregated", "rollout.worker_launch=external", "rollout.workers=8",
+                   "rollout.bridge_host=gpu017", "rollout.bridge_port=24243", "rollout.max_staleness=1"):
+            assert kv in train
+    assert "--connect" in cmds[2] and "gpu017:24243" in cmds[2] and "megatron_skpo.trainer.worker" in cmds[2]
+    assert "training on the first 2 node(s) (16 GPUs), rollouts on the last 1 node(s): 8 vLLM rollout workers" in r.stdout
+    bad = bash("scripts/run_7b.sh", "--dry-run", "--rollout-nodes", "3", env=job)
+    assert bad.returncode == 2 and "leaves no training node" in bad.stderr

