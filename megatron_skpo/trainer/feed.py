@@ -53,14 +53,15 @@ def _submit(run: Run, e: Entry) -> None:
 
 def _collect(run: Run, e: Entry) -> tuple[RolloutBatch, dict[str, float]]:
     """Entry ``e``'s whole batch from the workers (rank 0), and the workers' timing."""
-    if e.batch is not None:
-        return e.batch, {}
+    if e.batch is not None:  # filed before a checkpoint, or restored from one
+        return e.batch, e.timing
     if not e.submitted:
         _submit(run, e)
     n = len(e.keys)
     shares = _shares(n, len(run.workers.channels))
     msgs = [run.workers.generated(j, e.step, e.version) if idx else None for j, idx in enumerate(shares)]
-    return _merge(msgs, shares), {"time/rollout_idle": max(m["idle_s"] for m in msgs if m)}
+    return _merge(msgs, shares), {"time/rollout_idle": max(m["idle_s"] for m in msgs if m),
+                                  "time/rollout_weight_load": run.workers.load_seconds}
 
 
 def _merge(msgs: list, shares: list[list[int]]) -> RolloutBatch:
@@ -89,7 +90,7 @@ def absorb(run: Run) -> None:
         if e.batch is None and e.submitted and all(
                 any(m["step"] == e.step and m["version"] == e.version for m in run.workers.finished(j))
                 for j, idx in enumerate(_shares(len(e.keys), len(run.workers.channels))) if idx):
-            e.batch, _ = _collect(run, e)
+            e.batch, e.timing = _collect(run, e)
 
 
 def take(run: Run, step: int) -> tuple[list[PromptItem], RolloutBatch, list[int], dict[str, float]]:

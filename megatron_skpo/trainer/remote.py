@@ -49,6 +49,7 @@ class RolloutWorkers:
 
         r = cfg.rollout
         self.cfg, self.timeout_s, self.procs = cfg, r.timeout_s, []
+        self.load_seconds = 0.0  # the slowest worker's last weight load (vLLM), reported by the workers
         spawn = r.worker_launch == "spawn"
         host = r.bridge_host or ("127.0.0.1" if spawn else socket.gethostname())
         bind = "127.0.0.1" if spawn and not r.bridge_host else "0.0.0.0"
@@ -136,6 +137,12 @@ class RolloutWorkers:
             got, msg = self.channels[i].recv(self.timeout_s, waiting_for)
             if got == kind and match(msg):
                 return msg
+            self._keep(i, got, msg)
+
+    def _keep(self, i: int, got: str, msg: dict) -> None:
+        if got == "weights_done":  # a load nobody waits for: keep its time for the metrics
+            self.load_seconds = msg["seconds"]
+        else:
             self.stash[i].append((got, msg))
 
     def generate(self, i: int, **request) -> None:
@@ -152,11 +159,14 @@ class RolloutWorkers:
     def finished(self, i: int) -> list[dict]:
         """Worker ``i``'s rollouts received so far and not yet taken (no waiting)."""
         while self.channels[i].conn.poll(0):
-            self.stash[i].append(self.channels[i].recv(self.timeout_s, "sending rollouts"))  # a whole message
+            self._keep(i, *self.channels[i].recv(self.timeout_s, "sending rollouts"))  # a whole message
         return [m for k, m in self.stash[i] if k == "generated"]
 
     def push(self, named, version: int, bucket_bytes: int) -> SyncStats:
-        """Broadcast a new policy version to every worker (each first finishes what it was generating)."""
+        """Broadcast a new policy version to every worker. Each first finishes what it was generating
+        (so every request sent before the push is generated with the previous version); the trainer
+        does not wait for the workers to load it: requests sent after the push are served after the
+        load, and a failed load comes back as the worker's error on the next wait."""
         t0 = time.perf_counter()
         for ch in self.channels:
             ch.send("weights", version=version)
@@ -164,8 +174,6 @@ class RolloutWorkers:
             self._expect(i, "weights_ready", f"finishing its requests before weights version {version}")
         total, buckets = send_buckets(self.pg, bucketize(named, bucket_bytes), self.cfg.rollout.transport_timeout_s,
                                       self._stalled)
-        for i in range(len(self.channels)):
-            self._expect(i, "weights_done", f"loading weights version {version}")
         return SyncStats(time.perf_counter() - t0, total, buckets, bucket_bytes)
 
     def _stalled(self) -> str:

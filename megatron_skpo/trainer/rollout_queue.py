@@ -5,12 +5,12 @@ Versions: the policy version is the number of optimizer steps taken (``progress.
 step's update; 0 = the starting weights). A step's rollouts are requested right after a weight push,
 so the engines generate them with the version pushed last, and every sample carries it.
 
-Schedule (``request``): after step n's update and weight push (version n), the prompts of every step
-up to n + 1 + k are drawn (with the trackers as of step n) and requested; step n + 1 then trains on
-rollouts of version n - k + ... >= n - k, i.e. staleness (policy version at training - sample
-version) at most k. k = 0 is the synchronous loop: step n + 1's rollouts are made with version n
-(colocated: at the start of step n + 1, exactly as before this queue existed). k = 1 is one-step-off:
-step n + 1 is generated while step n trains.
+Schedule (``due``): after step n's update and weight push (version n), the prompts of every step up
+to n + 1 + k are drawn (with the trackers as of step n) and requested with version n. Step s is
+thus requested with version s - 1 - k (or 0 at the start) and trained by version s - 1: its
+staleness (trainer version - sample version) is at most k. k = 0 is the synchronous loop: step
+n + 1's rollouts are made with version n (colocated: at the start of step n + 1, exactly as before
+this queue existed). k = 1 is one-step-off: step n + 1 is generated while step n trains.
 
 ``take`` enforces the bound: an entry older than k versions (a resume with a smaller k, say) is
 dropped, counted, and generated again with the current weights. A step at or below the last trained
@@ -40,6 +40,7 @@ class Entry:
     keys: list[int]  # [P] the step's problems (``Problems.items`` indices), in step order
     batch: Optional[RolloutBatch] = None  # finished rollouts, all P prompts (``group`` = index into keys)
     submitted: bool = False  # sent to the engines in this process's life (not checkpointed)
+    timing: dict = field(default_factory=dict)  # the workers' timing of ``batch`` (not checkpointed)
 
 
 @dataclass

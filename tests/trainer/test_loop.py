@@ -267,6 +267,7 @@ def test_one_step_off_bookkeeping(work):
     assert all(r["async/dropped_samples"] == 0 and r["async/duplicates_total"] == 0 for r in records)
     assert all("loss/tis_weight" in r for r in records[1:]) and "loss/tis_weight" not in records[0]
     assert all(r["time/rollout_idle"] >= 0 and r["time/trainer_idle"] >= 0 for r in records)
+    assert all(r["perf/train_tokens_per_s"] > 0 and r["perf/rollout_tokens_per_s"] > 0 for r in records)
     assert all(r["async/mismatch_kl"] >= 0 and r["rollout/generated_tokens_all"] > 0 for r in records)
 
 

@@ -41,7 +41,7 @@ def steps(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("overlap")
-    assert finish(child(work, f"k2:skpo:6:{K2}"), work) == 0, (work / "child-0.log").read_text()[-3000:]
+    assert finish(child(work, f"k2:skpo:5:{K2}"), work) == 0, (work / "child-0.log").read_text()[-3000:]
     return work
 
 
@@ -49,26 +49,26 @@ def test_bounded_staleness_two(work):
     """k = 2: steps 1-3 come from the starting weights, then step n from version n - 3; SKPO's
     upstream and downstream rows of a step share one version (the mean equals the max)."""
     records = steps(work / "k2" / "metrics.jsonl")
-    assert [r["async/staleness_max"] for r in records] == [0, 1, 2, 2, 2, 2]
-    assert [r["async/staleness_mean"] for r in records] == [0, 1, 2, 2, 2, 2]
+    assert [r["async/staleness_max"] for r in records] == [0, 1, 2, 2, 2]
+    assert [r["async/staleness_mean"] for r in records] == [0, 1, 2, 2, 2]
     assert all(r["loss/up/tokens"] > 0 and r["loss/down/tokens"] > 0 for r in records)
 
 
 def test_resume_under_a_smaller_bound_drops_and_regenerates(work):
-    """The k = 2 run resumed from its step-4 checkpoint at k = 0: the queue holds steps 5 and 6, made
-    with versions 2 and 3; when taken, both are older than the new bound allows, so they are dropped
+    """The k = 2 run resumed from its step-3 checkpoint at k = 0: the queue holds steps 4 and 5, made
+    with versions 1 and 2; when taken, both are older than the new bound allows, so they are dropped
     (counted) and generated again with the current weights, and train at staleness 0."""
     import shutil
 
     shutil.copytree(work / "k2", work / "k2_resumed")
-    (work / "k2_resumed" / "checkpoints" / "latest").write_text("step_00000004\n")
-    proc = child(work, f"k2_resumed:skpo:6:{K2.replace('max_staleness=2', 'max_staleness=0')}")
+    (work / "k2_resumed" / "checkpoints" / "latest").write_text("step_00000003\n")
+    proc = child(work, f"k2_resumed:skpo:5:{K2.replace('max_staleness=2', 'max_staleness=0')}")
     assert finish(proc, work) == 0, sorted(work.glob("child-*.log"))[-1].read_text()[-3000:]
     records = {r["step"]: r for r in steps(work / "k2_resumed" / "metrics.jsonl")}
-    assert sorted(records) == [1, 2, 3, 4, 5, 6]
-    assert records[5]["async/staleness_max"] == 0 and records[6]["async/staleness_max"] == 0
-    assert records[5]["async/dropped_samples"] > 0 and records[6]["async/dropped_samples"] > 0
-    assert records[6]["async/dropped_stale_steps_total"] == 2 and records[6]["async/duplicates_total"] == 0
+    assert sorted(records) == [1, 2, 3, 4, 5]
+    assert records[4]["async/staleness_max"] == 0 and records[5]["async/staleness_max"] == 0
+    assert records[4]["async/dropped_samples"] > 0 and records[5]["async/dropped_samples"] > 0
+    assert records[5]["async/dropped_stale_steps_total"] == 2 and records[5]["async/duplicates_total"] == 0
 
 
 def test_a_dead_rollout_worker_is_an_error_not_a_hang(work):
