@@ -141,8 +141,10 @@ def network_isolation() -> str:
 def _read_init_pid(fd: int, timeout: float) -> Optional[int]:
     """Host pid of the sandbox's PID 1 from bwrap's ``--info-fd`` JSON; None if bwrap wrote none."""
     buf, deadline = b"", time.monotonic() + timeout
+    poller = select.poll()  # not select.select: it fails on descriptors >= 1024 (a busy trainer has them)
+    poller.register(fd, select.POLLIN)
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        ready = poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
         chunk = os.read(fd, 4096) if ready else b""
         if not chunk:
             return None

@@ -8,7 +8,7 @@ then the method of ``algo.name``'s family (``megatron_skpo.catalog``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
 
@@ -55,7 +55,7 @@ class Run:
     guard: NonFiniteGuard
     progress: TrainProgress
     record: ConfigRecord  # the config, saved with every checkpoint and compared on resume
-    queue: RolloutQueue  # requested and finished rollouts, their versions (the staleness bound)
+    queue: RolloutQueue = field(default_factory=lambda: RolloutQueue(0))  # requested/finished rollouts, versions
     workers: Optional[RolloutWorkers] = None  # disaggregated, rank 0: the rollout workers
     pool: Optional[RewardPool] = None  # opened by the loop
 
@@ -88,9 +88,6 @@ class Run:
 def build_run(cfg: Config, engine: Optional[VLLMEngine] = None) -> Run:
     """Build the run; ``engine`` reuses a started vLLM engine of the same model (tests run several
     recipes on one engine: a start costs 15-40 s on CPU) with this config's sampling settings."""
-    from megatron_skpo.catalog import build_method
-    from megatron_skpo.model.builder import initialize_parallel
-
     rank, world = build.init_distributed()
     workers, colocated = None, cfg.rollout.placement == "colocated"
     if not colocated:  # the engines live in the rollout workers; the trainer only needs the tokenizer
@@ -102,6 +99,20 @@ def build_run(cfg: Config, engine: Optional[VLLMEngine] = None) -> Run:
     else:
         engine.settings = build.sampling_settings(cfg, build.template_stop(cfg))
     tokenizer = engine.tokenizer if colocated else tokenizer
+    try:
+        return _build(cfg, engine, tokenizer, workers, world)
+    except BaseException:
+        if workers is not None:  # started first: stop them, or they wait for a trainer that is gone
+            workers.close()
+        raise
+
+
+def _build(cfg: Config, engine: Optional[VLLMEngine], tokenizer, workers: Optional[RolloutWorkers],
+           world: int) -> Run:
+    from megatron_skpo.catalog import build_method
+    from megatron_skpo.model.builder import initialize_parallel
+
+    colocated = engine is not None
     initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, ep=cfg.parallel.ep)
     hf_config, weights = build.start_state(cfg)  # no HF weights with model.mcore_path
     policy = build.build_policy_from(cfg, hf_config, weights, cfg.train.steps * (
