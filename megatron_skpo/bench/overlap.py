@@ -30,8 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 MODES = {"sync": 0, "async": 1}
-BREAKDOWN = ("time/generate", "rollout/seconds", "time/train", "time/logprobs", "time/weight_sync",
-             "time/trainer_idle", "time/rollout_idle", "time/rewards", "time/drift")
+BREAKDOWN = ("time/generate", "time/rollout", "time/train", "time/logprobs", "time/weight_sync",
+             "time/trainer_idle", "time/rollout_idle", "time/rollout_weight_load", "time/rewards", "time/drift")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -43,12 +43,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-cpus", default="0", help="rollout worker cores (rollout.worker_cpus)")
     parser.add_argument("--trainer-cpus", default="1", help="trainer cores (rollout.trainer_cpus)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_overlap"), help="run directories and results")
+    parser.add_argument("--summarize-only", action="store_true", help="re-read the runs under --out, train nothing")
     parser.add_argument("overrides", nargs="*", default=[], help="extra key=value overrides for every run")
 
 
 def run_one(args, method: str, staleness: int, run_dir: Path) -> dict:
     """Train one (method, mode) from scratch; returns its per-step records."""
     from megatron_skpo.trainer.logging import read_metrics
+
+    if args.summarize_only:
+        return {"steps": [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] > 0]}
 
     cpus = len(args.trainer_cpus.replace("-", ",").split(","))
     overrides = [f"model.hf_path={args.model}", f"logging.dir={run_dir}", f"algo.name={method}",
@@ -87,14 +91,14 @@ def markdown(result: dict) -> str:
     for m, r in result["methods"].items():
         s, a = r["sync"], r["async"]
         lines.append(f"| {m} | {r['sync_seconds_per_step']:.1f} | {r['async_seconds_per_step']:.1f} | "
-                     f"{r['ratio']:.2f} | {s['rollout/seconds']:.1f} | {s['time/train'] + s['time/logprobs']:.1f} | "
+                     f"{r['ratio']:.2f} | {s['time/rollout']:.1f} | {s['time/train'] + s['time/logprobs']:.1f} | "
                      f"{s['time/trainer_idle']:.1f} / {a['time/trainer_idle']:.1f} | "
                      f"{s['time/rollout_idle']:.1f} / {a['time/rollout_idle']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def run(args: argparse.Namespace) -> dict:
-    if not (Path(args.model) / "config.json").is_file():
+    if not args.summarize_only and not (Path(args.model) / "config.json").is_file():
         raise SystemExit(f"skpo-bench overlap: --model {args.model} has no config.json (convert SmolLM2 with "
                          "scripts/demo.sh first, or pass an HF model directory)")
     if args.steps <= args.warmup + 1:

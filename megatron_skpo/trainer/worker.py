@@ -62,10 +62,11 @@ def serve(conn, engine, sampler, pg, cfg) -> None:
     from megatron_skpo.rollout.bridge import recv_buckets, recv_msg, send_msg
     from megatron_skpo.rollout.engine import GenRequest, generate
 
-    version, idle_since = -1, time.perf_counter()
+    version, idle_since, idle = -1, time.perf_counter(), 0.0
     while True:
         kind, msg = recv_msg(conn)
         busy_from = time.perf_counter()
+        idle += busy_from - idle_since  # waiting for any request since the last rollout was sent
         if kind == "close":
             return
         if kind == "weights":
@@ -82,8 +83,9 @@ def serve(conn, engine, sampler, pg, cfg) -> None:
             batch = sampler.sample(engine, msg["prompts"], msg["step"], gen, **msg["plan"])
             for s in batch.samples:
                 s.version = version
-            send_msg(conn, "generated", {"step": msg["step"], "version": version, "batch": batch,
-                                         "idle_s": busy_from - idle_since, "seconds": time.perf_counter() - busy_from})
+            send_msg(conn, "generated", {"step": msg["step"], "version": version, "batch": batch, "idle_s": idle,
+                                         "seconds": time.perf_counter() - busy_from})
+            idle = 0.0
         elif kind == "validate":
             saved = engine.settings
             engine.settings = msg["settings"]
@@ -93,7 +95,7 @@ def serve(conn, engine, sampler, pg, cfg) -> None:
                                            for i, ids in enumerate(msg["prompt_ids"])], cfg.rollout.timeout_s)
             finally:
                 engine.settings = saved
-            send_msg(conn, "validated", {"groups": groups, "idle_s": busy_from - idle_since})
+            send_msg(conn, "validated", {"groups": groups})
         else:
             raise ValueError(f"rollout worker: unknown request {kind!r}")
         idle_since = time.perf_counter()
