@@ -77,6 +77,9 @@ def serve(conn, engine, sampler, pg, cfg) -> None:
             version = msg["version"]
             send_msg(conn, "weights_done", {"version": version, "seconds": time.perf_counter() - busy_from})
         elif kind == "generate":
+            if msg["version"] != version:  # the trainer's bookkeeping and the loaded weights disagree
+                raise RuntimeError(f"rollout worker: step {msg['step']} requested with policy version "
+                                   f"{msg['version']}, but the engine holds version {version}")
             torch.manual_seed(msg["torch_seed"])  # vLLM's sampling noise on CPU
             gen = torch.Generator()
             gen.set_state(msg["generator_state"])
