@@ -55,7 +55,7 @@ def _receive(port: int, rank: int, world: int, backend: str, repeats: int) -> No
 def run(args: argparse.Namespace) -> dict:
     from megatron_skpo.rollout.bridge import send_buckets, weight_group
     from megatron_skpo.rollout.weight_sync import bucketize
-    from megatron_skpo.trainer.remote import free_port
+    from megatron_skpo.trainer.build import free_port
 
     if args.receiver:
         _receive(*map(int, args.receiver), args.backend, args.repeats)

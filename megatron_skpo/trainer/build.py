@@ -65,15 +65,19 @@ class Parallel:
         return parts[::step]
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (for a 1-rank job's rendezvous, the rollout bridge)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world size) of the job; starts a 1-rank job when not launched by torchrun/srun."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(port))
+                              MASTER_PORT=str(free_port()))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 

@@ -25,14 +25,9 @@ from typing import Optional
 from megatron_skpo.config import Config, to_dict
 from megatron_skpo.rollout.bridge import BridgeError, Channel, send_buckets, weight_group
 from megatron_skpo.rollout.weight_sync import SyncStats, bucketize
+from megatron_skpo.trainer.build import free_port
 
 KEY_FILE = "rollout_bridge.key"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _split(spec: str, n: int, i: int) -> str:
@@ -192,7 +187,7 @@ class RolloutWorkers:
         for ch in self.channels:
             try:
                 ch.send("close")
-            except BridgeError:
+            except BridgeError:  # already gone: the wait below reaps (or kills) its process
                 pass
         deadline = time.monotonic() + 30
         for p in self.procs:
