@@ -5,7 +5,7 @@ and registering a name twice is an error, so two modules cannot silently shadow 
 """
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 F = TypeVar("F", bound=Callable)
 
@@ -16,12 +16,16 @@ class Registry(Generic[F]):
     def __init__(self, kind: str):
         self.kind = kind
         self._table: dict[str, F] = {}
+        self._meta: dict[str, Mapping[str, Any]] = {}
 
-    def register(self, name: str) -> Callable[[F], F]:
+    def register(self, name: str, **meta: Any) -> Callable[[F], F]:
+        """Decorator registering ``fn`` as ``name``; ``meta`` is what the entry declares about itself
+        (e.g. a policy loss's ``reads``: the settings it uses), read back with :meth:`meta`."""
         def deco(fn: F) -> F:
             if name in self._table:
                 raise ValueError(f"{self.kind} '{name}' is already registered ({self._table[name]!r})")
             self._table[name] = fn
+            self._meta[name] = dict(meta)
             return fn
 
         return deco
@@ -33,6 +37,10 @@ class Registry(Generic[F]):
             raise KeyError(
                 f"unknown {self.kind} '{name}'; registered: {', '.join(sorted(self._table))}"
             ) from None
+
+    def meta(self, name: str) -> Mapping[str, Any]:
+        self.get(name)  # the unknown-name error
+        return self._meta[name]
 
     def names(self) -> list[str]:
         return sorted(self._table)

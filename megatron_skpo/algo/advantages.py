@@ -1,7 +1,8 @@
 """Advantage estimators: one typed signature, registered by name in ``ADVANTAGES``.
 
 Every estimator is ``fn(inp: AdvantageInput, params: AdvantageParams) -> Tensor [B, T]`` (token-level
-advantages, zero outside ``response_mask``); callers use ``compute_advantages(name, inp, params)``,
+advantages, zero outside ``response_mask``), registered with ``reads``, the ``AdvantageParams`` fields
+it uses (a test checks the declaration against the function); callers use ``compute_advantages(name, inp, params)``,
 which also applies the optional batch normalisation (SKPO appendix C) to any estimator.
 
 Registered: grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, spo, dense_mc.
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from megatron_skpo.algo.registries import ADVANTAGES
+from megatron_skpo.settings import setting
 
 NormLevel = Literal["token", "sequence"]
 
@@ -64,13 +66,16 @@ class AdvantageInput:
 
 @dataclass(frozen=True)
 class AdvantageParams:
-    """Plain numbers for the estimators (the trainer copies them from ``AlgoConfig``)."""
+    """Plain numbers for the estimators. Each field declares its key under ``cfg.algo`` (the method
+    builds this by those keys, ``settings.from_config``); each estimator declares the fields it reads
+    when it registers (``ADVANTAGES.meta(name)["reads"]``), and ``compute_advantages`` reads
+    ``BATCH_NORM_READS`` when ``batch_norm`` is on."""
 
-    eps: float = 1e-6  # in (x - mean) / (std + eps)
-    std_unbiased: bool = True  # Bessel's correction in every std (torch.std default, as verl/TRL)
-    batch_norm: bool = False  # compute_advantages: also normalise over the batch (appendix C)
-    batch_norm_level: NormLevel = "token"  # statistics over valid tokens or over sequences
-    dense_mode: Literal["group_norm", "vine"] = "group_norm"
+    eps: float = setting(1e-6, "adv_eps")  # in (x - mean) / (std + eps)
+    std_unbiased: bool = setting(True, "std_unbiased")  # Bessel's correction in every std (torch.std default)
+    batch_norm: bool = setting(False, "batch_norm_advantages")  # also normalise over the batch (appendix C)
+    batch_norm_level: NormLevel = setting("token", "batch_norm_level")  # over valid tokens or over sequences
+    dense_mode: Literal["group_norm", "vine"] = setting("group_norm", "dense_mc.mode")
 
     def __post_init__(self):
         if self.eps < 0:
@@ -136,7 +141,7 @@ def _broadcast(seq_adv: Tensor, inp: AdvantageInput) -> Tensor:
     return seq_adv[:, None] * inp.mask
 
 
-@ADVANTAGES.register("grpo")
+@ADVANTAGES.register("grpo", reads=("eps", "std_unbiased"))
 def grpo(inp: AdvantageInput, params: AdvantageParams) -> Tensor:
     """A_i = (R_i - mean_G R) / (std_G R + eps), broadcast to the response tokens."""
     st = group_stats(inp.rewards, inp.group_index, params.std_unbiased)
@@ -144,14 +149,14 @@ def grpo(inp: AdvantageInput, params: AdvantageParams) -> Tensor:
     return _broadcast(torch.where(st.constant, 0.0, adv), inp)
 
 
-@ADVANTAGES.register("dr_grpo")
+@ADVANTAGES.register("dr_grpo", reads=())
 def dr_grpo(inp: AdvantageInput, params: AdvantageParams) -> Tensor:
     """Dr. GRPO: A_i = R_i - mean_G R (no std division)."""
     st = group_stats(inp.rewards, inp.group_index, params.std_unbiased)
     return _broadcast(torch.where(st.constant, 0.0, inp.rewards - st.mean), inp)
 
 
-@ADVANTAGES.register("rloo")
+@ADVANTAGES.register("rloo", reads=())
 def rloo(inp: AdvantageInput, params: AdvantageParams) -> Tensor:
     """RLOO: A_i = R_i - mean_{j != i} R_j = n / (n - 1) * (R_i - mean_G R); size-1 groups give 0."""
     st = group_stats(inp.rewards, inp.group_index, params.std_unbiased)
@@ -159,19 +164,19 @@ def rloo(inp: AdvantageInput, params: AdvantageParams) -> Tensor:
     return _broadcast(torch.where(st.constant, 0.0, adv), inp)
 
 
-@ADVANTAGES.register("reinforce_pp")
+@ADVANTAGES.register("reinforce_pp", reads=("eps", "std_unbiased"))
 def reinforce_pp(inp: AdvantageInput, params: AdvantageParams) -> Tensor:
     """REINFORCE++ (gamma = 1, no KL reward): R broadcast to tokens, whitened over all valid tokens."""
     return batch_normalize(_broadcast(inp.rewards, inp), inp.mask, "token", params.eps, params.std_unbiased)
 
 
-@ADVANTAGES.register("reinforce_pp_baseline")
+@ADVANTAGES.register("reinforce_pp_baseline", reads=("eps", "std_unbiased"))
 def reinforce_pp_baseline(inp: AdvantageInput, params: AdvantageParams) -> Tensor:
     """REINFORCE++-baseline: (R_i - mean_G R) broadcast, then whitened over all valid tokens."""
     return batch_normalize(dr_grpo(inp, params), inp.mask, "token", params.eps, params.std_unbiased)
 
 
-@ADVANTAGES.register("spo")
+@ADVANTAGES.register("spo", reads=("eps", "std_unbiased"))
 def spo(inp: AdvantageInput, params: AdvantageParams) -> Tensor:
     """SPO: A_i = R_i - V_prev(q_i) (``baseline``), whitened over the batch's sequences."""
     if inp.baseline is None:
@@ -249,7 +254,7 @@ def _relative_group_norm(after: Tensor, lengths: Tensor, group_index: Tensor, ep
     return torch.where(hi == lo, 0.0, adv)
 
 
-@ADVANTAGES.register("dense_mc")
+@ADVANTAGES.register("dense_mc", reads=("eps", "std_unbiased", "dense_mode"))
 def dense_mc(inp: AdvantageInput, params: AdvantageParams) -> Tensor:
     """Token-level Monte Carlo advantages from ``token_values`` (V(q, o_<t), see AdvantageInput).
 
@@ -273,6 +278,9 @@ def dense_mc(inp: AdvantageInput, params: AdvantageParams) -> Tensor:
     rows = torch.arange(out.shape[0], device=out.device)[:, None].expand_as(valid)
     out[valid] = adv_c[rows[valid], pos[valid]]
     return out
+
+
+BATCH_NORM_READS = ("eps", "std_unbiased", "batch_norm_level")  # what compute_advantages reads when batch_norm
 
 
 def compute_advantages(name: str, inp: AdvantageInput, params: AdvantageParams) -> Tensor:

@@ -5,7 +5,8 @@ objective J. Per-token losses are zero outside the mask; aggregation (``algo.agg
 them into this rank's share of the global mean.
 
 Registered in ``POLICY_LOSSES`` as ``fn(inp: PolicyLossInput, params: PolicyLossParams) ->
-(per_token_loss [B, T], stats)``, with r_t = exp(log pi_theta - log pi_old) per token:
+(per_token_loss [B, T], stats)`` with ``reads``, the ``PolicyLossParams`` fields the loss uses (a
+test checks the declaration against the function), with r_t = exp(log pi_theta - log pi_old) per token:
 - ``ppo_clip``: -min(r A, clip(r, 1-eps_low, 1+eps_high) A) (PPO with DAPO's clip-higher), and for
   A < 0 the optional dual clip bounds the loss by -c A (Ye et al. 2020): min(max(-rA, -clip(r)A), -cA).
   SKPO's upstream loss J_I.
@@ -34,6 +35,7 @@ from megatron_skpo.algo.kl import entropy_bonus, kl_k1, kl_k3
 from megatron_skpo.algo.metrics import LossMetrics
 from megatron_skpo.algo.registries import KL_ESTIMATORS, POLICY_LOSSES
 from megatron_skpo.algo.tis import apply_tis
+from megatron_skpo.settings import setting
 
 Stats = dict[str, Tensor]
 PolicyLossFn = Callable[["PolicyLossInput", "PolicyLossParams"], tuple[Tensor, Stats]]
@@ -63,13 +65,16 @@ class PolicyLossInput:
 
 @dataclass(frozen=True)
 class PolicyLossParams:
-    """Plain-number knobs of the losses (the trainer copies them from the config)."""
+    """Plain-number knobs of the losses. Each field declares its key under ``cfg.algo`` and the
+    trainer builds this from the config by those keys (``settings.from_config``); each loss declares
+    the fields it reads when it registers (``POLICY_LOSSES.meta(name)["reads"]``), which is what
+    ``config/algorithms.py`` rejects for the losses that ignore them."""
 
-    eps_low: float = 0.2  # ratio >= 1 - eps_low
-    eps_high: float = 0.28  # ratio <= 1 + eps_high (clip-higher)
-    dual_clip_c: Optional[float] = None  # ppo_clip only: loss <= -c A for A < 0; None = off
-    gspo_eps_low: float = 3e-4  # gspo's sequence-ratio bounds
-    gspo_eps_high: float = 4e-4
+    eps_low: float = setting(0.2, "clip.eps_low")  # ratio >= 1 - eps_low
+    eps_high: float = setting(0.28, "clip.eps_high")  # ratio <= 1 + eps_high (clip-higher)
+    dual_clip_c: Optional[float] = setting(None, "clip.dual_clip_c")  # ppo_clip: loss <= -c A for A < 0; None = off
+    gspo_eps_low: float = setting(3e-4, "gspo_eps_low")  # gspo's sequence-ratio bounds
+    gspo_eps_high: float = setting(4e-4, "gspo_eps_high")
 
     def __post_init__(self):
         for name in ("eps_low", "gspo_eps_low"):
@@ -119,7 +124,7 @@ def _clipped_surrogate(
     return loss, low, high, dual
 
 
-@POLICY_LOSSES.register("ppo_clip")
+@POLICY_LOSSES.register("ppo_clip", reads=("eps_low", "eps_high", "dual_clip_c"))
 def ppo_clip_loss(inp: PolicyLossInput, params: PolicyLossParams) -> tuple[Tensor, Stats]:
     """PPO-clip with clip-higher and optional dual clip; [B, T] loss (SKPO's J_I integrand, negated)."""
     log_ratio = (inp.log_probs - inp.old_log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
@@ -130,7 +135,7 @@ def ppo_clip_loss(inp: PolicyLossInput, params: PolicyLossParams) -> tuple[Tenso
     return _zero_outside(loss, inp.mask), _ratio_stats(log_ratio, ratio, low, high, dual)
 
 
-@POLICY_LOSSES.register("cispo")
+@POLICY_LOSSES.register("cispo", reads=("eps_low", "eps_high"))
 def cispo_loss(inp: PolicyLossInput, params: PolicyLossParams) -> tuple[Tensor, Stats]:
     """CISPO: -sg(clip(r, 1-eps_low, 1+eps_high)) * A * log pi_theta; [B, T] (SKPO's J_II integrand)."""
     log_ratio = (inp.log_probs - inp.old_log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
@@ -142,7 +147,7 @@ def cispo_loss(inp: PolicyLossInput, params: PolicyLossParams) -> tuple[Tensor, 
     return _zero_outside(loss, inp.mask), _ratio_stats(log_ratio, ratio, low, high, torch.zeros_like(low))
 
 
-@POLICY_LOSSES.register("gspo")
+@POLICY_LOSSES.register("gspo", reads=("gspo_eps_low", "gspo_eps_high"))
 def gspo_loss(inp: PolicyLossInput, params: PolicyLossParams) -> tuple[Tensor, Stats]:
     """GSPO: PPO's clipped min on the length-normalised sequence ratio (token form); [B, T]."""
     m = inp.mask.bool()
@@ -157,7 +162,7 @@ def gspo_loss(inp: PolicyLossInput, params: PolicyLossParams) -> tuple[Tensor, S
     return _zero_outside(loss, m), _ratio_stats(token_log_ratio, ratio, low, high, dual)
 
 
-@POLICY_LOSSES.register("reinforce")
+@POLICY_LOSSES.register("reinforce", reads=())
 def reinforce_loss(inp: PolicyLossInput, params: PolicyLossParams) -> tuple[Tensor, Stats]:
     """REINFORCE: -A * log pi_theta; [B, T]. Ratio stats are reported for monitoring only."""
     log_ratio = (inp.log_probs - inp.old_log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)

@@ -23,6 +23,7 @@ from torch import Tensor
 from megatron_skpo.algo.aggregation import Count
 from megatron_skpo.algo.losses import PolicyLossInput, PolicyLossParams, policy_objective
 from megatron_skpo.algo.metrics import LossMetrics
+from megatron_skpo.settings import setting
 
 
 @dataclass(frozen=True)
@@ -36,18 +37,24 @@ class PhaseLoss:
     metric_prefix: str = ""  # "up/" / "down/" for SKPO; "" keeps a one-phase loss's plain names
 
 
+def _tis_cap(tis) -> Optional[float]:
+    return tis.cap if tis.enabled else None
+
+
 @dataclass(frozen=True)
 class ObjectiveSettings:
-    """What every phase shares (copied from ``cfg.algo`` by the trainer)."""
+    """What every phase shares; each field declares its key under ``cfg.algo`` and the trainer
+    builds this by those keys (``settings.from_config``; ``params`` is built the same way)."""
 
     params: PolicyLossParams = field(default_factory=PolicyLossParams)
-    norm_length: Optional[float] = None  # seq-mean-token-sum-norm's constant
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
-    tis_cap: Optional[float] = None  # None = truncated importance sampling off
-    off_policy: str = "decoupled"  # OFF_POLICY_CORRECTIONS name, for rows of an older policy version
-    off_policy_cap: float = 5.0  # decoupled: cap of pi_prox / mu on stale rows
+    norm_length: Optional[float] = setting(None, "norm_length", float)  # seq-mean-token-sum-norm's constant
+    kl_coef: float = setting(0.0, "kl.coef")
+    kl_estimator: str = setting("k3", "kl.estimator")
+    entropy_coef: float = setting(0.0, "entropy_coef")
+    tis_cap: Optional[float] = setting(None, "tis", _tis_cap)  # None = truncated importance sampling off
+    # OFF_POLICY_CORRECTIONS name, for rows of an older policy version
+    off_policy: str = setting("decoupled", "off_policy")
+    off_policy_cap: float = setting(5.0, "off_policy_cap")  # decoupled: cap of pi_prox / mu on stale rows
 
 
 @dataclass

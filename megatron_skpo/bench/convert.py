@@ -14,21 +14,29 @@ import json
 import tempfile
 from pathlib import Path
 
+from megatron_skpo.model.families import FAMILIES
+
+
+def _family(model_type: str, **shape) -> dict:
+    """A config.json of a registered family (its architecture class from the family spec)."""
+    return dict(model_type=model_type, architectures=[FAMILIES[model_type].architecture], **shape)
+
+
 PRESETS = {
-    "qwen2.5-1.5b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=1536,
-                         intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
-                         num_hidden_layers=28, vocab_size=151936, tie_word_embeddings=True,
-                         rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6),
-    "llama-3.2-1b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=2048,
-                         intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
-                         num_hidden_layers=16, vocab_size=128256, tie_word_embeddings=True,
-                         rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
-                                           high_freq_factor=4.0, original_max_position_embeddings=8192)),
-    "smollm2-135m": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=576,
-                         intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                         num_hidden_layers=30, vocab_size=49152, tie_word_embeddings=True,
-                         rope_theta=100000.0, max_position_embeddings=8192, rms_norm_eps=1e-5),
+    "qwen2.5-1.5b": _family("qwen2", hidden_size=1536,
+                            intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
+                            num_hidden_layers=28, vocab_size=151936, tie_word_embeddings=True,
+                            rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6),
+    "llama-3.2-1b": _family("llama", hidden_size=2048,
+                            intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                            num_hidden_layers=16, vocab_size=128256, tie_word_embeddings=True,
+                            rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                            rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                              high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "smollm2-135m": _family("llama", hidden_size=576,
+                            intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                            num_hidden_layers=30, vocab_size=49152, tie_word_embeddings=True,
+                            rope_theta=100000.0, max_position_embeddings=8192, rms_norm_eps=1e-5),
 }
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -85,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
         to_mc = hf_to_mcore(root / "hf", root / "mcore", tp=args.tp, pp=args.pp)
         to_hf = mcore_to_hf(root / "mcore", root / "hf_out", max_shard_size=args.max_shard_size)
     direction = lambda r: {"seconds": r.seconds, "gb_per_s": round(r.gb_per_s, 4),  # noqa: E731
-                           "rss_growth_mb": r.peak_delta_mb}
+                              "rss_growth_mb": r.peak_delta_mb}
     return {"bench": "convert", "model": args.hf_config or args.preset, "num_layers": config["num_hidden_layers"],
             "weight_gb": round(nbytes / 1e9, 4), "dtype": args.dtype, "tp": args.tp, "pp": args.pp,
             "hf_to_mcore": direction(to_mc), "mcore_to_hf": direction(to_hf),

@@ -64,7 +64,9 @@ def run_one(args, method: str, seed: int, run_dir: Path) -> dict:
     base = load_config(args.recipe, [f"model.hf_path={args.model}", *args.overrides])
     # G is the group methods' knob; SPO's G is 1 by definition (it samples G x the prompts instead)
     extra = [o for o in args.overrides if not (method == "spo" and o.startswith("algo.group_size="))]
-    overrides = [f"model.hf_path={args.model}", f"logging.dir={run_dir}", f"train.seed={seed}",
+    # absolute paths: skpo-train runs in the package root, not in the caller's working directory
+    run_dir, model = run_dir.resolve(), Path(args.model).resolve()
+    overrides = [f"model.hf_path={model}", f"logging.dir={run_dir}", f"train.seed={seed}",
                  f"rollout.seed={seed}", f"data.shuffle_seed={seed}", f"train.steps={args.max_steps}",
                  f"train.max_sampled_tokens={args.token_budget}", f"validation.interval={args.eval_every}",
                  "logging.progress=false", "checkpoint.save_interval=5", "checkpoint.keep_last=1",

@@ -14,6 +14,7 @@ See docs/algorithm.md for the maths of each name.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
@@ -96,10 +97,10 @@ def algorithm(name: str) -> AlgorithmDef:
         raise ConfigError(f"algo.name: got {name!r}; allowed values: {', '.join(map(repr, ALGORITHMS))}") from None
 
 
-def _uses_loss(cfg, name: str) -> bool:
+def _losses(cfg) -> tuple[str, ...]:
+    """The policy losses this configuration trains with."""
     a = cfg.algo
-    losses = (a.skpo.upstream_loss, a.skpo.downstream_loss) if family(cfg) == "skpo" else (a.policy_loss,)
-    return name in losses
+    return (a.skpo.upstream_loss, a.skpo.downstream_loss) if family(cfg) == "skpo" else (a.policy_loss,)
 
 
 def _uses_agg(cfg, mode: str) -> bool:
@@ -113,7 +114,10 @@ def family(cfg) -> str:
 
 
 # Dotted key prefixes that only some configurations read: (predicate, who reads it). An explicit
-# value under such a prefix is an error when the predicate is false (the longest prefix wins).
+# value under such a prefix is an error when the predicate is false (the longest prefix wins). The
+# settings of the policy losses and advantage estimators (algo.clip.*, algo.gspo_eps_*, algo.adv_eps,
+# ...) get their rules from what each registered loss and estimator declares it reads
+# (:func:`settings_read`); tests/config/test_read_rules.py checks every key against every method.
 READ_WHEN: dict[str, tuple[Callable[[Any], bool], str]] = {
     "algo.skpo": (lambda c: family(c) == "skpo", "read only by SKPO (algo.name: skpo)"),
     "rollout.downstream_budget": (lambda c: family(c) == "skpo", "read only by SKPO (algo.name: skpo)"),
@@ -122,8 +126,8 @@ READ_WHEN: dict[str, tuple[Callable[[Any], bool], str]] = {
                          "not read by SKPO, whose phases use algo.skpo.upstream_loss / downstream_loss"),
     "algo.loss_agg_mode": (lambda c: family(c) != "skpo",
                            "not read by SKPO, whose phases use algo.skpo.upstream_agg_mode / downstream_agg_mode"),
-    "algo.gspo_eps_low": (lambda c: _uses_loss(c, "gspo"), "read only by the gspo policy loss"),
-    "algo.gspo_eps_high": (lambda c: _uses_loss(c, "gspo"), "read only by the gspo policy loss"),
+    "algo.dynamic_sampling": (lambda c: family(c) != "single_stream",
+                              "not read by SPO (one response per prompt: there are no constant groups to drop)"),
     "algo.norm_length": (lambda c: _uses_agg(c, "seq-mean-token-sum-norm"),
                          "read only by the seq-mean-token-sum-norm aggregation (Dr.GRPO)"),
     "algo.tracker": (lambda c: family(c) in ("single_stream", "skpo") or c.train.prompt_sampling == "prioritized",
@@ -154,10 +158,61 @@ READ_WHEN: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+
+
+def settings_read(cfg) -> set[str]:
+    """The ``algo.*`` keys of loss and estimator settings this configuration reads: the fields its
+    policy losses and its advantage estimator declare (``reads`` in their registries), plus what
+    batch normalisation and SKPO's upstream step (which always whitens) read."""
+    import megatron_skpo.algo  # noqa: F401  (late: populates the registries; the maths does not import config)
+    from megatron_skpo.algo.advantages import BATCH_NORM_READS, AdvantageParams
+    from megatron_skpo.algo.losses import PolicyLossParams
+    from megatron_skpo.algo.registries import ADVANTAGES, POLICY_LOSSES
+    from megatron_skpo.settings import config_keys
+
+    a = cfg.algo
+    loss = {f for name in _losses(cfg) for f in POLICY_LOSSES.meta(name)["reads"]}
+    adv = {*ADVANTAGES.meta(a.advantage)["reads"], "batch_norm"}
+    adv |= set(BATCH_NORM_READS) if a.batch_norm_advantages else set()
+    adv |= {"eps", "std_unbiased"} if family(cfg) == "skpo" else set()
+    loss_keys, adv_keys = config_keys(PolicyLossParams), config_keys(AdvantageParams)
+    return {f"algo.{loss_keys[f]}" for f in loss} | {f"algo.{adv_keys[f]}" for f in adv}
+
+
+@functools.cache
+def _settings_rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
+    """READ_WHEN rules of the loss and estimator settings, derived from what the registered losses and
+    estimators declare they read (a new loss setting needs no rule written by hand)."""
+    import megatron_skpo.algo  # noqa: F401
+    from megatron_skpo.algo.advantages import BATCH_NORM_READS, AdvantageParams
+    from megatron_skpo.algo.losses import PolicyLossParams
+    from megatron_skpo.algo.registries import ADVANTAGES, POLICY_LOSSES
+    from megatron_skpo.settings import config_keys
+
+    rules = {}
+    for reg, params, what in ((POLICY_LOSSES, PolicyLossParams, ("policy loss", "policy losses")),
+                              (ADVANTAGES, AdvantageParams, ("advantage estimator", "advantage estimators"))):
+        adv = params is AdvantageParams
+        for f, key in config_keys(params).items():
+            if adv and f == "batch_norm":
+                continue  # read whatever the estimator (compute_advantages)
+            readers = [n for n in reg.names() if f in reg.meta(n)["reads"]]
+            who = [f"the {' / '.join(readers)} {what[len(readers) > 1]}"] if readers else []
+            who += ["batch normalisation (algo.batch_norm_advantages: true)"] if adv and f in BATCH_NORM_READS else []
+            who += ["SKPO's upstream step"] if adv and f in ("eps", "std_unbiased") else []
+            rules[f"algo.{key}"] = (lambda c, k=f"algo.{key}": k in settings_read(c), f"read only by {', '.join(who)}")
+    return rules
+
+
+def read_rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
+    """``READ_WHEN`` and the rules derived from the loss and estimator registries."""
+    return {**READ_WHEN, **_settings_rules()}
+
+
 def _read_rule(key: str):
-    parts = key.split(".")
+    parts, rules = key.split("."), read_rules()
     for n in range(len(parts), 0, -1):
-        rule = READ_WHEN.get(".".join(parts[:n]))
+        rule = rules.get(".".join(parts[:n]))
         if rule is not None:
             return rule
     return None

@@ -1,7 +1,9 @@
 """Row readers (JSONL, Parquet), dotted field paths, and load-time validation of problems.
 
-Every problem remembers the file and 1-based row it came from, so each validation failure names
-both. The policy is ``error`` (raise :class:`DataError` at the first bad row) or ``skip`` (drop
+A :data:`Reader` maps a record to its raw prompt, gold answer and ``meta`` (tests, choices, extra
+fields: :mod:`megatron_skpo.rewards.reference`); :func:`field_reader` builds one from a function
+per part, and :mod:`.formats` registers the named ones. Every problem remembers the file and
+1-based row it came from, so each validation failure names both. The policy is ``error`` (raise :class:`DataError` at the first bad row) or ``skip`` (drop
 the row and count it in :class:`LoadReport`, per reason and per file, with the first rows of each
 so a log line can point at them). A JSONL line that is not UTF-8 is a bad row like any other
 (reason ``not_utf8``, named by file and line), not an exception that ends the load.
@@ -167,16 +169,51 @@ def _check_prompt(prompt: Any) -> Union[str, Messages]:
     return [dict(m) for m in prompt]
 
 
-def load_problems(path: str | Path, prompt_of: Callable[[Any], Any], answer_of: Callable[[Any], Any],
-                  policy: Policy = "error", keep: Callable[[Any], bool] = lambda r: True,
+class BadRow(ValueError):
+    """A row a reader cannot use, counted under ``reason`` (``bad_tests``, ``multi_answer``, ...)."""
+
+    def __init__(self, reason: str, msg: str):
+        super().__init__(msg)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RawProblem:
+    """What a reader takes from one record, before validation."""
+
+    prompt: Any  # text or chat messages
+    answer: Any  # gold answer (a string or a number); "" for code problems graded by their tests
+    meta: dict = field(default_factory=dict)  # tests, fn_name, choices, extra (rewards/reference.py)
+
+
+Reader = Callable[[dict], RawProblem]  # raises FieldMissing, BadRow or ValueError on a bad record
+
+
+def field_reader(prompt_of: Callable[[Any], Any], answer_of: Callable[[Any], Any],
+                 meta_of: Callable[[Any], dict] = lambda r: {}) -> Reader:
+    """A reader from one function per part; a ValueError of a part counts as ``bad_<part>``."""
+    def part(name: str, get: Callable[[Any], Any], rec: dict) -> Any:
+        try:
+            return get(rec)
+        except (FieldMissing, BadRow):
+            raise
+        except ValueError as e:  # a recipe's own extraction failed (e.g. no \boxed{} in the solution)
+            raise BadRow(f"bad_{name}", f"{name}: {e}") from None
+
+    return lambda rec: RawProblem(part("prompt", prompt_of, rec), part("answer", answer_of, rec),
+                                  part("meta", meta_of, rec))
+
+
+def load_problems(path: str | Path, read: Reader, policy: Policy = "error",
+                  keep: Callable[[Any], bool] = lambda r: True,
                   duplicates: Literal["policy", "keep"] = "policy",
                   limit: Optional[int] = None) -> tuple[list[Problem], LoadReport]:
     """Read and validate problems from ``path``.
 
-    ``prompt_of``/``answer_of`` map a record to the prompt and the raw gold answer (raising
-    FieldMissing/ValueError on a bad record). ``keep`` filters rows out silently (a recipe's
-    subset, not an error). ``duplicates="keep"`` counts repeated prompts without dropping them
-    (benchmarks are evaluated as published).
+    ``read`` maps a record to its raw prompt, gold answer and meta (:func:`field_reader`, or a
+    named format in :mod:`.formats`), raising FieldMissing/BadRow/ValueError on a bad record.
+    ``keep`` filters rows out silently (a recipe's subset, not an error). ``duplicates="keep"``
+    counts repeated prompts without dropping them (benchmarks are evaluated as published).
     """
     report, problems, seen = LoadReport(str(path)), [], {}
     for row, rec in read_rows(path):
@@ -188,7 +225,7 @@ def load_problems(path: str | Path, prompt_of: Callable[[Any], Any], answer_of: 
                 raise DataError(str(path), row, f"record must be an object, got {type(rec).__name__}", "invalid_json")
             if not keep(rec):
                 continue
-            problem = _make_problem(rec, prompt_of, answer_of, str(path), row)
+            problem = _make_problem(rec, read, str(path), row)
             _check_duplicate(problem, seen, duplicates, report)
         except DataError as e:
             if policy == "error":
@@ -202,22 +239,24 @@ def load_problems(path: str | Path, prompt_of: Callable[[Any], Any], answer_of: 
     return problems, report
 
 
-def _make_problem(rec: dict, prompt_of, answer_of, file: str, row: int) -> Problem:
+def _make_problem(rec: dict, read: Reader, file: str, row: int) -> Problem:
+    try:
+        raw = read(rec)
+    except FieldMissing as e:
+        raise DataError(file, row, str(e).strip("'\""), "missing_field") from None
+    except BadRow as e:
+        raise DataError(file, row, str(e), e.reason) from None
+    except ValueError as e:
+        raise DataError(file, row, str(e), "bad_row") from None
     values = []
-    for name, get, check in (("prompt", prompt_of, _check_prompt), ("answer", answer_of, answer_to_str)):
+    for name, value, check in (("prompt", raw.prompt, _check_prompt), ("answer", raw.answer, answer_to_str)):
         try:
-            raw = get(rec)
-        except FieldMissing as e:
-            raise DataError(file, row, str(e).strip("'\""), "missing_field") from None
-        except ValueError as e:  # a recipe's own extraction failed (e.g. no \boxed{} in the solution)
-            raise DataError(file, row, f"{name}: {e}", f"bad_{name}") from None
-        try:
-            values.append(check(raw))
+            values.append(check(value))
         except ValueError as e:
             raise DataError(file, row, f"{name}: {e}", f"bad_{name}") from None
-    if not values[1]:
+    if not values[1] and not raw.meta.get("tests"):  # code problems are graded by their tests alone
         raise DataError(file, row, "answer: empty answer", "bad_answer")
-    return Problem(values[0], values[1], file, row)
+    return Problem(values[0], values[1], file, row, dict(raw.meta))
 
 
 def _check_duplicate(problem: Problem, seen: dict, duplicates: str, report: LoadReport) -> None:

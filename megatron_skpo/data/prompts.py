@@ -8,7 +8,12 @@ Named templates:
   ``Question: {problem}\\nAnswer:``; a completion prompt, never wrapped in a chat template (a
   format small models such as SmolLM2-135M can learn on CPU); grade it with the
   ``the_answer_is`` / ``last_number`` extractors;
-- ``raw``: the problem text unchanged.
+- ``raw``: the problem text unchanged;
+- ``code``: a programming problem followed by an instruction to answer with one complete Python
+  program in a fenced ```` ```python ```` block that reads stdin and writes stdout (the code reward
+  grades the last such block; LiveCodeBench's own prompt asks the same);
+- ``multiple_choice``: the question and its lettered options (rendered by the loader), then "put
+  the letter of your answer within \\boxed{}" (MMLU-Pro).
 Any other string containing ``{problem}`` is used as a format string.
 
 Problems whose prompt is already a list of chat messages (dapo-math-17k) are rendered with the
@@ -34,6 +39,12 @@ FEWSHOT_PLAIN_SHOTS = (
     "Answer: 12 / 3 = 4. The answer is 4.\n\n"
 )
 
+CODE_INSTRUCTION = ("Write a complete Python 3 program that solves the problem: read the input from standard input "
+                    "and write the answer to standard output (if the problem gives a function signature, define "
+                    "that function instead). Reason first if you need to, then give the final program in one "
+                    "```python code block.")
+CHOICE_INSTRUCTION = "Please reason step by step, and put the letter of your answer within \\boxed{}."
+
 
 # SKPO's skip content in a chat turn's problem slot (docs/algorithm.md §2 step 4): segment first.
 CHAT_SKIP = "Partial reasoning:\n{segment}\n\nProblem:\n{problem}"
@@ -58,6 +69,8 @@ TEMPLATES = {
                               stop=("\nQuestion:", "\n\n"), extractors=("the_answer_is", "last_number"),
                               skip=FEWSHOT_SKIP),
     "raw": Template("{problem}", chat=True),
+    "code": Template("{problem}\n" + CODE_INSTRUCTION, chat=True, extractors=()),
+    "multiple_choice": Template("{problem}\n" + CHOICE_INSTRUCTION, chat=True),
 }
 
 

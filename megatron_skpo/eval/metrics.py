@@ -83,12 +83,14 @@ def paired_change(before: Sequence[Sequence[bool]], after: Sequence[Sequence[boo
 
 
 def markdown_table(summaries: Sequence[BenchmarkSummary]) -> str:
-    """Summary table in Markdown, one row per benchmark."""
-    k = summaries[0].k if summaries else 0
+    """Summary table in Markdown, one row per benchmark (its k named in the row when k differs)."""
+    ks = {s.k for s in summaries}
+    k = str(ks.pop()) if len(ks) == 1 else "k"
     lines = [f"| benchmark | problems | avg@{k} | pass@{k} | mean tokens | truncated | no answer | timeouts |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summaries:
-        lines.append(f"| {s.benchmark} | {s.problems} | {100 * s.avg_at_k:.1f} | {100 * s.pass_at_k:.1f} | "
+        name = s.benchmark if k != "k" else f"{s.benchmark} (k={s.k})"
+        lines.append(f"| {name} | {s.problems} | {100 * s.avg_at_k:.1f} | {100 * s.pass_at_k:.1f} | "
                      f"{s.mean_response_tokens:.1f} | {100 * s.truncation_rate:.1f}% | "
                      f"{100 * s.no_answer_rate:.1f}% | {s.grading_timeouts} |")
     return "\n".join(lines) + "\n"

@@ -1,9 +1,12 @@
 """Benchmark evaluation: render prompts, sample k responses, grade, append JSONL, summarise.
 
-Per benchmark the run writes ``<out>/<benchmark>.jsonl`` (one record per problem, appended and
-flushed chunk by chunk) and, at the end, ``summary.json`` and ``summary.md`` for all benchmarks.
-A rerun with the same settings skips problems already in the JSONL (resume); a rerun with
-different settings is refused, because mixing them would corrupt the averages.
+A :class:`Task` is one benchmark with its own settings (k, prompt template), reward kind and data
+(a built-in recipe or a file in a named format). Per benchmark the run writes
+``<out>/<benchmark>.jsonl`` (one record per problem, appended and flushed chunk by chunk) and
+``<out>/<benchmark>.run.json`` (its settings), and at the end ``summary.json`` and ``summary.md``
+for all benchmarks (a suite adds its table, :mod:`.suite`). A rerun with the same settings skips
+problems already in the JSONL (resume); a rerun with different settings for a benchmark is
+refused, because mixing them would corrupt its averages.
 """
 from __future__ import annotations
 
@@ -13,11 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from megatron_skpo.data import load_recipe, render_all
+from megatron_skpo.data import LoadReport, Problem, load_format, load_recipe, render_all
 from megatron_skpo.data.prompts import get_template
 from megatron_skpo.eval.engine import Generator
 from megatron_skpo.eval.metrics import BenchmarkSummary, markdown_table, summarize
 from megatron_skpo.rewards import RewardPool
+from megatron_skpo.rewards.reference import Reference
+
+DEFAULT_EXTRACTORS = ("boxed", "the_answer_is")  # a pool needs them even where the reward reads none (code)
 
 
 @dataclass(frozen=True)
@@ -49,14 +55,44 @@ def read_records(path: Path) -> dict[str, dict]:
     return records
 
 
-def _check_settings(out: Path, settings: EvalSettings) -> None:
-    meta = out / "run.json"
-    mine = asdict(settings)
+@dataclass(frozen=True)
+class Task:
+    """One benchmark of a run: where its problems come from and how they are sampled and graded."""
+
+    name: str  # output name: <out>/<name>.jsonl
+    settings: EvalSettings
+    kind: str = "math"  # reward kind (rewards.kinds): math, multiple_choice, code
+    path: Optional[str] = None  # the benchmark's file; None: the built-in recipe
+    format: Optional[str] = None  # data format of ``path`` (data/formats.py)
+    recipe: Optional[str] = None  # built-in recipe or alias (default: ``name``)
+    timeout_s: float = 5.0  # grading timeout per response (code: all of the problem's tests)
+
+    def load(self, limit: Optional[int] = None) -> tuple[list[Problem], LoadReport]:
+        if self.path is not None:
+            return load_format(self.path, self.format or "fields", policy="skip", duplicates="keep", limit=limit)
+        return load_recipe(self.recipe or self.name, policy="skip", duplicates="keep", limit=limit)
+
+    def record(self) -> dict:
+        """What a resumed run must share with the results on disk."""
+        data = {"path": self.path, "format": self.format} if self.path else {"recipe": self.recipe or self.name}
+        return {**asdict(self.settings), "kind": self.kind, "data": data}
+
+
+def _check_settings(out: Path, task: Task) -> None:
+    """Per benchmark ``<name>.run.json``: written on the first run, compared on every resume (an
+    output directory of an older version has one ``run.json`` for all its benchmarks)."""
+    meta, legacy = out / f"{task.name}.run.json", out / "run.json"
+    mine = task.record()
+    old = None
     if meta.is_file():
         old = json.loads(meta.read_text())
+    elif legacy.is_file() and (out / f"{task.name}.jsonl").is_file():
+        old = {**mine, **json.loads(legacy.read_text())}
+    if old is not None:
         diff = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
         if diff:
-            raise ValueError(f"{out}: has results with other settings {diff} (old, new); use another --out")
+            raise ValueError(f"{out}: {task.name} has results with other settings {diff} (old, new); "
+                             "use another --out")
     meta.write_text(json.dumps(mine, indent=2))
 
 
@@ -66,15 +102,17 @@ def _rewrite_clean(path: Path, records: dict[str, dict]) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in records.values()), encoding="utf-8")
 
 
-def evaluate_benchmark(name: str, generator: Generator, tokenizer: Any, pool: RewardPool,
-                       settings: EvalSettings, out: Path, limit: Optional[int] = None,
-                       chunk: int = 16, progress: bool = True) -> BenchmarkSummary:
+def evaluate_benchmark(task: Task, generator: Generator, tokenizer: Any, pool: RewardPool, out: Path,
+                       limit: Optional[int] = None, chunk: int = 16, progress: bool = True) -> BenchmarkSummary:
     """Evaluate one benchmark (resuming), return its summary over the selected problems."""
     from tqdm import tqdm
 
-    problems, _ = load_recipe(name, policy="skip", duplicates="keep", limit=limit)
+    settings, name = task.settings, task.name
+    problems, report = task.load(limit)
     problems, prompts, _ = render_all(problems, settings.prompt_template, tokenizer, settings.use_chat_template,
-                                      settings.max_prompt_tokens, policy="skip")
+                                      settings.max_prompt_tokens, policy="skip", report=report)
+    for line in report.summary_lines() if report.skipped_total else ():
+        print(f"{name}: {line}")
     path = out / f"{name}.jsonl"
     records = read_records(path)
     _rewrite_clean(path, records)
@@ -94,10 +132,10 @@ def evaluate_benchmark(name: str, generator: Generator, tokenizer: Any, pool: Re
     return summarize(name, [records[p.uid] for p in problems], settings.k)
 
 
-def _grade_chunk(pool: RewardPool, problems: Sequence, completions: Sequence[Sequence]) -> list[dict]:
+def _grade_chunk(pool: RewardPool, problems: Sequence[Problem], completions: Sequence[Sequence]) -> list[dict]:
     responses = [c.text for cs in completions for c in cs]
-    golds = [p.answer for p, cs in zip(problems, completions) for _ in cs]
-    grades = iter(pool.grade(responses, golds))
+    refs = [Reference.of(p.answer, p.meta) for p, cs in zip(problems, completions) for _ in cs]
+    grades = iter(pool.grade(responses, refs))
     out = []
     for p, cs in zip(problems, completions):
         gs = [next(grades) for _ in cs]
@@ -108,20 +146,50 @@ def _grade_chunk(pool: RewardPool, problems: Sequence, completions: Sequence[Seq
     return out
 
 
+def evaluate_tasks(tasks: Sequence[Task], generator: Generator, tokenizer: Any, out: Path,
+                   limit: Optional[int] = None, extractors: Optional[Sequence[str]] = None, workers: int = 2,
+                   progress: bool = True, suite: Optional[str] = None) -> list[BenchmarkSummary]:
+    """Evaluate every task into ``out`` with a reward pool per (kind, timeout, extractors); writes
+    summary.json and summary.md (and, for a suite, ``<suite>_table.md``); returns the summaries."""
+    out.mkdir(parents=True, exist_ok=True)
+    for task in tasks:  # every refusal before any generation
+        _check_settings(out, task)
+    t0, pools, summaries = time.monotonic(), {}, []
+    try:
+        for task in tasks:
+            ex = tuple(extractors or get_template(task.settings.prompt_template).extractors or DEFAULT_EXTRACTORS)
+            key = (task.kind, task.timeout_s, ex)
+            if key not in pools:
+                pools[key] = RewardPool(workers=workers, timeout_s=task.timeout_s, extractors=ex, kind=task.kind)
+            summaries.append(evaluate_benchmark(task, generator, tokenizer, pools[key], out, limit,
+                                                progress=progress))
+    finally:
+        for pool in pools.values():
+            pool.close()
+    _write_summaries(tasks, summaries, out, limit, extractors, time.monotonic() - t0, suite)
+    return summaries
+
+
+def _write_summaries(tasks: Sequence[Task], summaries: Sequence[BenchmarkSummary], out: Path, limit: Optional[int],
+                     extractors: Optional[Sequence[str]], seconds: float, suite: Optional[str]) -> None:
+    records = [t.record() for t in tasks]
+    common = {k: v for k, v in records[0].items() if all(r.get(k) == v for r in records)} if records else {}
+    summary = {"settings": common, "limit": limit, "extractors": list(extractors) if extractors else None,
+               "seconds_this_run": round(seconds, 1),
+               "benchmarks": [{**s.as_dict(), "kind": t.kind, "prompt_template": t.settings.prompt_template,
+                               "data": r["data"]} for t, s, r in zip(tasks, summaries, records)]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(markdown_table(summaries))
+    if suite is not None:
+        from megatron_skpo.eval.suite import paper_table
+
+        label = Path(tasks[0].settings.model).name if tasks else "model"
+        (out / f"{suite}_table.md").write_text(paper_table({label: summaries}, suite))
+
+
 def evaluate(benchmarks: Sequence[str], generator: Generator, tokenizer: Any, settings: EvalSettings,
              out: Path, limit: Optional[int] = None, extractors: Optional[Sequence[str]] = None,
              workers: int = 2, timeout_s: float = 5.0, progress: bool = True) -> list[BenchmarkSummary]:
-    """Evaluate every benchmark into ``out``; writes summary.json and summary.md; returns the summaries."""
-    out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, settings)
-    extractors = extractors or get_template(settings.prompt_template).extractors
-    t0 = time.monotonic()
-    with RewardPool(workers=workers, timeout_s=timeout_s, extractors=extractors) as pool:
-        summaries = [evaluate_benchmark(b, generator, tokenizer, pool, settings, out, limit, progress=progress)
-                     for b in benchmarks]
-    summary = {"settings": asdict(settings), "limit": limit, "extractors": list(extractors),
-               "seconds_this_run": round(time.monotonic() - t0, 1),
-               "benchmarks": [s.as_dict() for s in summaries]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(markdown_table(summaries))
-    return summaries
+    """Evaluate built-in benchmarks (recipes) with one set of settings and the math reward."""
+    tasks = [Task(b, settings, timeout_s=timeout_s) for b in benchmarks]
+    return evaluate_tasks(tasks, generator, tokenizer, out, limit, extractors, workers, progress)

@@ -14,6 +14,7 @@ from torch import Tensor
 from megatron_skpo.algo.advantages import AdvantageInput, AdvantageParams, compute_advantages, group_stats
 from megatron_skpo.algo.tracker import ValueTracker
 from megatron_skpo.rollout.types import RolloutBatch
+from megatron_skpo.settings import from_config
 
 
 @dataclass(frozen=True)
@@ -26,9 +27,8 @@ class CreditSettings:
 
     @classmethod
     def from_config(cls, algo) -> "CreditSettings":
-        params = AdvantageParams(algo.adv_eps, algo.std_unbiased, algo.batch_norm_advantages, algo.batch_norm_level,
-                                 algo.dense_mc.mode)
-        return cls(algo.advantage, params, algo.dynamic_sampling)
+        """Every ``AdvantageParams`` field at the ``cfg.algo`` key it declares."""
+        return cls(algo.advantage, from_config(AdvantageParams, algo, "algo"), algo.dynamic_sampling)
 
 
 def response_mask(batch: RolloutBatch, rows: Sequence[int]) -> Tensor:

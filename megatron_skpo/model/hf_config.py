@@ -4,13 +4,9 @@ Pure functions over the plain config dict (what ``config.json`` holds, or
 ``PretrainedConfig.to_dict()``), so they read transformers 4.x (``rope_theta`` + ``rope_scaling``)
 and 5.x (``rope_parameters``) files alike without importing transformers.
 
-Supported (``model_type``; every one tied or untied):
-  * ``llama``: Llama 2/3/3.1/3.2 (Llama-3.x "llama3" rope scaling);
-  * ``mistral``: Mistral (sliding-window attention when ``sliding_window`` is set);
-  * ``qwen2``: Qwen2/Qwen2.5 (bias on q/k/v only);
-  * ``qwen3``: Qwen3 dense (RMSNorm on each query/key head, no biases);
-  * ``qwen3_moe``: Qwen3-MoE (the Qwen3 attention; every layer a routed-expert MLP with a softmax
-    top-k router, ``norm_topk_prob`` renormalisation, no shared expert).
+The supported families (``model_type``; every one tied or untied) and their quirks are the specs of
+:mod:`megatron_skpo.model.families`; this module turns a spec plus ``config.json`` into Megatron's
+fields.
 Anything the Megatron GPT layer cannot express exactly is rejected with an error naming the field,
 rather than silently producing a different model.
 """
@@ -23,12 +19,11 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
-QK_NORM = ("qwen3", "qwen3_moe")
+from megatron_skpo.model.families import HFConfigError, family_of, get_family
 
+__all__ = ["HFConfigError", "RopeSpec", "MoESpec", "rope_spec", "rope_inv_freq", "head_dim", "sliding_window",
+           "moe_spec", "megatron_aux_loss_coeff", "transformer_config_kwargs", "gpt_model_kwargs"]
 
-class HFConfigError(ValueError):
-    """An HF config this builder cannot reproduce exactly; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -107,14 +102,11 @@ class MoESpec:
     aux_loss_coef: float
 
 
-def _layer_types(hf: dict) -> list[str]:
-    return list(hf.get("layer_types") or [])
-
-
 def sliding_window(hf: dict) -> Optional[int]:
-    """Mistral's attention window in tokens (a query sees itself and the W-1 tokens before it),
-    or ``None`` for full causal attention."""
-    if hf.get("model_type") != "mistral" or hf.get("sliding_window") is None:
+    """The attention window in tokens of a family that has one (a query sees itself and the W-1
+    tokens before it), or ``None`` for full causal attention."""
+    spec = family_of(hf)
+    if spec is None or not spec.sliding_window or hf.get("sliding_window") is None:
         return None
     window = int(hf["sliding_window"])
     if window < 1:
@@ -122,19 +114,11 @@ def sliding_window(hf: dict) -> Optional[int]:
     return window
 
 
-def _check_qwen3(hf: dict) -> None:
-    if hf.get("attention_bias"):
-        raise HFConfigError("config.json: attention_bias=true on Qwen3 is not supported (Megatron's "
-                            "add_bias_linear would also add MLP biases)")
-    if hf.get("use_sliding_window") or "sliding_attention" in _layer_types(hf):
-        raise HFConfigError("config.json: use_sliding_window=true / sliding_attention layers on Qwen3 are "
-                            "not supported (no released Qwen3 uses them)")
-
-
 def moe_spec(hf: dict) -> Optional[MoESpec]:
-    """The routed experts of a ``qwen3_moe`` config (``None`` for dense models); errors name the
+    """The routed experts of an MoE family's config (``None`` for dense models); errors name the
     field when some layers would not be MoE layers or a shared expert is configured."""
-    if hf.get("model_type") != "qwen3_moe":
+    spec = family_of(hf)
+    if spec is None or not spec.moe:
         return None
     # transformers 5 writes num_local_experts for what Qwen's own configs call num_experts
     experts = hf.get("num_experts", hf.get("num_local_experts"))
@@ -169,25 +153,16 @@ def megatron_aux_loss_coeff(hf_coef: float, topk: int, num_moe_layers: int) -> f
     return hf_coef * topk / max(num_moe_layers, 1)
 
 
-def _check_supported(hf: dict) -> str:
-    kind = hf.get("model_type")
-    if kind not in SUPPORTED:
-        raise HFConfigError(f"config.json: model_type '{kind}' is not supported (supported: {', '.join(SUPPORTED)})")
+def _check_supported(hf: dict):
+    """The family spec of ``hf``, after every check that it can be built exactly."""
+    spec = get_family(hf.get("model_type"))
     if _get(hf, "hidden_act", "silu") != "silu":
         raise HFConfigError(f"config.json: hidden_act '{hf['hidden_act']}' is not supported (silu)")
-    if kind == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
-        raise HFConfigError("config.json: attention_bias/mlp_bias on Llama are not supported")
-    if kind == "qwen2" and hf.get("use_sliding_window"):
-        raise HFConfigError("config.json: use_sliding_window=true is not supported")
-    if kind in QK_NORM:
-        _check_qwen3(hf)
-    if kind == "mistral":
-        sliding_window(hf)
-        if len(set(_layer_types(hf))) > 1:
-            raise HFConfigError("config.json: layer_types mixing full and sliding attention on Mistral is not "
-                                "supported (Ministral-style alternation)")
+    sliding_window(hf)
+    if spec.check is not None:
+        spec.check(hf)
     moe_spec(hf)
-    return kind
+    return spec
 
 
 def _moe_kwargs(moe: MoESpec, num_layers: int) -> dict[str, Any]:
@@ -203,12 +178,12 @@ def _moe_kwargs(moe: MoESpec, num_layers: int) -> dict[str, Any]:
 
 def transformer_config_kwargs(hf: dict) -> dict[str, Any]:
     """Architecture fields of ``TransformerConfig`` (no parallelism, dtype or device choices)."""
-    kind = _check_supported(hf)
+    spec = _check_supported(hf)
     heads = int(_get(hf, "num_attention_heads", required=True))
     layers = int(_get(hf, "num_hidden_layers", required=True))
     window = sliding_window(hf)
     moe = moe_spec(hf)
-    extra: dict[str, Any] = dict(qk_layernorm=kind in QK_NORM)
+    extra: dict[str, Any] = dict(qk_layernorm=spec.qk_norm)
     if window is not None:  # Megatron's (left, right) keeps keys i-left..i+right: HF's W is (W-1, 0)
         extra["window_size"] = (window - 1, 0)
     if moe is not None:
@@ -226,7 +201,7 @@ def transformer_config_kwargs(hf: dict) -> dict[str, Any]:
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=kind == "qwen2",
+        add_qkv_bias=spec.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=float(_get(hf, "attention_dropout", 0.0)),
         init_method_std=float(_get(hf, "initializer_range", 0.02)),

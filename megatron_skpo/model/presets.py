@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
+from megatron_skpo.model.families import get_family
+
 PRESETS: dict[str, dict] = {
     "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960,
                          num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -34,6 +36,7 @@ def shape(name: str, num_layers: Optional[int] = None) -> dict:
     if name not in PRESETS:
         raise KeyError(f"unknown model preset '{name}'; known: {', '.join(sorted(PRESETS))}")
     cfg = copy.deepcopy(PRESETS[name])
+    get_family(cfg["model_type"])  # every preset is a registered family
     if num_layers is not None:
         cfg["num_hidden_layers"] = num_layers
     return cfg

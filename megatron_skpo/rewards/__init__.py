@@ -1,12 +1,15 @@
-"""Verifiable rewards: math answer equivalence (math-verify in a worker pool) and code tests.
+"""Verifiable rewards: a registry of reward kinds (math, multiple choice, code, format), custom and
+weighted rewards, run in a worker pool with a hard per-item timeout.
 
 Public API:
+- :data:`REWARDS` / :func:`register_reward`: the registry ``reward.kind`` names (:mod:`.kinds`);
+- :class:`RewardPool` ``.evaluate(responses, refs) -> Scored(rewards, correct, stats)`` (and
+  ``.score`` -> ``(rewards, stats)``) for batches, with any kind, a custom or a weighted plan;
+- :class:`Reference`: what a response is graded against (gold answer, tests, choices, extras);
 - :func:`math_reward` ``(response, gold) -> float``: +1 correct, -1 otherwise, graded in a shared
   worker pool with a hard 5 s timeout per call (started on first use, closed at exit);
-- :class:`RewardPool` ``.score(responses, golds) -> (rewards, RewardStats)`` for batches;
 - :func:`extract_answer`, :class:`RewardSpec` (``pm1`` / ``zero_one`` / format penalty);
-- :mod:`megatron_skpo.rewards.code_sandbox` for program-by-tests rewards (a bubblewrap sandbox;
-  see docs/security.md).
+- :mod:`megatron_skpo.rewards.code_sandbox` runs programs in a bubblewrap sandbox (docs/security.md).
 """
 from __future__ import annotations
 
@@ -16,11 +19,14 @@ from typing import Optional
 
 from megatron_skpo.rewards.extract import EXTRACTORS, extract_answer, normalize_answer
 from megatron_skpo.rewards.grader import Gold, Grade, RewardSpec, gold_text, grade_math, reward_of
-from megatron_skpo.rewards.pool import RewardPool, RewardStats
+from megatron_skpo.rewards.kinds import REWARDS, Context, RewardPlan, Term, register_reward
+from megatron_skpo.rewards.pool import RewardPool, RewardStats, Scored
+from megatron_skpo.rewards.reference import Reference
 
 __all__ = [
-    "EXTRACTORS", "Gold", "Grade", "RewardPool", "RewardSpec", "RewardStats", "extract_answer",
-    "gold_text", "grade_math", "math_reward", "normalize_answer", "reward_of",
+    "EXTRACTORS", "REWARDS", "Context", "Gold", "Grade", "Reference", "RewardPlan", "RewardPool", "RewardSpec",
+    "RewardStats", "Scored", "Term", "extract_answer", "gold_text", "grade_math", "math_reward", "normalize_answer",
+    "register_reward", "reward_of",
 ]
 
 _default: Optional[RewardPool] = None

@@ -22,11 +22,18 @@ STATUSES: tuple[Status, ...] = ("correct", "incorrect", "no_answer", "timeout", 
 
 @dataclass(frozen=True)
 class Grade:
-    """Outcome of grading one response."""
+    """Outcome of grading one response: whether it is correct (``status``) and, separately, its
+    reward when that is not simply the correct/incorrect value of :class:`RewardSpec` (``score``:
+    partial credit of code tests, a custom reward's own value, a weighted combination)."""
 
     status: Status
     answer: Optional[str] = None  # the extracted final answer (None when nothing was extracted)
     detail: str = ""  # exception text for status "error"
+    score: Optional[float] = None  # the reward itself; None: ``reward_of(status, spec)``
+
+    @property
+    def correct(self) -> bool:
+        return self.status == "correct"
 
 
 @dataclass(frozen=True)
@@ -63,8 +70,11 @@ def gold_text(gold: object, index: int = 0) -> str:
                     f"got {type(gold).__name__} {gold!r:.60}")
 
 
-def reward_of(status: Status, spec: RewardSpec) -> float:
-    """Reward of one graded item: timeouts and parser errors score as incorrect."""
+def reward_of(status: Status, spec: RewardSpec, score: Optional[float] = None) -> float:
+    """Reward of one graded item: its own ``score`` if it has one, else by status (timeouts and
+    parser errors score as incorrect)."""
+    if score is not None:
+        return score
     if status == "correct":
         return spec.correct
     if status == "no_answer":

@@ -1,5 +1,8 @@
 """A pool of grading worker processes with a hard per-item wall-clock timeout.
 
+The workers run a :class:`~megatron_skpo.rewards.kinds.RewardPlan`: whichever registered reward
+``reward.kind`` names (math, multiple_choice, code, format), a custom reward, or a weighted list.
+
 Why processes and not threads: math-verify's own timeouts use ``signal.alarm``, which only works
 in a main thread, and sympy can spin in C code that no signal interrupts. Each worker grades in
 its main thread; the parent gives every item a deadline and, when it passes, SIGKILLs the worker
@@ -26,9 +29,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
+from megatron_skpo.rewards.code import CodeOptions
 from megatron_skpo.rewards.grader import STATUSES, Gold, Grade, RewardSpec, gold_text, reward_of
+from megatron_skpo.rewards.kinds import Context, RewardPlan, Term
+from megatron_skpo.rewards.reference import Reference
+
+Ref = Union[Gold, Reference]  # a bare gold answer (math) or a whole reference
 
 START_TIMEOUT_S = 120.0  # importing sympy + math-verify in a fresh process on a busy 2-core box
 WORKER_MODULE = "megatron_skpo.rewards.grade_worker"
@@ -63,20 +71,28 @@ class RewardStats:
         return d
 
 
+class Scored(NamedTuple):
+    """Rewards, correctness (the grade's verdict, not a reward value) and counts of one batch."""
+
+    rewards: list[float]
+    correct: list[bool]
+    stats: RewardStats
+
+
 class _Worker:
     """One grading process and our end of its socket pair."""
 
-    def __init__(self, extractors: tuple[str, ...], memory_mb: int):
+    def __init__(self, plan: RewardPlan, memory_mb: int):
         mine, theirs = socket.socketpair()
         # -m puts the working directory first on sys.path: run the worker from our package root so
         # it imports this checkout (PYTHONPATH too, for interpreters started with -P/PYTHONSAFEPATH).
         path = os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
-        argv = [sys.executable, "-m", WORKER_MODULE, str(theirs.fileno()), str(memory_mb), str(os.getpid()),
-                *extractors]
+        argv = [sys.executable, "-m", WORKER_MODULE, str(theirs.fileno()), str(memory_mb), str(os.getpid())]
         with theirs:
             self.proc = start_worker(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                      cwd=_PACKAGE_ROOT, env={**os.environ, "PYTHONPATH": path})
         self.conn = Connection(mine.detach())
+        self.conn.send(plan)  # buffered by the socket until the worker reads it
         self.ready = False
         self.started = time.monotonic()
         self.item: Optional[int] = None
@@ -97,37 +113,43 @@ class _Worker:
 
 
 class RewardPool:
-    """Batched, timeout-safe math grading.
+    """Batched, timeout-safe grading with any registered reward, a custom one or a weighted list.
 
     Args:
         workers: number of grading processes.
-        timeout_s: hard wall-clock limit per item, measured from when a ready worker receives it.
+        timeout_s: hard wall-clock limit per item, measured from when a ready worker receives it
+            (for code, it bounds all of a problem's tests together).
         extractors: answer extractors (names in ``rewards.extract.EXTRACTORS``): the answer stated
             last among ``boxed``/``the_answer_is`` wins; ``last_number`` is a fallback.
         spec: reward values (+1/-1 by default).
         memory_mb: address-space limit of each worker (0 = none).
+        kind: the registered reward to run (``math``, ``multiple_choice``, ``code``, ``format``).
+        plan: the whole plan instead (custom and weighted rewards; ``kind``, ``extractors``, ``spec``
+            and ``code`` are then ignored).
+        code: sandbox limits and partial credit of the code reward.
     """
 
     def __init__(self, workers: int = 2, timeout_s: float = 5.0,
                  extractors: Sequence[str] = ("boxed", "the_answer_is"),
-                 spec: RewardSpec = RewardSpec(), memory_mb: int = 4096):
+                 spec: RewardSpec = RewardSpec(), memory_mb: int = 4096, kind: str = "math",
+                 plan: Optional[RewardPlan] = None, code: CodeOptions = CodeOptions()):
         if workers < 1 or timeout_s <= 0:
             raise ValueError(f"RewardPool: need workers >= 1 and timeout_s > 0, got {workers}, {timeout_s}")
         from megatron_skpo.rewards.extract import EXTRACTORS
 
-        for name in extractors:
+        if plan is None:
+            plan = RewardPlan((Term(kind),), Context(spec, tuple(extractors), code))
+        for name in plan.context.extractors:
             EXTRACTORS.get(name)  # unknown names fail here, not in a worker
-        self.timeout_s, self.spec = timeout_s, spec
-        self._args = (tuple(extractors), memory_mb)
+        plan.check()  # custom rewards import here: a clear error before any worker starts
+        self.timeout_s, self.spec, self.plan = timeout_s, plan.context.spec, plan
+        self._args = (plan, memory_mb)
         self._workers = [_Worker(*self._args) for _ in range(workers)]
 
     @classmethod
     def from_config(cls, cfg) -> "RewardPool":
-        """Pool for a ``RewardConfig`` (``reward`` section) of kind ``math``."""
-        if cfg.kind != "math":
-            raise ValueError(f"reward.kind: RewardPool grades math answers, got {cfg.kind!r}")
-        spec = RewardSpec(cfg.correct, cfg.incorrect, cfg.format_penalty)
-        return cls(cfg.workers, cfg.timeout_s, cfg.answer_fallbacks, spec, cfg.memory_mb)
+        """Pool for a ``RewardConfig`` (``reward`` section)."""
+        return cls(cfg.workers, cfg.timeout_s, memory_mb=cfg.memory_mb, plan=plan_of(cfg))
 
     def __enter__(self) -> "RewardPool":
         return self
@@ -140,17 +162,18 @@ class RewardPool:
             w.kill()
         self._workers = []
 
-    def grade(self, responses: Sequence[str], golds: Sequence[Gold]) -> list[Grade]:
+    def grade(self, responses: Sequence[str], refs: Sequence[Ref]) -> list[Grade]:
         """Grades in input order; timeouts and crashed workers become Grade("timeout"/"error").
 
-        Gold answers may be numbers (converted, ``3`` -> ``"3"``); any other type is a TypeError
-        naming the item, raised before anything is graded.
+        A reference is a :class:`Reference` or a bare gold answer; gold answers may be numbers
+        (converted, ``3`` -> ``"3"``); any other type is a TypeError naming the item, raised before
+        anything is graded.
         """
-        if len(responses) != len(golds):
-            raise ValueError(f"grade: {len(responses)} responses but {len(golds)} gold answers")
+        if len(responses) != len(refs):
+            raise ValueError(f"grade: {len(responses)} responses but {len(refs)} gold answers")
         if not self._workers:
             raise RuntimeError("RewardPool is closed")
-        golds = [gold_text(g, i) for i, g in enumerate(golds)]
+        golds = [r if isinstance(r, Reference) else Reference(gold_text(r, i)) for i, r in enumerate(refs)]
         out: list[Optional[Grade]] = [None] * len(responses)
         todo = deque(range(len(responses)))
         while todo or any(w.item is not None for w in self._workers):
@@ -177,6 +200,8 @@ class RewardPool:
                 continue
             if msg == "ready":
                 w.ready = True
+            elif isinstance(msg, tuple) and msg[:1] == ("failed",):
+                raise RuntimeError(f"grading worker could not build the reward: {msg[1]}")
             elif isinstance(msg, Grade):
                 out[w.item], w.item, w.deadline = msg, None, float("inf")
             elif w.item is not None and time.monotonic() > w.deadline:
@@ -191,11 +216,16 @@ class RewardPool:
         w.kill()
         self._workers[i] = _Worker(*self._args)
 
-    def score(self, responses: Sequence[str], golds: Sequence[Gold]) -> tuple[list[float], RewardStats]:
-        """Rewards (``spec`` values) in input order, and counts of every outcome."""
+    def score(self, responses: Sequence[str], refs: Sequence[Ref]) -> tuple[list[float], RewardStats]:
+        """Rewards in input order, and counts of every outcome."""
+        scored = self.evaluate(responses, refs)
+        return scored.rewards, scored.stats
+
+    def evaluate(self, responses: Sequence[str], refs: Sequence[Ref]) -> Scored:
+        """Rewards, correctness and counts, in input order."""
         t0 = time.monotonic()
-        grades = self.grade(responses, golds)
-        rewards = [reward_of(g.status, self.spec) for g in grades]
+        grades = self.grade(responses, refs)
+        rewards = [reward_of(g.status, self.spec, g.score) for g in grades]
         stats = RewardStats(n=len(grades), seconds=time.monotonic() - t0)
         for g in grades:
             setattr(stats, g.status, getattr(stats, g.status) + 1)
@@ -203,4 +233,21 @@ class RewardPool:
                 stats.errors.append(g.detail)
         stats.mean_reward = sum(rewards) / len(rewards) if rewards else 0.0
         assert sum(getattr(stats, s) for s in STATUSES) == stats.n
-        return rewards, stats
+        return Scored(rewards, [g.correct for g in grades], stats)
+
+
+def plan_of(cfg) -> RewardPlan:
+    """The plan a ``RewardConfig`` describes (paths of custom rewards made absolute: the workers
+    start in the package's directory)."""
+    spec = RewardSpec(cfg.correct, cfg.incorrect, cfg.format_penalty)
+    code = CodeOptions(cfg.code.limits(), cfg.code.partial_credit)
+    ctx = Context(spec, tuple(cfg.answer_fallbacks), code)
+    terms = cfg.terms or [cfg]  # terms are given exactly when kind is "weighted" (checked at load)
+    return RewardPlan(tuple(Term(t.kind, getattr(t, "weight", 1.0), _absolute(t.custom)) for t in terms), ctx)
+
+
+def _absolute(target: Optional[str]) -> Optional[str]:
+    if target is None:
+        return None
+    module, sep, attr = target.rpartition(":")
+    return f"{Path(module).resolve()}{sep}{attr}" if module.endswith(".py") else target

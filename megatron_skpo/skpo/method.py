@@ -64,6 +64,7 @@ def build_skpo(cfg, tokenizer) -> Method:
     phases = skpo_phases(k.upstream_loss, k.downstream_loss, k.upstream_agg_mode, k.downstream_agg_mode, k.w_up,
                          k.w_down)
     graded = ("downstream", "mc") if k.upstream_reward == "own_completion" else ("downstream",)
-    return Method(sampler, lambda inp: skpo_credit(s, lengths, k.length_source, k.upstream_reward, inp), phases,
+    source, upstream_reward = k.length_source, k.upstream_reward  # read at build time, like every setting
+    return Method(sampler, lambda inp: skpo_credit(s, lengths, source, upstream_reward, inp), phases,
                   drift_phase="upstream", state={"length_tracker": lengths}, graded_phases=graded,
                   scored_phases=("downstream",))

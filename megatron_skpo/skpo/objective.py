@@ -70,7 +70,8 @@ def skpo_objective(
         (scalar loss, LossMetrics with "up/..." and "down/..." keys and the total "loss").
     """
     phases = skpo_phases(upstream_loss, downstream_loss, upstream_agg_mode, downstream_agg_mode, w_up, w_down)
-    settings = ObjectiveSettings(params, norm_length, kl_coef, kl_estimator, entropy_coef)
+    settings = ObjectiveSettings(params, norm_length=norm_length, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                                 entropy_coef=entropy_coef)
     return phased_objective(phases, {"upstream": upstream, "downstream": downstream},
                             {"upstream": up_counts, "downstream": down_counts}, settings,
                             {"upstream": up_extras or PhaseExtras(), "downstream": down_extras or PhaseExtras()})

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron_skpo.config import Config, DatasetConfig
 from megatron_skpo.data import EpochSampler, LoadReport, load_dataset, render_all
 from megatron_skpo.data.prompts import PromptSlot, get_template
+from megatron_skpo.rewards.reference import Reference
 from megatron_skpo.rollout.samplers import PromptItem
 
 
@@ -223,7 +224,7 @@ class Problems:
     """Problems with their tokenized prompts (``items[i].key == i``) and the load's accounting."""
 
     items: list[PromptItem]
-    answers: list[str]
+    refs: list[Reference]  # what each problem's responses are graded against (gold answer, tests, ...)
     report: LoadReport  # rows read, kept and skipped per reason and file (too-long prompts included)
 
 
@@ -240,7 +241,7 @@ def load_problems(cfg: Config, tokenizer, dataset: Optional[DatasetConfig] = Non
         slot = PromptSlot.of(p, cfg.data.prompt_template, cfg.data.use_chat_template)
         ids = tokenizer(text, add_special_tokens=slot.add_special_tokens)["input_ids"]  # chat text has its specials
         items.append(PromptItem(i, slot.content(p), list(ids), slot))
-    return Problems(items, [p.answer for p in kept], report)
+    return Problems(items, [Reference.of(p.answer, p.meta) for p in kept], report)
 
 
 def checkpoint_root(cfg: Config) -> str:

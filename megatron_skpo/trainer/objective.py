@@ -25,15 +25,14 @@ from megatron_skpo.algo.objective import ObjectiveSettings, PhaseCounts, PhaseEx
 from megatron_skpo.algo.off_policy import OffPolicySettings, off_policy_inputs
 from megatron_skpo.algo.tis import tis_weights
 from megatron_skpo.model.packing import PackedBatch, split_rows
+from megatron_skpo.settings import from_config
 from megatron_skpo.trainer.rows import TrainRows
 
 
 def objective_settings(algo) -> ObjectiveSettings:
-    """What every phase shares, from ``cfg.algo``."""
-    c = algo.clip
-    params = PolicyLossParams(c.eps_low, c.eps_high, c.dual_clip_c, algo.gspo_eps_low, algo.gspo_eps_high)
-    return ObjectiveSettings(params, float(algo.norm_length), algo.kl.coef, algo.kl.estimator, algo.entropy_coef,
-                             algo.tis.cap if algo.tis.enabled else None, algo.off_policy, algo.off_policy_cap)
+    """What every phase shares, from ``cfg.algo``: every field at the key it declares."""
+    params = from_config(PolicyLossParams, algo, "algo")
+    return from_config(ObjectiveSettings, algo, "algo", params=params)
 
 
 def global_counts(rows: TrainRows, phases: tuple[PhaseLoss, ...], group=None) -> dict[str, PhaseCounts]:

@@ -35,7 +35,9 @@ def preflight(cfg: Config, export_hf: Optional[str] = None, overwrite: bool = Fa
     hf = _model_config(cfg, problems)
     for field, ds in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if ds is not None:
-            problems += _dataset(field, ds)
+            found = _dataset(field, ds)
+            problems += found or _reward_feed(cfg, field, ds)
+    problems += _reward(cfg)
     problems += _layout(cfg, hf, world_size or int(os.environ.get("WORLD_SIZE", "1")))
     problems += _fp8(cfg)
     problems += _run_dir(cfg, overwrite)
@@ -95,6 +97,54 @@ def _dataset(field: str, ds: DatasetConfig) -> list[str]:
     if not Path(ds.path).is_file():
         return [f"{field}.path: no such file {ds.path}"]
     return []
+
+
+FEED_ROWS = 64  # rows of each dataset read to check that it feeds the reward
+
+
+def _reward(cfg: Config) -> list[str]:
+    """Custom rewards import and take ``(response, reference)``; the code reward's sandbox starts."""
+    from megatron_skpo.rewards.code_sandbox import SandboxUnavailable, check_sandbox
+    from megatron_skpo.rewards.pool import plan_of
+
+    out = []
+    try:
+        plan_of(cfg.reward).check()
+    except ValueError as e:
+        out.append(str(e))
+    if "code" in cfg.reward.kinds():
+        try:
+            check_sandbox()
+        except SandboxUnavailable as e:
+            out.append(f"reward.kind: code needs the sandbox: {e}")
+    return out
+
+
+_FEEDS = {"answer": "answer_field", "tests": "tests_field (or format: livecodebench / taco)",
+          "choices": "choices_field (or format: mmlu_pro)"}
+
+
+def _reward_feed(cfg: Config, field: str, ds: DatasetConfig) -> list[str]:
+    """The dataset's first rows hold what the reward needs (e.g. tests for code), each named."""
+    import dataclasses
+
+    from megatron_skpo.data import load_dataset
+    from megatron_skpo.rewards.kinds import missing_needs
+    from megatron_skpo.rewards.pool import plan_of
+    from megatron_skpo.rewards.reference import Reference
+
+    try:
+        plan = plan_of(cfg.reward)
+        # built-in recipes and a field mapping with an answer field always give answers: nothing to read
+        given = {"answer"} if ds.name is not None or (ds.format == "fields" and ds.answer_field) else set()
+        if set(plan.needs()) <= given:
+            return []
+        problems, _ = load_dataset(dataclasses.replace(ds, offset=0, limit=FEED_ROWS), "skip")
+    except (ValueError, OSError) as e:
+        return [f"{field}: {e}"]
+    missing = missing_needs(plan, [Reference.of(p.answer, p.meta) for p in problems])
+    return [f"{field}: reward.kind {cfg.reward.kind!r} needs {need}, which {n} of the first {len(problems)} "
+            f"problems lack: set {field}.{_FEEDS.get(need, need)}" for need, n in missing.items()]
 
 
 def _fp8(cfg: Config) -> list[str]:

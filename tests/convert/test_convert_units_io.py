@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from convert_fixtures import TINY, not_bit_exact, tiny_model
+from convert_fixtures import not_bit_exact, tiny_config, tiny_model
 
 from checkpoint_convert import hf_io
 from checkpoint_convert.sizes import parse_size
@@ -102,5 +102,7 @@ def test_staged_dir_leaves_nothing_on_error(tmp_path):
 
 
 def test_tiny_configs_use_vllm_compatible_head_dim():
-    for cfg in TINY.values():
+    from megatron_skpo.model.families import FAMILIES
+
+    for cfg in map(tiny_config, FAMILIES):
         assert cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) == 64

@@ -15,6 +15,7 @@ import torch
 from convert_fixtures import save_tiny
 
 from checkpoint_convert.convert import hf_to_mcore, mcore_to_hf
+from megatron_skpo.model.families import FAMILIES
 
 pytestmark = pytest.mark.slow
 CHILD = Path(__file__).with_name("vllm_child.py")
@@ -33,7 +34,7 @@ def exported(request, tmp_path_factory):
     (at HF's default 0.02 the logits are nearly flat and argmax ties are left to rounding)."""
     root = tmp_path_factory.mktemp(f"vllm_{request.param}")
     model = save_tiny(request.param, root / "hf", initializer_range=0.2)
-    hf_to_mcore(root / "hf", root / "mc", tp=2, pp=2, ep=2 if request.param == "qwen3_moe" else 1)
+    hf_to_mcore(root / "hf", root / "mc", tp=2, pp=2, ep=2 if FAMILIES[request.param].moe else 1)
     mcore_to_hf(root / "mc", root / "out")
     return request.param, model, root / "out"
 

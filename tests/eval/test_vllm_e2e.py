@@ -57,3 +57,33 @@ def test_skpo_eval_cli_end_to_end(smollm2_dir, tmp_path):
     assert len(records) == 8 and all(len(r["responses"]) == 2 for r in records)
     assert records[0]["gold"] == "18"
     assert "| gsm8k | 8 |" in (out / "summary.md").read_text()
+
+
+def test_skpo_eval_paper_suite_end_to_end(smollm2_dir, tmp_path):
+    """--suite paper on user files of three kinds (maths, multiple choice, code) and a built-in recipe."""
+    from megatron_skpo.cli.eval import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    tests = json.dumps([{"input": "2\n", "output": "4\n", "testtype": "stdin"}])
+    rows = {"aime24": [{"problem": "What is 2+3?", "answer": "5"}, {"Problem": "What is 4*4?", "Answer": 16}],
+            "mmlu_pro": [{"question": "Which number is prime?", "options": ["4", "6", "7", "9"], "answer": "C",
+                          "answer_index": 2, "category": "math"}],
+            "livecodebench": [{"question_content": "Read n and print 2n.", "starter_code": "", "metadata": "{}",
+                               "public_test_cases": tests,
+                               "private_test_cases": ""}]}
+    for name, recs in rows.items():
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "eval"
+    argv = ["--model", str(smollm2_dir), "--suite", "paper", "--data-dir", str(data), "--k", "2", "--limit", "2",
+            "--benchmarks", "aime24,math500,mmlu_pro,livecodebench", "--max-tokens", "32", "--out", str(out),
+            "--max-model-len", "1024"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    got = [(b["benchmark"], b["problems"], b["k"], b["kind"]) for b in summary["benchmarks"]]
+    assert got == [("aime24", 2, 2, "math"), ("math500", 2, 2, "math"), ("mmlu_pro", 1, 2, "multiple_choice"),
+                   ("livecodebench", 1, 2, "code")]
+    assert all(0 <= b["avg_at_k"] <= b["pass_at_k"] <= 1 and b["grading_errors"] == 0 for b in summary["benchmarks"])
+    table = (out / "paper_table.md").read_text().splitlines()
+    assert table[0].startswith("| model | AIME24 | AIME25 |") and table[2].startswith("| hf | ")
+    assert table[2].split(" | ")[2] == "-" and "(2/6)" in table[2]  # AIME25 not run; in-domain Avg over 2 of 6

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_skpo.model.hf_config import (SUPPORTED, HFConfigError, megatron_aux_loss_coeff, moe_spec,
-                                           sliding_window, transformer_config_kwargs)
+from megatron_skpo.model.families import FAMILIES
+from megatron_skpo.model.hf_config import (HFConfigError, megatron_aux_loss_coeff, moe_spec, sliding_window,
+                                           transformer_config_kwargs)
 from tiny import hf_model
 
 
@@ -71,5 +72,20 @@ def test_unsupported_fields_are_named(arch, change, field):
 def test_unknown_architecture_lists_the_supported_ones():
     with pytest.raises(HFConfigError, match="'gpt2' is not supported") as e:
         transformer_config_kwargs({**hf_model("llama")[1], "model_type": "gpt2"})
-    assert all(kind in str(e.value) for kind in SUPPORTED)
-    assert set(SUPPORTED) == {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe"}
+    assert all(kind in str(e.value) for kind in FAMILIES)
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_every_family_spec_is_what_the_builder_and_the_mapping_use(arch):
+    """The spec's quirks become Megatron's fields, its mapping module exists, its architecture class is
+    transformers' own: one registered spec per family, read by every layer."""
+    import transformers
+
+    from megatron_skpo.model.mappings import get_mapping
+
+    spec, (model, cfg) = FAMILIES[arch], hf_model(arch)
+    kw = transformer_config_kwargs(cfg)
+    assert (kw["qk_layernorm"], kw["add_qkv_bias"], "num_moe_experts" in kw) == (spec.qk_norm, spec.qkv_bias, spec.moe)
+    assert ("window_size" in kw) <= spec.sliding_window and (moe_spec(cfg) is not None) == spec.moe
+    assert type(model) is getattr(transformers, spec.architecture)
+    assert callable(get_mapping(arch).from_hf) and callable(get_mapping(arch).to_hf)

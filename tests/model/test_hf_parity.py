@@ -7,12 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_skpo.model.families import FAMILIES
 from mp_helpers import spawn
 from tiny import WINDOW, hf_model, hf_weights, rollout
 
-# name -> (architecture, config overrides)
-VARIANTS = {"llama": ("llama", {}), "qwen2": ("qwen2", {}), "qwen3": ("qwen3", {}), "mistral": ("mistral", {}),
-            "qwen3_moe": ("qwen3_moe", {}), "qwen3_moe-unnormalised": ("qwen3_moe", {"norm_topk_prob": False})}
+# name -> (architecture, config overrides): every registered family, and each MoE one without top-k renormalisation
+VARIANTS = {**{a: (a, {}) for a in FAMILIES},
+            **{f"{a}-unnormalised": (a, {"norm_topk_prob": False}) for a, f in FAMILIES.items() if f.moe}}
 ARCHS = list(VARIANTS)
 
 

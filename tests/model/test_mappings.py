@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_skpo.model.families import FAMILIES
 from megatron_skpo.model.mappings import get_mapping
 from megatron_skpo.model.mappings.common import Arch, interleave_qkv, split_qkv
 from megatron_skpo.model.mappings.sharding import (expert_range, from_expert_ranks, from_stages, parallel_kind,
@@ -11,7 +12,8 @@ from megatron_skpo.model.mappings.sharding import (expert_range, from_expert_ran
                                                   unshard)
 from tiny import MOE, hf_model, hf_weights
 
-ARCHS = ["llama", "qwen2", "qwen3", "mistral", "qwen3_moe"]
+ARCHS = list(FAMILIES)
+MOE_ARCHS = [a for a in ARCHS if FAMILIES[a].moe]
 
 
 def test_qkv_interleaving_hand_worked():
@@ -69,16 +71,16 @@ EP_LAYOUTS = [(1, 1, 2), (2, 2, 2), (2, 2, 4)]  # expert parallelism splits rout
 
 @pytest.mark.parametrize("te", [False, True], ids=["local", "te"])
 @pytest.mark.parametrize("arch,tp,pp,ep", [(a, *lay) for a in ARCHS for lay in LAYOUTS]
-                         + [("qwen3_moe", *lay) for lay in EP_LAYOUTS])
+                         + [(a, *lay) for a in MOE_ARCHS for lay in EP_LAYOUTS])
 def test_round_trip_through_shards(arch, te, tp, pp, ep):
-    moe = arch == "qwen3_moe"
+    moe = FAMILIES[arch].moe
     model, cfg = hf_model(arch)
     hf = hf_weights(model)
     mapping = get_mapping(cfg["model_type"])
     full = mapping.from_hf(hf, cfg, te=te)
     assert ("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in full) == te
-    assert ("decoder.layers.1.self_attention.linear_qkv.bias" in full) == (arch == "qwen2")
-    assert ("decoder.layers.1.self_attention.q_layernorm.weight" in full) == arch.startswith("qwen3")
+    assert ("decoder.layers.1.self_attention.linear_qkv.bias" in full) == FAMILIES[arch].qkv_bias
+    assert ("decoder.layers.1.self_attention.q_layernorm.weight" in full) == FAMILIES[arch].qk_norm
     # TE fuses the dense MLP's norm into fc1, but keeps an MoE layer's norm separate
     assert ("decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in full) == (te and not moe)
     assert ("decoder.layers.1.pre_mlp_layernorm.weight" in full) == (moe or not te)

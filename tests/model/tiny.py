@@ -1,4 +1,4 @@
-"""Tiny Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE configs and rollout-like batches shared by the model tests."""
+"""Tiny configs of every registered model family and rollout-like batches shared by the model tests."""
 from __future__ import annotations
 
 import torch
@@ -13,31 +13,30 @@ MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_
 WINDOW = 8  # Mistral's sliding window: shorter than the test sequences, so it is really applied
 
 
+# Per family, what its tiny config sets beyond COMMON (a family not listed here is tested with COMMON).
+FAMILY_CONFIG = {
+    "llama": dict(tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
+    "qwen2": dict(tie_word_embeddings=True),
+    "qwen3": dict(tie_word_embeddings=True, head_dim=16),
+    "mistral": dict(tie_word_embeddings=False, sliding_window=WINDOW),
+    "qwen3_moe": dict(**MOE, tie_word_embeddings=False, head_dim=16),
+}
+
+
 def hf_model(arch: str, seed: int = 0, **overrides):
-    """A random-weight HF model: Llama (untied, Llama-3.2-style rope scaling), Qwen2 (tied, qkv bias),
-    Qwen3 (tied, q/k norms), Mistral (untied, sliding window of :data:`WINDOW`) or Qwen3-MoE
-    (untied, :data:`MOE`); ``overrides`` go into the config."""
+    """A random-weight HF model of a registered family (``megatron_skpo.model.families``): Llama
+    (untied, Llama-3.2-style rope scaling), Qwen2 (tied, qkv bias), Qwen3 (tied, q/k norms), Mistral
+    (untied, sliding window of :data:`WINDOW`), Qwen3-MoE (untied, :data:`MOE`); ``overrides`` go
+    into the config."""
     import transformers as tf
 
-    if arch == "llama":
-        cfg = tf.LlamaConfig(**COMMON, tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={
-            "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64}, **overrides)
-        cls = tf.LlamaForCausalLM
-    elif arch == "qwen2":
-        cfg = tf.Qwen2Config(**{**COMMON, "tie_word_embeddings": True, **overrides})
-        cls = tf.Qwen2ForCausalLM
-    elif arch == "qwen3":
-        cfg = tf.Qwen3Config(**{**COMMON, "tie_word_embeddings": True, "head_dim": 16, **overrides})
-        cls = tf.Qwen3ForCausalLM
-    elif arch == "mistral":
-        cfg = tf.MistralConfig(**{**COMMON, "tie_word_embeddings": False, "sliding_window": WINDOW, **overrides})
-        cls = tf.MistralForCausalLM
-    elif arch == "qwen3_moe":
-        cfg = tf.Qwen3MoeConfig(**{**COMMON, **MOE, "tie_word_embeddings": False, "head_dim": 16, **overrides})
-        cls = tf.Qwen3MoeForCausalLM
-    else:
-        raise KeyError(arch)
+    from megatron_skpo.model.families import FAMILIES
+
+    spec = FAMILIES[arch]
+    cfg = tf.AutoConfig.for_model(arch, **{**COMMON, **FAMILY_CONFIG.get(arch, {}), **overrides})
+    cls = getattr(tf, spec.architecture)
     torch.manual_seed(seed)
     model = cls(cfg).float().eval()
     with torch.no_grad():  # norms and biases away from their 1/0 initialisation

@@ -1,7 +1,8 @@
 """Child process of the loop tests: build a tiny model + data once, then train recipes on one engine.
 
 Usage: ``loop_child.py WORKDIR [--arch ARCH] RUN [RUN ...]`` where RUN is
-``name:algo:steps[:extra=override,...]``; each run trains ``configs/<algo>.yaml`` with
+``name:algo:steps[:extra=override,...]`` (``;`` separates overrides that hold commas; ``{work}``
+is WORKDIR); each run trains ``configs/<algo>.yaml`` with
 :func:`tiny_overrides` and writes under WORKDIR/name. ``--arch`` picks the tiny model's
 architecture (``llama``, the default, ``qwen3`` or ``qwen3_moe``; see
 ``rollout_fixtures.build_tiny_model``). The tiny model and data are built by the first call into
@@ -18,6 +19,15 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent / "rollout"))
 
 PROBLEMS = [(f"What is {a} + {b}?", str(a + b)) for a in range(1, 5) for b in range(1, 5)]
+# code problems with stdin/stdout tests (reward.kind=code), and a custom reward (reward.kind=custom)
+CODE = [(f"Read an integer n and print n + {k}.", [{"input": f"{n}\n", "output": f"{n + k}\n"} for n in (1, 5)])
+        for k in range(1, 9)]
+CUSTOM_REWARD = """def reward(response, reference):
+    \"\"\"1 when the response mentions the gold answer, 0 when it has another digit, -1 without one.\"\"\"
+    if reference["answer"] in response:
+        return {"score": 1.0, "correct": True}
+    return 0.0 if any(c.isdigit() for c in response) else -1.0
+"""
 
 
 def build_assets(work: Path, arch: str = "llama", kv_heads: int = 1) -> Path:
@@ -31,6 +41,10 @@ def build_assets(work: Path, arch: str = "llama", kv_heads: int = 1) -> Path:
     if not data.is_file():
         rows = [{"prompt": [{"role": "user", "content": q}], "reward_model": {"ground_truth": a}} for q, a in PROBLEMS]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = work / "code.jsonl"
+    if not code.is_file():
+        code.write_text("".join(json.dumps({"question": q, "tests": t}) + "\n" for q, t in CODE))
+        (work / "reward_fn.py").write_text(CUSTOM_REWARD)
     return model
 
 
@@ -109,8 +123,11 @@ def main(work: str, runs: list[str]) -> int:
     build_assets(work_dir, arch)
     engine = None
     for spec in runs:
-        name, algo, steps, *extra = spec.split(":")
-        overrides = tiny_overrides(work_dir, name, int(steps), algo) + (extra[0].split(",") if extra else [])
+        name, algo, steps, *extra = spec.split(":", 3)
+        # overrides are split on ";" when any holds a comma (a YAML list), else on ","
+        extra = extra[0].replace("{work}", str(work_dir)) if extra else ""
+        extra = [e for e in extra.split(";" if ";" in extra else ",") if e]
+        overrides = tiny_overrides(work_dir, name, int(steps), algo) + extra
         cfg = load_config(ROOT / "configs" / f"{algo}.yaml", overrides)
         if engine is None and len(runs) > 1:
             from megatron_skpo.trainer import build

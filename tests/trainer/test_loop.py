@@ -38,6 +38,13 @@ TIMING_PREFIXES = ("time/", "perf/")
 # for 4 steps (saving every step: the reference of the asynchronous kill-and-resume test)
 DISAGG = "rollout.placement=disaggregated"
 ASYNC4 = f"async_grpo:grpo:4:{DISAGG},rollout.max_staleness=1,rollout.workers=2,data.train.limit=8"
+# rewards other than math: a custom function, a weighted list (math + format) under SKPO, and code tests
+# in the sandbox (loop_child.CODE: a JSONL of problems with stdin/stdout tests; the tiny model's raw prompts)
+CUSTOM = "custom_grpo:grpo:2:reward.kind=custom,reward.custom={work}/reward_fn.py:reward"
+WEIGHTED = ("weighted_skpo:skpo:2:reward.kind=weighted;"
+            "reward.terms=[{kind: math, weight: 0.8}, {kind: format, weight: 0.2}]")
+CODE = ("code_grpo:grpo:2:reward.kind=code,reward.timeout_s=30,reward.code.wall_s=5,data.train.path={work}/code.jsonl,"
+        "data.train.prompt_field=question,data.train.answer_field=null,data.train.tests_field=tests")
 
 
 def skpo4(work: Path) -> str:
@@ -70,7 +77,8 @@ def work(tmp_path_factory):
     extra = {**EXTRA, "grpo": f":checkpoint.export_hf={work / 'grpo' / 'hf'}"}
     runs = [f"{a}:{a}:2{extra.get(a, '')}" for a in ALGOS] + [f"reference:{skpo4(work)}",
                                                                "budget:grpo:3:train.max_sampled_tokens=1",
-                                                               f"dis_skpo:skpo:2:{DISAGG}", ASYNC4]
+                                                               f"dis_skpo:skpo:2:{DISAGG}", ASYNC4, CUSTOM, WEIGHTED,
+                                                               CODE]
     finish(child(work, *runs, track=True), work, timeout=600)
     # the KL recipe again, started from a Megatron checkpoint of the same weights (model.mcore_path):
     # its own child, so that its engine starts from dummy weights as the trainer's does
@@ -200,6 +208,24 @@ def test_kill_and_resume_reproduces_metrics(work):
     resumed = untimed(read_metrics(path))
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
     assert resumed == untimed(read_metrics(work / "reference" / "metrics.jsonl"))
+
+
+def test_custom_weighted_and_code_rewards_train(work):
+    """A custom reward, a weighted one (under SKPO) and the code reward each train two steps; their
+    accuracy is the grades' verdict, not a comparison of reward values."""
+    custom = steps(work / "custom_grpo" / "metrics.jsonl")
+    assert [r["step"] for r in custom] == [1, 2]
+    for r in custom:  # rewards are 1 (correct), 0 or -1: the custom function's own values
+        assert -1.0 <= r["reward"] <= 1.0 and r["reward/errors"] == 0 and r["reward/graded"] == 16
+    weighted = steps(work / "weighted_skpo" / "metrics.jsonl")
+    assert [r["step"] for r in weighted] == [1, 2]
+    for r in weighted:  # 0.8 x math {1, 0, -1} + 0.2 x format {1, 0}: never above 1, never below -0.8
+        assert -0.8 - 1e-9 <= r["reward"] <= 1.0 and r["reward/errors"] == 0 and "spo/D" in r
+    code = steps(work / "code_grpo" / "metrics.jsonl")
+    assert [r["step"] for r in code] == [1, 2]
+    for r in code:  # the tiny random model writes no program: every response lacks a code block
+        assert r["reward/graded"] == 16 and r["reward/errors"] == 0 and r["reward/no_answer_rate"] == 1.0
+        assert r["accuracy"] == 0.0 and r["reward"] == -1.0
 
 
 def test_every_config_field_is_read(work):

@@ -113,3 +113,22 @@ def test_layouts_that_cannot_shard_the_step(tmp_path, model):
     problems = preflight(cfg(tmp_path, model, "rollout.tp=2"), world_size=3)
     assert any("rollout.tp = 2 does not divide the world size 3" in p for p in problems)
     assert any("rollout.tp = 2 does not divide parallel.tp = 1" in p for p in problems)
+
+
+def test_reward_needs_what_the_data_gives(tmp_path, model):
+    """The code reward on a dataset without tests, multiple choice without answers, and a custom reward
+    that does not import or cannot take (response, reference): one line each, naming what to set."""
+    data = tmp_path / "code.jsonl"
+    data.write_text(json.dumps({"question": "print 1", "tests": [{"input": "", "output": "1"}], "sol": "1"}) + "\n")
+    code = ["reward.kind=code", "reward.timeout_s=30", "data.train.name=null", f"data.train.path={data}",
+            "data.train.prompt_field=question"]
+    problems = preflight(cfg(tmp_path, model, *code, "data.train.answer_field=sol"))
+    assert problems == ["data.train: reward.kind 'code' needs tests, which 1 of the first 1 problems lack: set "
+                        "data.train.tests_field (or format: livecodebench / taco)"]
+    assert preflight(cfg(tmp_path, model, *code, "data.train.answer_field=null", "data.train.tests_field=tests")) == []
+    bad = tmp_path / "bad_reward.py"
+    bad.write_text("def score(response):\n    return 1.0\n")
+    problems = preflight(cfg(tmp_path, model, "reward.kind=custom", f"reward.custom={bad}:score"))
+    assert len(problems) == 1 and problems[0].startswith("reward.custom: score(response) cannot be called as fn(")
+    problems = preflight(cfg(tmp_path, model, "reward.kind=custom", f"reward.custom={tmp_path}/none.py:score"))
+    assert problems == [f"reward.custom: no such file {tmp_path}/none.py (from '{tmp_path}/none.py:score')"]
