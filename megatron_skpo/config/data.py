@@ -74,11 +74,6 @@ class CodeRewardConfig:
         check(self.cpu_s >= 1, "reward.code.cpu_s", "must be >= 1")
         check(self.memory_mb >= 16, "reward.code.memory_mb", "must be >= 16")
 
-    def limits(self):
-        from megatron_skpo.rewards.code_sandbox import SandboxLimits
-
-        return SandboxLimits(wall_s=self.wall_s, cpu_s=self.cpu_s, memory_mb=self.memory_mb)
-
 
 @dataclass
 class RewardConfig:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, Union
 
 from megatron_skpo.rewards.code import CodeOptions
+from megatron_skpo.rewards.code_sandbox import SandboxLimits
 from megatron_skpo.rewards.grader import STATUSES, Gold, Grade, RewardSpec, gold_text, reward_of
 from megatron_skpo.rewards.kinds import Context, RewardPlan, Term
 from megatron_skpo.rewards.reference import Reference
@@ -240,7 +241,8 @@ def plan_of(cfg) -> RewardPlan:
     """The plan a ``RewardConfig`` describes (paths of custom rewards made absolute: the workers
     start in the package's directory)."""
     spec = RewardSpec(cfg.correct, cfg.incorrect, cfg.format_penalty)
-    code = CodeOptions(cfg.code.limits(), cfg.code.partial_credit)
+    c = cfg.code
+    code = CodeOptions(SandboxLimits(wall_s=c.wall_s, cpu_s=c.cpu_s, memory_mb=c.memory_mb), c.partial_credit)
     ctx = Context(spec, tuple(cfg.answer_fallbacks), code)
     terms = cfg.terms or [cfg]  # terms are given exactly when kind is "weighted" (checked at load)
     return RewardPlan(tuple(Term(t.kind, getattr(t, "weight", 1.0), _absolute(t.custom)) for t in terms), ctx)
