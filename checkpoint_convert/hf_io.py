@@ -138,10 +138,13 @@ def open_hf(root: str | Path) -> HFCheckpoint:
 
 def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy the non-weight top-level files (config, generation config, tokenizer) of ``src``."""
+    from checkpoint_convert.staging import usual_permissions
+
     copied = []
     for p in sorted(Path(src).iterdir()):
         if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and p.name != INDEX:
             shutil.copy2(p, Path(dst) / p.name)
+            usual_permissions(Path(dst) / p.name)  # the output's mode, not the source's
             copied.append(p.name)
     return copied
 
@@ -164,8 +167,15 @@ def shard_name(k: int, n: int) -> str:
 
 
 def write_shard(out: Path, k: int, n: int, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({name: t.contiguous() for name, t in tensors.items()}, out / shard_name(k, n),
-              metadata={"format": "pt"})
+    save_shard({name: t.contiguous() for name, t in tensors.items()}, out / shard_name(k, n))
+
+
+def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``save_file`` (which creates files 0600), then the umask's permissions like any other output."""
+    from checkpoint_convert.staging import usual_permissions
+
+    save_file(tensors, path, metadata={"format": "pt"})
+    usual_permissions(path)
 
 
 def write_index(out: Path, shards: list[list[str]], total_bytes: int) -> None:

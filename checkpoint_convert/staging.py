@@ -15,7 +15,8 @@ Three more guarantees:
   or belongs to a process started at another time. If a kill landed between the two renames that
   replace an existing output, the previous output is renamed back first. Leftovers of other hosts
   or of older versions are reported, never removed;
-- outputs get the permissions any new directory gets (``0777`` minus the umask), not ``0700``.
+- outputs get the permissions any new directory or file gets (``0777`` / ``0666`` minus the umask),
+  not ``0700`` / ``0600`` (:func:`usual_permissions`).
 """
 from __future__ import annotations
 
@@ -128,6 +129,26 @@ def check_out_dir(out_dir: str | Path, force: bool, inputs: Optional[Mapping[str
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConvertError(f"output {out}: directory is not empty (pass --force to replace it)")
     return out
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # older kernels: set and restore (not thread-safe, hence the fallback only)
+    os.umask(mask)
+    return mask
+
+
+def usual_permissions(path: str | Path) -> None:
+    """Give a file the mode a plain ``open`` would (``0666`` minus the umask). Writers that create
+    files 0600 (safetensors' ``save_file``, ``mkstemp``) would otherwise leave outputs that only
+    their owner can read, e.g. not an evaluation server running as another user."""
+    os.chmod(path, 0o666 & ~process_umask())
 
 
 def _new_dir(parent: Path, prefix: str) -> Path:

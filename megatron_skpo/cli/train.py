@@ -4,7 +4,10 @@ and train.
 Before anything heavy starts (and with ``--dry-run`` alone) the run is checked: paths, the parallel
 layout against the world size and the model, the run directory and the export target
 (``trainer/preflight.py``); every problem is printed on one line and nothing starts. A fresh start
-never overwrites a previous run in ``logging.dir``: ``--overwrite`` first moves it aside.
+never overwrites a previous run in ``logging.dir``: ``--overwrite`` first moves it aside (only a
+directory that holds a run, never the model, a data file's directory, a home directory or ``/``).
+Rank 0 locks ``logging.dir`` (and ``checkpoint.dir``) before writing anything, so a second run on
+the same directory stops with an error naming the first (``trainer/dir_lock.py``).
 
 The resolved config is printed and saved as ``<logging.dir>/config.yaml``, and every start adds a
 copy to ``<logging.dir>/config_history/``, so a run can be reproduced from its directory alone.
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = dump_config(cfg)
     print(text, end="")
-    from megatron_skpo.trainer.preflight import placement_lines, preflight, set_aside
+    from megatron_skpo.trainer.preflight import placement_lines, preflight
 
     if os.environ.get("RANK", "0") == "0":
         for line in placement_lines(cfg, int(os.environ.get("WORLD_SIZE", "1"))):
@@ -67,13 +70,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skpo-train: {line}", file=sys.stderr)
     if problems or args.dry_run:
         return 2 if problems else 0
-    if args.overwrite and os.environ.get("RANK", "0") == "0":
-        for moved in set_aside(cfg):
-            print(f"skpo-train: --overwrite: the previous run is now {moved}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":
+        problems = claim_run_dir(cfg, args.overwrite)
+        for line in problems:
+            print(f"skpo-train: {line}", file=sys.stderr)
+        if problems:
+            return 2
     write_config(Path(cfg.logging.dir), text)
     from megatron_skpo.trainer import train  # heavy imports only when training
 
     return train(cfg, args.export_hf)
+
+
+def claim_run_dir(cfg: Config, overwrite: bool) -> list[str]:
+    """Rank 0: lock the run directories for the life of the process (``trainer/dir_lock.py``), check
+    them again under the lock, and with ``overwrite`` move the previous run aside. Other ranks
+    write nothing before the process group is up, which rank 0 joins only holding the lock."""
+    from megatron_skpo.trainer.dir_lock import DirBusy, lock_run_dirs
+    from megatron_skpo.trainer.preflight import checkpoint_root, run_dir_problems, set_aside
+
+    try:
+        lock_run_dirs(cfg.logging.dir, checkpoint_root(cfg))
+    except DirBusy as e:
+        return [str(e)]
+    problems = run_dir_problems(cfg, overwrite)  # another run may have finished here since preflight
+    if problems:
+        return problems
+    if overwrite:
+        for moved in set_aside(cfg):
+            print(f"skpo-train: --overwrite: the previous run is now {moved}", file=sys.stderr)
+    return []
 
 
 def write_config(run_dir: Path, text: str) -> None:

@@ -17,9 +17,7 @@ def export_hf(policy, hf_config: dict, source_dir: str, out_dir: str, rank: int,
     ``shard_bytes`` (one ``model.safetensors`` when it fits, else ``model-0000k-of-0000n`` plus the
     index) and the source's config/tokenizer files into a staged directory renamed at the end.
     """
-    from safetensors.torch import save_file
-
-    from checkpoint_convert.hf_io import copy_side_files, shard_name, write_index
+    from checkpoint_convert.hf_io import copy_side_files, save_shard, shard_name, write_index
     from checkpoint_convert.staging import staged_dir
     from megatron_skpo.rollout.weight_sync import megatron_to_hf_stream
 
@@ -36,10 +34,10 @@ def export_hf(policy, hf_config: dict, source_dir: str, out_dir: str, rank: int,
                 raise ValueError(f"refusing to export non-finite weights: {name} has NaN or inf values")
             t = t.to(dtype).contiguous()
             if current and used + t.nbytes > shard_bytes:
-                save_file(current, tmp / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})
+                save_shard(current, tmp / f"part-{len(shards)}.safetensors")
                 shards, current, used = shards + [list(current)], {}, 0
             current[name], used, total = t, used + t.nbytes, total + t.nbytes
-        save_file(current, tmp / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})
+        save_shard(current, tmp / f"part-{len(shards)}.safetensors")
         shards.append(list(current))
         if len(shards) == 1:
             os.replace(tmp / "part-0.safetensors", tmp / "model.safetensors")

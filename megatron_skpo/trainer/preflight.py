@@ -1,9 +1,12 @@
 """Checks that run before anything heavy starts (also at ``skpo-train --dry-run``), one line each.
 
 What a run needs that the config tree alone cannot know: the model directory and the data files
-exist, the parallel layout fits the job's world size and the model's heads and layers, the run
-directory does not hold another run that a fresh start would overwrite, and the HF export target
-is not the run's own directory, the input model or a non-empty directory. Values themselves
+exist, the parallel layout fits the job's world size and the model's heads and layers, token counts
+fit the model's context, the run directory does not hold another run that a fresh start would
+overwrite nor is locked by a live run (``trainer/dir_lock.py``), ``--overwrite`` would move only a
+run (never an input, a home directory or ``/``), and the HF export target is not the run's own
+directory, the input model or a non-empty directory. Paths are compared resolved (symlinks
+followed), as the writers compare them. Values themselves
 (finite, in range, consistent with the algorithm) are checked when the config loads.
 """
 from __future__ import annotations
@@ -40,7 +43,12 @@ def preflight(cfg: Config, export_hf: Optional[str] = None, overwrite: bool = Fa
     problems += _reward(cfg)
     problems += _layout(cfg, hf, world_size or int(os.environ.get("WORLD_SIZE", "1")))
     problems += _fp8(cfg)
+    problems += token_bounds(cfg, hf)
     problems += _run_dir(cfg, overwrite)
+    if overwrite:
+        problems += overwrite_problems(cfg)
+    if os.environ.get("RANK", "0") == "0":  # other ranks would see their own rank 0's lock
+        problems += lock_problems(cfg)
     out = export_hf or cfg.checkpoint.export_hf
     if out:
         problems += _export(cfg, Path(out))
@@ -240,12 +248,12 @@ def _run_dir(cfg: Config, overwrite: bool) -> list[str]:
 
 
 def _export(cfg: Config, out: Path) -> list[str]:
-    out_abs, problems = out.absolute(), []
+    out_abs, problems = out.resolve(), []  # symlinks resolved: a link into the model is the model
     protected = {"logging.dir": Path(cfg.logging.dir), "the checkpoint directory": checkpoint_root(cfg)}
     if cfg.model.hf_path:
         protected["model.hf_path"] = Path(cfg.model.hf_path)
     for name, path in protected.items():
-        p = path.absolute()
+        p = path.resolve()
         if out_abs == p or p in out_abs.parents and name != "logging.dir" or out_abs in p.parents:
             problems.append(f"checkpoint.export_hf: {out} is, holds or lies in {name} ({path}); the export would "
                             "replace it: choose another directory")
@@ -255,14 +263,113 @@ def _export(cfg: Config, out: Path) -> list[str]:
     return problems
 
 
-def set_aside(cfg: Config) -> list[Path]:
-    """``--overwrite``: move the previous run's directory (and a checkpoint directory outside it) to
-    ``<dir>.replaced-<time>``; nothing is deleted. Returns the new locations."""
-    stamp, moved = time.strftime("%Y%m%d-%H%M%S"), []
+def run_dir_problems(cfg: Config, overwrite: bool) -> list[str]:
+    """The run-directory check alone, repeated once rank 0 holds the lock (another run may have
+    written there since :func:`preflight`)."""
+    return _run_dir(cfg, overwrite) + (overwrite_problems(cfg) if overwrite else [])
+
+
+def lock_problems(cfg: Config) -> list[str]:
+    """``logging.dir`` (or ``checkpoint.dir``) locked by another live run (``trainer/dir_lock.py``)."""
+    from megatron_skpo.trainer.dir_lock import lock_problem
+
+    found = [lock_problem(cfg.logging.dir, "logging.dir")]
+    if cfg.checkpoint.dir is not None:
+        found.append(lock_problem(cfg.checkpoint.dir, "checkpoint.dir"))
+    return [p for p in found if p]
+
+
+def token_bounds(cfg: Config, hf: Optional[dict]) -> list[str]:
+    """Token counts within the model's context (``rollout.max_model_len``, else the model's
+    ``max_position_embeddings``), and within :data:`MAX_TOKENS` when neither is known."""
+    context = cfg.rollout.max_model_len or int((hf or {}).get("max_position_embeddings") or 0)
+    limit, what = ((context, f"the model's context of {context} tokens ("
+                    + ("rollout.max_model_len" if cfg.rollout.max_model_len else
+                       f"max_position_embeddings in {cfg.model.hf_path}/config.json") + ")")
+                   if context else (MAX_TOKENS, f"the hard cap of {MAX_TOKENS} tokens"))
+    fields = {"rollout.max_prompt_tokens": cfg.rollout.max_prompt_tokens,
+              "rollout.max_response_tokens": cfg.rollout.max_response_tokens,
+              "validation.max_tokens": cfg.validation.max_tokens}
+    out = [f"{name} = {n} exceeds {what}: no sequence can be that long" for name, n in fields.items()
+           if n is not None and n > limit]
+    if cfg.rollout.max_model_len and cfg.rollout.max_model_len > MAX_TOKENS:
+        out.append(f"rollout.max_model_len = {cfg.rollout.max_model_len} exceeds the hard cap of {MAX_TOKENS} tokens")
+    return out
+
+
+MAX_TOKENS = 1 << 20  # bound of every token count when the model's context is unknown
+
+
+def _holds_run(d: Path) -> bool:
+    return any((d / f).exists() for f in ("config.yaml", "config_history", *RUN_FILES)) or has_checkpoint(d) \
+        or has_checkpoint(d / "checkpoints")
+
+
+def _never_moved(cfg: Config) -> dict[str, Path]:
+    """Directories ``--overwrite`` never moves (nor a parent of one), resolved."""
+    import pwd
+
+    keep = {}  # the run's inputs first: a parent of several is named by the first
+    for name, path in (("model.hf_path", cfg.model.hf_path), ("model.mcore_path", cfg.model.mcore_path)):
+        if path:
+            keep[name] = Path(path)
+    for name, ds in (("data.train.path", cfg.data.train), ("data.eval.path", cfg.data.eval)):
+        if ds is not None and ds.path:
+            keep[f"the directory of {name}"] = Path(ds.path).resolve().parent
+    keep["the home directory"] = Path.home()
+    keep.update({f"the home directory of {u.pw_name}": Path(u.pw_dir) for u in pwd.getpwall()
+                 if u.pw_dir.startswith("/home/")})
+    keep["/"] = Path("/")
+    return {k: v.resolve() for k, v in keep.items()}
+
+
+def overwrite_problems(cfg: Config) -> list[str]:
+    """What ``--overwrite`` refuses to move aside: a directory that holds no run, and the model
+    directory, a data file's directory, a home directory, ``/`` or any parent of them."""
+    out, keep = [], _never_moved(cfg)
+    for field, d in _aside_candidates(cfg):
+        real = d.resolve()
+        hit = next(((n, k, "") for n, k in keep.items() if real == k), None) or \
+            next(((n, k, "a parent of ") for n, k in keep.items() if real in k.parents), None)
+        if hit:
+            out.append(f"--overwrite: {field} {d} is {hit[2]}{hit[0]} ({hit[1]}); --overwrite never moves it: "
+                       f"choose another {field}")
+        elif not _holds_run(d):
+            out.append(f"--overwrite: {field} {d} is not empty but holds no run (no config.yaml, metrics.jsonl "
+                       f"or checkpoint); --overwrite only moves a previous run aside: choose another {field}")
+    return out
+
+
+def _aside_candidates(cfg: Config) -> list[tuple[str, Path]]:
+    """The non-empty directories ``--overwrite`` would move: ``logging.dir``, and ``checkpoint.dir``
+    when it lies outside it (lock files do not count)."""
+    from megatron_skpo.trainer.dir_lock import HELD_NAME, LOCK_NAME
+
     run, ckpt = Path(cfg.logging.dir), checkpoint_root(cfg)
-    for d in (run, ckpt):
-        if d.is_dir() and (d == run or run not in d.parents) and any(d.iterdir()):
-            target = d.with_name(f"{d.name}.replaced-{stamp}")
-            d.rename(target)
-            moved.append(target)
+    out = []
+    for field, d in (("logging.dir", run), ("checkpoint.dir", ckpt)):
+        if field == "checkpoint.dir" and run.resolve() in [ckpt.resolve(), *ckpt.resolve().parents]:
+            continue
+        if d.is_dir() and any(p.name not in (LOCK_NAME, HELD_NAME) for p in d.iterdir()):
+            out.append((field, d))
+    return out
+
+
+def set_aside(cfg: Config) -> list[Path]:
+    """``--overwrite``: move the previous run (``logging.dir``, and a checkpoint directory outside
+    it) into ``<dir>.replaced-<time>``; nothing is deleted. The directory itself and its lock file
+    stay, so the lock rank 0 holds is never dropped. Returns the new locations."""
+    from megatron_skpo.trainer.dir_lock import HELD_NAME, LOCK_NAME
+
+    refused = overwrite_problems(cfg)
+    if refused:
+        raise ValueError("; ".join(refused))
+    stamp, moved = time.strftime("%Y%m%d-%H%M%S"), []
+    for _, d in _aside_candidates(cfg):
+        target = d.with_name(f"{d.name}.replaced-{stamp}")
+        target.mkdir()
+        for p in d.iterdir():
+            if p.name not in (LOCK_NAME, HELD_NAME):
+                p.rename(target / p.name)
+        moved.append(target)
     return moved

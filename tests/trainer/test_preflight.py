@@ -74,7 +74,8 @@ def test_a_fresh_start_never_overwrites_a_previous_run(tmp_path, model):
     assert f"logging.dir: {run} holds a previous run" in problem and "--overwrite" in problem
     assert preflight(cfg(tmp_path, model, "checkpoint.resume=false"), overwrite=True) == []
     (moved,) = set_aside(cfg(tmp_path, model))
-    assert not run.exists() and (moved / "metrics.jsonl").is_file() and moved.name.startswith("run.replaced-")
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()  # the directory (and a lock file) stays
+    assert (moved / "metrics.jsonl").is_file() and moved.name.startswith("run.replaced-")
 
 
 def test_metrics_without_a_checkpoint_are_not_silently_truncated(tmp_path, model):
