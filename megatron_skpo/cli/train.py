@@ -11,6 +11,10 @@ the same directory stops with an error naming the first (``trainer/dir_lock.py``
 
 The resolved config is printed and saved as ``<logging.dir>/config.yaml``, and every start adds a
 copy to ``<logging.dir>/config_history/``, so a run can be reproduced from its directory alone.
+
+SIGTERM/SIGINT stop the run at a safe point with a checkpoint when one fits
+``checkpoint.signal_grace_s``, one line saying which, and exit status 128 + the signal; no child
+process outlives the trainer (``trainer/lifecycle.py``, ``trainer/lifeline.py``).
 """
 from __future__ import annotations
 

@@ -88,9 +88,14 @@ class CheckpointConfig:
                                         "only after the new export is complete)")
     export_max_shard_size: str = doc("5GB", "largest safetensors file of the export (e.g. 500MB); a bigger model is "
                                             "written as model-0000k-of-0000n files plus model.safetensors.index.json")
+    signal_grace_s: float = doc(25.0, "after SIGTERM/SIGINT, the seconds within which the trainer finishes the "
+                                      "step and writes its checkpoint, else it stops without one (Slurm kills "
+                                      "30 s after SIGTERM by default: its KillWait; with sbatch "
+                                      "--signal=B:TERM@120 the signal comes 120 s before the time limit)")
 
     def __post_init__(self):
         check(self.save_interval >= 0, "checkpoint.save_interval", "must be >= 0")
+        check(self.signal_grace_s >= 0, "checkpoint.signal_grace_s", "must be >= 0")
         check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
         check(self.dir is None or bool(self.dir.strip()), "checkpoint.dir", "must be a non-empty path or null")
         check(_size_bytes(self.export_max_shard_size) > 0, "checkpoint.export_max_shard_size",

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Protocol, runtime_checkable
 
+from megatron_skpo.trainer import disk
+
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
@@ -224,24 +226,58 @@ class CheckpointManager:
 
     # ----- save ------------------------------------------------------------------------------
     def save(self, step: int, parts: Mapping[str, StatePart]) -> Path:
-        """Write ``parts`` as the checkpoint of ``step`` (collective: every rank must call it)."""
+        """Write ``parts`` as the checkpoint of ``step`` (collective: every rank must call it).
+
+        A save that cannot fit (the parts' ``nbytes()`` against the free space) fails before writing;
+        one that runs out of space while writing removes its partial files; both raise a
+        :class:`CheckpointError` that says "disk full", with the path and the bytes needed and free.
+        """
         name = checkpoint_name(step)
         final, tmp = self.root / name, self.root / f".tmp-{name}"
+        mine = {n: p for n, p in parts.items() if self.rank == 0 or getattr(p, "collective", False)}
+        needed = sum(int(p.nbytes()) for p in mine.values() if hasattr(p, "nbytes"))
+        if self.gather is not None:  # a shared checkpoint directory holds every rank's share
+            needed = sum(self.gather(needed))
+        self._agree(self._guard(lambda: disk.require_free(f"checkpoint {name}", self.root, needed), name))
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             self._remove_stale()
             tmp.mkdir()
         self.barrier()
-        for part_name, part in parts.items():
-            if self.rank == 0 or getattr(part, "collective", False):
-                part_dir = tmp / part_name
-                part_dir.mkdir(exist_ok=True)
-                part.save(part_dir)
+        error = self._guard(lambda: self._save_parts(tmp, mine), name, tmp, needed)
+        self._agree(error)
         self.barrier()
         if self.rank == 0:
-            self._commit(step, tmp, final, list(parts))
+            error = self._guard(lambda: self._commit(step, tmp, final, list(parts)), name, tmp, needed)
+        self._agree(error)
         self.barrier()
         return final
+
+    @staticmethod
+    def _save_parts(tmp: Path, parts: Mapping[str, StatePart]) -> None:
+        for part_name, part in parts.items():
+            part_dir = tmp / part_name
+            part_dir.mkdir(exist_ok=True)
+            part.save(part_dir)
+
+    def _guard(self, write: Callable[[], None], name: str, tmp: Optional[Path] = None,
+               needed: Optional[int] = None) -> Optional[CheckpointError]:
+        """Run ``write``; a full disk becomes a :class:`CheckpointError` naming it (partial files removed),
+        other errors propagate."""
+        try:
+            write()
+            return None
+        except Exception as e:
+            cause = disk.explain(e, f"checkpoint {name}", self.root, needed)
+            if not isinstance(cause, disk.DiskFullError):
+                raise
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            last = self.latest()
+            error = CheckpointError(f"{cause}. No partial checkpoint is left; the last complete one is "
+                                    f"{last.path if last else 'none (a resume starts afresh)'}")
+            error.__cause__ = e
+            return error
 
     def _commit(self, step: int, tmp: Path, final: Path, part_names: list[str]) -> None:
         manifest = write_manifest(tmp)

@@ -15,24 +15,34 @@ run's metrics exactly (timing metrics aside), because each step re-seeds its ran
 """
 from __future__ import annotations
 
+import sys
 import time
+from functools import partial
 
 from megatron_skpo.config import Config
-from megatron_skpo.trainer import feed, stages
+from megatron_skpo.trainer import feed, lifecycle, stages
 from megatron_skpo.trainer.build import checkpoint_root
 from megatron_skpo.trainer.checkpoint import CheckpointManager
 from megatron_skpo.trainer.logging import MetricsLogger
 
 
 def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
-    """Train ``cfg``; returns 0. Launched by torchrun/srun, or as a single process. ``engine``: a
-    started vLLM engine of the same model to reuse (tests); it is left open."""
+    """Train ``cfg``; returns 0, or 128 + the signal after SIGTERM/SIGINT (``trainer/lifecycle.py``).
+    Launched by torchrun/srun, or as a single process. ``engine``: a started vLLM engine of the same
+    model to reuse (tests); it is left open."""
     from megatron_skpo.trainer.export import export_hf as write_hf
     from megatron_skpo.trainer.run import build_run
 
+    lifecycle.start_lifeline()  # our children die with us, also after kill -9
     run = build_run(cfg, engine)
+    stop = lifecycle.Stop(cfg.checkpoint.signal_grace_s, cfg.checkpoint.enabled, run.rank)
     try:
-        _loop(cfg, run)
+        try:
+            _loop(cfg, run, stop)
+        except lifecycle.Stopped as e:
+            if run.rank == 0:
+                print(e, file=sys.stderr, flush=True)
+            return e.code
         out = export_hf or cfg.checkpoint.export_hf
         if out:
             from checkpoint_convert.sizes import parse_size
@@ -41,6 +51,7 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
                      shard_bytes=parse_size(cfg.checkpoint.export_max_shard_size),
                      overwrite=cfg.checkpoint.export_overwrite)
     finally:
+        stop.close()
         if run.workers is not None:
             run.workers.close()
         if engine is None and run.engine is not None:
@@ -48,10 +59,11 @@ def train(cfg: Config, export_hf: str | None = None, engine=None) -> int:
     return 0
 
 
-def _loop(cfg: Config, run) -> None:
+def _loop(cfg: Config, run, stop: lifecycle.Stop) -> None:
     from megatron_skpo.rewards import RewardPool
 
     ckpt = CheckpointManager(checkpoint_root(cfg), cfg.checkpoint.save_interval, cfg.checkpoint.keep_last, run.rank)
+    stop.last_saved = lambda: (lambda c: c.step if c else None)(ckpt.latest())
     resumed = ckpt.restore(run.parts()) if cfg.checkpoint.enabled and cfg.checkpoint.resume else None
     stages.announce(run, resumed)
     start = run.progress.step
@@ -64,7 +76,7 @@ def _loop(cfg: Config, run) -> None:
         run.queue.settle(start)  # a resumed queue: in-flight steps are generated again
         feed.request(run, start)
         for step in range(start + 1, cfg.train.steps + 1):
-            clock, t0 = stages.Clock(), time.perf_counter()
+            clock, t0 = stop.clock(), time.perf_counter()  # a signal: the step may be abandoned between stages
             with clock("generate"):  # requested earlier (rollout.max_staleness); colocated: generated now
                 prompts, local, mine, queue_metrics = feed.take(run, step)  # local: this rank's share
             with clock("drift"):
@@ -93,8 +105,15 @@ def _loop(cfg: Config, run) -> None:
                        "perf/tokens_per_s": batch.generated_tokens() / max(time.perf_counter() - t0, 1e-9)}
             run.progress.step = run.progress.metrics_step = step
             log.log(step, metrics)
-            if cfg.checkpoint.enabled and (last or ckpt.should_save(step, cfg.train.steps)):
-                feed.absorb(run)  # rollouts already sent are saved, not regenerated on resume
-                ckpt.save(step, run.parts())
+            save = partial(_save, run, ckpt, step)
+            saved = cfg.checkpoint.enabled and (last or ckpt.should_save(step, cfg.train.steps))
+            if saved:
+                stop.timed(save)
+            stop.end_of_step(step, saved, save)  # a signal: save if it fits the grace, stop
             if last:
                 break
+
+
+def _save(run, ckpt: CheckpointManager, step: int):
+    feed.absorb(run)  # rollouts already sent are saved, not regenerated on resume
+    return ckpt.save(step, run.parts())

@@ -264,6 +264,17 @@ class ModelPart:
         return {"model": model, "optimizer": optimizer_sharded_state_dict(p.optimizer, model, is_loading),
                 "scheduler": p.scheduler.state_dict(), "format": FORMAT}
 
+    def nbytes(self) -> int:
+        """About the bytes this rank's save writes: its parameters, the optimizer's moments and master
+        weights (the free-space check before a save)."""
+        from megatron_skpo.trainer.disk import tensor_bytes
+
+        state = [self.policy.gpt.state_dict()]
+        for opt in inner_optimizers(self.policy.optimizer):
+            state.append(list(getattr(getattr(opt, "optimizer", None), "state", {}).values()))
+            state.extend(v for k, v in vars(opt).items() if "fp32_from" in k and "groups" in k)
+        return tensor_bytes(state)
+
     def save(self, directory: Path) -> None:
         check_finite(self.policy.gpt)  # before anything is written (and before megatron is imported)
         from megatron.core import dist_checkpointing

@@ -361,16 +361,20 @@ def batch_metrics(batch: RolloutBatch, cr: Credit) -> dict[str, float]:
 
 
 class Clock:
-    """Per-stage wall time: ``with clock("rollout"): ...`` records ``time/rollout``."""
+    """Per-stage wall time: ``with clock("rollout"): ...`` records ``time/rollout``. ``on_stage`` is
+    called as each stage begins (the stop-on-signal check, ``trainer/lifecycle.py``)."""
 
-    def __init__(self):
+    def __init__(self, on_stage=None):
         self.times: dict[str, float] = {}
+        self.on_stage = on_stage
 
     def __call__(self, name: str):
         clock = self
 
         class _Span:
             def __enter__(self):
+                if clock.on_stage is not None:
+                    clock.on_stage()
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):

@@ -1,0 +1,102 @@
+"""The trainer's lifeline: a small watchdog process that kills what the trainer leaves behind.
+
+Run as ``python -I lifeline.py TRAINER_PID`` (by path: it imports nothing of the package), started by
+:func:`megatron_skpo.trainer.lifecycle.start_lifeline`. It asks the kernel for SIGKILL when the trainer
+dies (``PR_SET_PDEATHSIG``), but first, while the trainer lives, it records the trainer's descendants
+every second (pid and start time, from ``/proc``). When the trainer is gone -- an ordinary exit, or
+``kill -9`` that gave it no chance to clean up -- it SIGKILLs every recorded process that still runs
+with the same start time, and their descendants. That covers the processes libraries start without
+a parent-death signal of their own: megatron's checkpoint writer starts a ``multiprocessing``
+manager (a ``spawn`` process, about 280 MB) and a resource tracker on the first save; vLLM's engine
+core processes; and, as a second net, the reward graders and rollout workers (which set their own).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+
+SCAN_S = 1.0  # how often the descendants are recorded (a child younger than this may be missed)
+POLL_S = 0.2  # how often the trainer's death is looked for
+EXIT_GRACE_S = 2.0  # how long the trainer's children get to end by themselves once it is gone
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, start time in clock ticks) of ``pid``, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[1]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def descendants(root: int) -> dict[int, int]:
+    """{pid: start time} of every process below ``root`` (children, their children, ...)."""
+    parent: dict[int, int] = {}
+    start: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (st := _stat(int(name))) is not None:
+            parent[int(name)], start[int(name)] = st
+    found, todo = {}, [root]
+    while todo:
+        p = todo.pop()
+        for child, pp in parent.items():
+            if pp == p and child not in found:
+                found[child] = start[child]
+                todo.append(child)
+    return found
+
+
+def kill_recorded(known: dict[int, int], spare: int) -> int:
+    """SIGKILL every still-running recorded process (same start time) and its descendants; the count."""
+    victims = {}
+    for pid, started in known.items():
+        st = _stat(pid)
+        if pid != spare and st is not None and st[1] == started:
+            victims[pid] = started
+            victims.update(descendants(pid))
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return len(victims)
+
+
+def watch(trainer: int) -> int:
+    me = os.getpid()
+    known: dict[int, int] = {}
+    last_scan = 0.0
+    while os.getppid() == trainer and _stat(trainer) is not None:
+        if time.monotonic() - last_scan >= SCAN_S:
+            known.update(descendants(trainer))
+            known.pop(me, None)
+            last_scan = time.monotonic()
+        time.sleep(POLL_S)
+    deadline = time.monotonic() + EXIT_GRACE_S  # after an ordinary exit the rest are ending on their own
+    while time.monotonic() < deadline and any(_stat(p) is not None and _stat(p)[1] == s for p, s in known.items()):
+        time.sleep(POLL_S)
+    n = kill_recorded(known, spare=me)
+    if n:
+        print(f"skpo-train lifeline: the trainer (pid {trainer}) is gone; killed {n} process(es) it left",
+              file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    trainer = int(argv[1])
+    # the kernel's SIGTERM when the trainer dies only wakes us up; the kill happens in watch()
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the trainer handles it
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    return watch(trainer)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
