@@ -6,6 +6,7 @@ The expected tensors come from Megatron itself (the meta-device template model, 
 """
 from __future__ import annotations
 
+import re
 from types import ModuleType
 
 import torch
@@ -30,6 +31,32 @@ def architecture(hf_config: dict) -> ModuleType:
     except (KeyError, HFConfigError) as e:
         raise ConvertError(f"unknown or unsupported architecture: {e.args[0]}") from None
     return mapping
+
+
+CONFIG_SIZES = ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "intermediate_size")
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def check_config_fits(hf_config: dict, tensors: dict[str, tuple[int, ...]], where: str) -> None:
+    """``config.json``'s sizes against the tensors present, before Megatron builds anything.
+
+    A config claiming 10**9 layers (or a vocabulary the embedding lacks) would otherwise reach the
+    meta-model build and end in a MemoryError; here it is one line naming the field and the tensors.
+    """
+    for key in CONFIG_SIZES:
+        value = hf_config.get(key)
+        if key in hf_config and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ConvertError(f"{where}/config.json: {key} must be a positive integer, got {value!r:.60}")
+    layers = sorted({int(m.group(1)) for n in tensors if (m := LAYER.match(n))})
+    want = hf_config.get("num_hidden_layers")
+    if want is not None and (len(layers) != want or layers and layers[-1] != want - 1):  # i.e. != 0..want-1
+        held = f"layers {layers[0]}..{layers[-1]} ({len(layers)} distinct)" if layers else "no model.layers.* tensors"
+        raise ConvertError(f"{where}/config.json: num_hidden_layers={want} but the safetensors files hold {held}")
+    embed = tensors.get("model.embed_tokens.weight")
+    vocab, hidden = hf_config.get("vocab_size"), hf_config.get("hidden_size")
+    if embed is not None and vocab is not None and hidden is not None and tuple(embed) != (vocab, hidden):
+        raise ConvertError(f"{where}/config.json: vocab_size={vocab}, hidden_size={hidden} but tensor "
+                           f"model.embed_tokens.weight is {list(embed)}")
 
 
 def check_parallel(hf_config: dict, tp: int, pp: int, padded: int, ep: int = 1) -> None:

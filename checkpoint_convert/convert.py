@@ -75,6 +75,8 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 
     cfg, mapping = src.config, checks.architecture(src.config)
     padded = padded_vocab_size(int(cfg["vocab_size"]), tp, vocab_divisible_by)
     checks.check_parallel(cfg, tp, pp, padded, ep)
+    # sizes against the tensors before Megatron builds the template (10**9 layers: a MemoryError)
+    checks.check_config_fits(cfg, {n: t.shape for n, t in src.tensors.items()}, str(src.root))
     tpl = mcore_io.template(cfg, padded)
     expected = checks.expected_hf(mapping, cfg, tpl.params)
     checks.check_hf_tensors({n: t.shape for n, t in src.tensors.items()}, expected, str(src.root))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from checkpoint_convert.gguf_check import check_gguf
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -55,6 +57,7 @@ def gguf_to_hf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "bfloat1
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
     if not gguf_file.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_file}: no such file")
+    check_gguf(gguf_file)  # a truncated or corrupt file: one line naming it, before transformers reads it
     src = dict(pretrained_model_name_or_path=str(gguf_file.parent), gguf_file=gguf_file.name)
     loaded = AutoModelForCausalLM.from_pretrained(**src, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(**src)

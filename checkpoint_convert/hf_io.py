@@ -10,6 +10,8 @@ plus ``model.safetensors.index.json`` (``metadata.total_size`` and ``weight_map`
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -71,36 +73,104 @@ class HFCheckpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own bound
+MAX_HEADER_DEPTH = 8  # a valid header nests 3 deep: {name: {"shape": [...]}}
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
+    """The JSON header as a dict, refusing deep nesting before ``json`` recurses into it."""
+    depth = 0
+    for ch in _brackets(raw):
+        depth += 1 if ch in "[{" else -1
+        if depth > MAX_HEADER_DEPTH:
+            raise ConvertError(f"{path}: corrupt safetensors header (nested deeper than {MAX_HEADER_DEPTH})")
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ConvertError(f"{path}: corrupt safetensors header ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(header, dict):
+        raise ConvertError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header
+
+
+def _brackets(raw: bytes) -> str:
+    """The header's brackets outside JSON strings, in order (strings, escapes included, dropped)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", raw.decode("utf-8", "replace"))
+    return re.sub(r"[^\[\]{}]", "", text)
+
+
+def _tensor_entry(path: Path, name: str, v: object) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """dtype, shape and byte range of one header entry, each field checked."""
+    ok = (isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+          and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v["shape"])
+          and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
+          and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in v["data_offsets"]))
+    if not ok:
+        raise ConvertError(f"{path}: tensor {name}: corrupt header entry (want dtype, shape of sizes >= 0 and "
+                           f"data_offsets [begin, end]), got {str(v)[:120]}")
+    if v["dtype"] not in ST_DTYPES:
+        raise ConvertError(f"{path}: tensor {name} has unsupported dtype {v['dtype']}")
+    dtype, shape = ST_DTYPES[v["dtype"]], tuple(v["shape"])
+    begin, end = v["data_offsets"]
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise ConvertError(f"{path}: tensor {name}: {v['dtype']} {list(shape)} needs "
+                           f"{math.prod(shape) * dtype.itemsize} bytes, its data_offsets [{begin}, {end}] hold "
+                           f"{end - begin}")
+    return dtype, shape, begin, end
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor table of one safetensors file; :class:`ConvertError` if the file is truncated."""
+    """Tensor table of one safetensors file, parsed and checked by us before any tensor is read.
+
+    :class:`ConvertError` (one line, naming the file and tensor) for a truncated file, a header
+    over :data:`MAX_HEADER_BYTES` or nested deeper than :data:`MAX_HEADER_DEPTH`, an entry whose
+    byte length disagrees with its dtype and shape, and byte ranges that overlap, leave gaps or
+    run past the end of the file (the safetensors library would fail mid-read, or read another
+    tensor's bytes).
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise ConvertError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         n = struct.unpack("<Q", raw)[0]
+        if n > MAX_HEADER_BYTES:
+            raise ConvertError(f"{path}: safetensors header of {n} bytes is over the {MAX_HEADER_BYTES} byte bound")
         if 8 + n > size:
             raise ConvertError(f"{path}: truncated safetensors file (header of {n} bytes, file of {size})")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise ConvertError(f"{path}: corrupt safetensors header ({e})") from None
+        header = _parse_header(path, f.read(n))
     header.pop("__metadata__", None)
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    if 8 + n + end != size:
-        raise ConvertError(f"{path}: truncated safetensors file (header promises {8 + n + end} "
+    entries = sorted((_tensor_entry(path, name, v)[2:], name, v) for name, v in header.items())
+    at = 0
+    for (begin, end), name, _ in entries:
+        if begin != at:
+            what = "overlaps the tensor before it" if begin < at else f"leaves a gap of {begin - at} bytes before it"
+            raise ConvertError(f"{path}: tensor {name}: data_offsets [{begin}, {end}] {what} (corrupt header)")
+        at = end
+    if 8 + n + at != size:
+        raise ConvertError(f"{path}: truncated safetensors file (header promises {8 + n + at} "
                            f"bytes, file has {size})")
     out = {}
     for name, v in header.items():
-        if v["dtype"] not in ST_DTYPES:
-            raise ConvertError(f"{path}: tensor {name} has unsupported dtype {v['dtype']}")
-        out[name] = TensorInfo(path.name, ST_DTYPES[v["dtype"]], tuple(int(d) for d in v["shape"]))
+        dtype, shape, _, _ = _tensor_entry(path, name, v)
+        out[name] = TensorInfo(path.name, dtype, shape)
     return out
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file (``config.json``, the shard index) or a one-line ConvertError naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ConvertError(f"{path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(data, dict):
+        raise ConvertError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _shard_files(root: Path) -> list[str]:
     if (root / INDEX).is_file():
-        weight_map = json.loads((root / INDEX).read_text())["weight_map"]
+        weight_map = read_json(root / INDEX).get("weight_map") or {}
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (root / f).is_file()]
         if missing:
@@ -120,7 +190,7 @@ def open_hf(root: str | Path) -> HFCheckpoint:
     root = Path(root)
     if not (root / "config.json").is_file():
         raise ConvertError(f"{root}: no config.json (not a Hugging Face model directory)")
-    config = json.loads((root / "config.json").read_text())
+    config = read_json(root / "config.json")
     files = _shard_files(root)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
@@ -129,7 +199,7 @@ def open_hf(root: str | Path) -> HFCheckpoint:
                 raise ConvertError(f"{root}: tensor {name} appears in both {tensors[name].file} and {f}")
             tensors[name] = info
     if (root / INDEX).is_file():
-        weight_map = json.loads((root / INDEX).read_text())["weight_map"]
+        weight_map = read_json(root / INDEX).get("weight_map") or {}
         wrong = sorted(n for n, f in weight_map.items() if n not in tensors or tensors[n].file != f)
         if wrong:
             raise ConvertError(f"{root / INDEX}: weight_map disagrees with the shard files for {wrong[:5]}")

@@ -19,6 +19,7 @@ from megatron_skpo.config.data import DataConfig, DatasetConfig, RewardConfig
 from megatron_skpo.config.model import ModelConfig, ParallelConfig
 from megatron_skpo.config.rollout import RolloutConfig
 from megatron_skpo.config.train import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig, ValidationConfig
+from megatron_skpo.config.yaml_load import load_yaml
 
 
 @dataclass
@@ -39,27 +40,28 @@ class Config:
 
 
 def parse_override(item: str) -> tuple[str, object]:
-    """``'algo.group_size=16'`` -> ``('algo.group_size', 16)``; values are parsed as YAML scalars."""
+    """``'algo.group_size=16'`` -> ``('algo.group_size', 16)``; values are parsed as YAML
+    (:func:`.yaml_load.load_yaml`: no alias bombs, no repeated keys)."""
     if "=" not in item:
         raise ConfigError(f"override '{item}': expected key=value (e.g. algo.group_size=16)")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), load_yaml(raw, f"override '{item:.80}'") if raw.strip() else ""
 
 
 BASE_KEY = "base"
 
 
 def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """A YAML recipe as a nested dict, with its ``base:`` recipe (a path relative to it) merged under it."""
+    """A YAML recipe as a nested dict, with its ``base:`` recipe (a path relative to it) merged under it.
+
+    Read by :func:`.yaml_load.load_yaml`: an alias bomb or a repeated key is an error naming the
+    file and line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path}: no such file")
     if path.resolve() in _seen:
         raise ConfigError(f"recipe {path}: 'base' chain loops back to itself ({' -> '.join(map(str, _seen))})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path}: not valid YAML: {e}") from None
+    data = load_yaml(path.read_text(), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: top level must be a mapping of sections")
     base = data.pop(BASE_KEY, None)

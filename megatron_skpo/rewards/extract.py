@@ -44,8 +44,10 @@ _BOX_RE = re.compile(r"\\(?:boxed|fbox)\b")
 _ANSWER_IS_RE = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*:?\s*", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:(?:,|\\,)\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
 # Longest answer we hand to math-verify: a real final answer is short; a 100 KB "answer" is noise
-# that would only burn the grading timeout.
+# that would only burn the grading timeout. A plain number is kept whole however long (the grader
+# compares long numbers exactly itself, in linear time: grader._long_numbers_match).
 MAX_ANSWER_CHARS = 1000
+PLAIN_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
 
 
 def _braced(text: str, start: int) -> Optional[str]:
@@ -146,7 +148,7 @@ def extract_answer(text: str, order: Sequence[str] = ("boxed", "the_answer_is"))
         ans = next((found.answer for name in order if name in GUESSING and (found := _found(name, text))), None)
     if ans is None:
         return None
-    return ans[:MAX_ANSWER_CHARS] if len(ans) > MAX_ANSWER_CHARS else ans
+    return ans[:MAX_ANSWER_CHARS] if len(ans) > MAX_ANSWER_CHARS and not PLAIN_NUMBER.fullmatch(ans) else ans
 
 
 _DIGIT_GROUP_SPACE_RE = re.compile(r"(?<=\d)(?:\\[,;:! ]|~)(?=\d{3}(?!\d))")

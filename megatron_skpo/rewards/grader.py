@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Literal, Optional, Sequence, Union
 
-from megatron_skpo.rewards.extract import extract_answer, normalize_answer
+from megatron_skpo.rewards.extract import PLAIN_NUMBER, extract_answer, normalize_answer
 
 Gold = Union[str, int, float]
 Status = Literal["correct", "incorrect", "no_answer", "timeout", "error"]
@@ -94,6 +96,9 @@ def answers_match(gold: str, pred: str) -> bool:
     from math_verify import verify
 
     gold, pred = normalize_answer(gold), normalize_answer(pred)
+    exact = _long_numbers_match(gold, pred)
+    if exact is not None:
+        return exact
     g, p = _mv_parse(gold), _mv_parse(pred)
     if verify(g, p, timeout_seconds=None):
         return True
@@ -105,9 +110,25 @@ def answers_match(gold: str, pred: str) -> bool:
     return not g and not p and _plain(gold) == _plain(pred)
 
 
-def _plain(s: str) -> str:
-    import re
+LONG_NUMBER_DIGITS = 1000  # past this, plain numbers are compared here (math-verify fails past 4300 digits)
 
+
+def _long_numbers_match(gold: str, pred: str) -> Optional[bool]:
+    """Exact decimal comparison of two plain numbers when either is over :data:`LONG_NUMBER_DIGITS`
+    characters; None otherwise (math-verify decides).
+
+    math-verify converts through Python ``int``, whose default limit (``sys.get_int_max_str_digits``,
+    4300 digits) made a correct 100,000-digit answer grade incorrect. ``Decimal`` has no such limit
+    and compares exactly (``007`` == ``7``, ``2.50`` == ``2.5``).
+    """
+    if max(len(gold), len(pred)) <= LONG_NUMBER_DIGITS:
+        return None
+    if not (PLAIN_NUMBER.fullmatch(gold) and PLAIN_NUMBER.fullmatch(pred)):
+        return None
+    return Decimal(gold) == Decimal(pred)
+
+
+def _plain(s: str) -> str:
     s = re.sub(r"\\(?:text|mathrm|textbf)\s*\{([^{}]*)\}", r"\1", normalize_answer(s))
     return re.sub(r"\s+", " ", s).strip().lower()
 

@@ -4,9 +4,10 @@ What a run needs that the config tree alone cannot know: the model directory and
 exist, the parallel layout fits the job's world size and the model's heads and layers, token counts
 fit the model's context, the run directory does not hold another run that a fresh start would
 overwrite nor is locked by a live run (``trainer/dir_lock.py``), ``--overwrite`` would move only a
-run (never an input, a home directory or ``/``), and the HF export target is not the run's own
-directory, the input model or a non-empty directory. Paths are compared resolved (symlinks
-followed), as the writers compare them. Values themselves
+run (never an input, a home directory or ``/``), the HF export target is not the run's own
+directory, the input model or a non-empty directory, and each data file's first rows parse and map
+under its format (:func:`_sample`). Paths are compared resolved (symlinks followed), as the writers
+compare them. Values themselves
 (finite, in range, consistent with the algorithm) are checked when the config loads.
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ def preflight(cfg: Config, export_hf: Optional[str] = None, overwrite: bool = Fa
     for field, ds in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if ds is not None:
             found = _dataset(field, ds)
-            problems += found or _reward_feed(cfg, field, ds)
+            sampled, found = (None, found) if found else _sample(cfg, field, ds)
+            problems += found or _reward_feed(cfg, field, ds, sampled)
     problems += _reward(cfg)
     problems += _layout(cfg, hf, world_size or int(os.environ.get("WORLD_SIZE", "1")))
     problems += _fp8(cfg)
@@ -107,7 +109,28 @@ def _dataset(field: str, ds: DatasetConfig) -> list[str]:
     return []
 
 
-FEED_ROWS = 64  # rows of each dataset read to check that it feeds the reward
+FEED_ROWS = 64  # rows of each data file read to check that they parse, map and feed the reward
+
+
+def _sample(cfg: Config, field: str, ds: DatasetConfig) -> tuple[Optional[list], list[str]]:
+    """A data file's first :data:`FEED_ROWS` rows parse and map under its format (``--dry-run``
+    reads no more): under ``data.invalid_policy=error`` any bad row is a problem, under ``skip``
+    only a sample with no good row. Returns the sampled problems (for :func:`_reward_feed`) and
+    the problems found. Built-in recipes are shipped and tested: not sampled."""
+    from megatron_skpo.data.formats import reader_of
+    from megatron_skpo.data.loaders import load_problems
+
+    if ds.name is not None:
+        return None, []
+    try:
+        sampled, report = load_problems(ds.path, reader_of(ds), "skip", max_rows=FEED_ROWS)
+    except (ValueError, OSError) as e:
+        return None, [f"{field}: {e}"]
+    if report.skipped_total and (cfg.data.invalid_policy == "error" or not sampled):
+        why = ("data.invalid_policy=error stops at the first" if sampled else
+               f"none of the first {report.rows} rows is usable; see the")
+        return sampled, [f"{field}: {line} ({why} bad row)" for line in report.summary_lines()[1:]]
+    return sampled, []
 
 
 def _reward(cfg: Config) -> list[str]:
@@ -132,8 +155,9 @@ _FEEDS = {"answer": "answer_field", "tests": "tests_field (or format: livecodebe
           "choices": "choices_field (or format: mmlu_pro)"}
 
 
-def _reward_feed(cfg: Config, field: str, ds: DatasetConfig) -> list[str]:
-    """The dataset's first rows hold what the reward needs (e.g. tests for code), each named."""
+def _reward_feed(cfg: Config, field: str, ds: DatasetConfig, sampled: Optional[list] = None) -> list[str]:
+    """The dataset's first rows (``sampled`` when :func:`_sample` read them) hold what the reward
+    needs (e.g. tests for code), each named."""
     import dataclasses
 
     from megatron_skpo.data import load_dataset
@@ -147,7 +171,8 @@ def _reward_feed(cfg: Config, field: str, ds: DatasetConfig) -> list[str]:
         given = {"answer"} if ds.name is not None or (ds.format == "fields" and ds.answer_field) else set()
         if set(plan.needs()) <= given:
             return []
-        problems, _ = load_dataset(dataclasses.replace(ds, offset=0, limit=FEED_ROWS), "skip")
+        problems = sampled if sampled is not None else \
+            load_dataset(dataclasses.replace(ds, offset=0, limit=FEED_ROWS), "skip")[0]
     except (ValueError, OSError) as e:
         return [f"{field}: {e}"]
     missing = missing_needs(plan, [Reference.of(p.answer, p.meta) for p in problems])

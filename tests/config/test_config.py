@@ -109,7 +109,11 @@ def test_cli_help_dry_run_and_errors(tmp_path):
     (model / "config.json").write_text('{"num_attention_heads": 4, "num_key_value_heads": 2, '
                                        '"intermediate_size": 64, "num_hidden_layers": 2}')
     (model / "model.safetensors").write_bytes(b"")
-    data.write_bytes(b"")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # --dry-run reads the data file's first rows: a real (one-row) file in the recipe's layout
+    pq.write_table(pa.table({"prompt": ["1+1?"], "reward_model": [{"ground_truth": "2"}]}), data)
     out = _cli("configs/skpo.yaml", "--dry-run", f"model.hf_path={model}", f"data.train.path={data}",
                f"logging.dir={tmp_path / 'run'}", env={**os.environ, "WORLD_SIZE": "2"})
     assert out.returncode == 0, out.stderr

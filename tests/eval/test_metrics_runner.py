@@ -39,7 +39,7 @@ class ScriptedGenerator:
     def __init__(self, golds_by_prompt):
         self.golds, self.calls = golds_by_prompt, []
 
-    def generate(self, prompts, n, max_tokens, temperature, top_p, stop=()):
+    def generate(self, prompts, n, max_tokens, temperature, top_p, stop=(), seed=None):
         self.calls.append(len(prompts))
         return [[Completion(f"\\boxed{{{self.golds[p]}}}" if j == 0 else "\\boxed{-12345}", 5 + j, j == 1)
                  for j in range(n)] for p in prompts]
@@ -61,13 +61,14 @@ def test_evaluate_writes_table_and_resumes(tmp_path, gsm8k_golds):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["benchmarks"][0]["avg_at_k"] == 0.5
     assert "| gsm8k | 6 | 50.0 | 100.0 |" in (tmp_path / "summary.md").read_text()
-    # Simulate a crash: keep 4 records and a torn fifth line; the rerun generates only the 2 missing problems.
+    # Simulate a crash: keep 4 records and a torn fifth line; the rerun regenerates the chunk holding the 2
+    # missing problems whole (all 6 here: one chunk), as the uninterrupted run did, and records only those 2.
     path = tmp_path / "gsm8k.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:4]) + lines[4][:20])
     gen2 = ScriptedGenerator(gsm8k_golds)
     [s2] = evaluate(["gsm8k"], gen2, None, settings, tmp_path, limit=6, workers=1, progress=False)
-    assert sum(gen2.calls) == 2 and s2 == s
+    assert gen2.calls == [6] and s2 == s
     assert len(read_records(path)) == 6 and len(path.read_text().splitlines()) == 6
     with pytest.raises(ValueError, match="other settings"):
         evaluate(["gsm8k"], gen2, None, EvalSettings(model="scripted", k=4, prompt_template="raw",
