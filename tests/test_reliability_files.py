@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fake_weights import header_only_weights
+
 from checkpoint_convert import checks, hf_io
 from checkpoint_convert.staging import ConvertError
 from megatron_skpo.config import ConfigError, load_config
@@ -140,6 +142,20 @@ def test_a_billion_layer_config_never_reaches_megatron(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_billion_layer_config_is_a_preflight_line_for_the_trainer(tmp_path):
+    """skpo-train (and --dry-run) checks model.hf_path's headers and sizes before Megatron builds."""
+    from megatron_skpo.trainer.preflight import preflight
+
+    src = _tiny_hf(tmp_path / "hf", num_hidden_layers=1_000_000_000)
+    cfg = load_config(None, [f"model.hf_path={src}", f"logging.dir={tmp_path / 'run'}"])
+    found = [p for p in preflight(cfg, world_size=1) if p.startswith("model.hf_path")]
+    assert found == [f"model.hf_path: {src}/config.json: num_hidden_layers=1000000000 but the safetensors files "
+                     "hold layers 0..1 (2 distinct)"]
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{[")  # a header cut short
+    found = [p for p in preflight(cfg, world_size=1) if p.startswith("model.hf_path")]
+    assert len(found) == 1 and "model.safetensors: corrupt safetensors header" in found[0], found
+
+
 def test_config_json_that_is_not_json(tmp_path):
     src = _tiny_hf(tmp_path / "hf")
     (src / "config.json").write_text("[" * 100_000)
@@ -238,7 +254,7 @@ def model(tmp_path) -> Path:
     d = tmp_path / "model"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"num_attention_heads": 4, "num_hidden_layers": 2}))
-    (d / "model.safetensors").write_bytes(b"")
+    header_only_weights(d, 2)
     return d
 
 

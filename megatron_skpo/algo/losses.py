@@ -17,6 +17,11 @@ test checks the declaration against the function), with r_t = exp(log pi_theta -
   tokens, in the token form s_it = sg(s_i) exp(log pi_theta - sg(log pi_theta)) (equal to s_i in
   value, gradient s_i * grad log pi_theta(y_it)), then PPO's clipped min with GSPO's tight bounds.
   Dual clip is not applied (GSPO has none).
+- ``sapo``: SAPO (Gao et al. 2025, arXiv 2511.20347): the clip replaced by a soft gate,
+  -(4 / tau) sigmoid(tau (r - 1)) A with tau = sapo_tau_pos where A > 0 and sapo_tau_neg elsewhere.
+  Its gradient is 4 sigmoid(tau (r - 1)) (1 - sigmoid(tau (r - 1))) r A grad log pi_theta: exactly
+  A grad log pi_theta on-policy (r = 1), smoothly smaller as r leaves 1, never cut to zero. No clip
+  flags (nothing is clipped); ``gate`` is the gradient weight 4 sigma (1 - sigma) per token.
 - ``reinforce``: -A log pi_theta (on-policy REINFORCE; no ratio).
 ``stats`` holds detached per-token [B, T] float tensors: ``clip_low``/``clip_high`` (1 where that
 clip bound is active), ``dual_clip``, ``ratio`` and the approx KL to the old policy ``kl_old_k1`` /
@@ -75,8 +80,13 @@ class PolicyLossParams:
     dual_clip_c: Optional[float] = setting(None, "clip.dual_clip_c")  # ppo_clip: loss <= -c A for A < 0; None = off
     gspo_eps_low: float = setting(3e-4, "gspo_eps_low")  # gspo's sequence-ratio bounds
     gspo_eps_high: float = setting(4e-4, "gspo_eps_high")
+    sapo_tau_pos: float = setting(1.0, "sapo_tau_pos")  # sapo's gate temperature where A > 0
+    sapo_tau_neg: float = setting(1.05, "sapo_tau_neg")  # ... and where A <= 0 (steeper: damps faster)
 
     def __post_init__(self):
+        for name in ("sapo_tau_pos", "sapo_tau_neg"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PolicyLossParams.{name} must be > 0, got {getattr(self, name)}")
         for name in ("eps_low", "gspo_eps_low"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"PolicyLossParams.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -160,6 +170,21 @@ def gspo_loss(inp: PolicyLossInput, params: PolicyLossParams) -> tuple[Tensor, S
         ratio, _advantages(inp), 1 - params.gspo_eps_low, 1 + params.gspo_eps_high, None
     )
     return _zero_outside(loss, m), _ratio_stats(token_log_ratio, ratio, low, high, dual)
+
+
+@POLICY_LOSSES.register("sapo", reads=("sapo_tau_pos", "sapo_tau_neg"))
+def sapo_loss(inp: PolicyLossInput, params: PolicyLossParams) -> tuple[Tensor, Stats]:
+    """SAPO: -(4 / tau) sigmoid(tau (r - 1)) A with the temperature chosen by the sign of A; [B, T]."""
+    log_ratio = (inp.log_probs - inp.old_log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    adv = _advantages(inp)
+    tau = torch.where(adv > 0, params.sapo_tau_pos, params.sapo_tau_neg).to(ratio.dtype)
+    sig = torch.sigmoid(tau * (ratio - 1))
+    loss = -(4 / tau) * sig * adv
+    no = torch.zeros_like(inp.mask, dtype=torch.bool)
+    stats = _ratio_stats(log_ratio, ratio, no, no, no)
+    stats["gate"] = (4 * sig * (1 - sig)).detach()
+    return _zero_outside(loss, inp.mask), stats
 
 
 @POLICY_LOSSES.register("reinforce", reads=())

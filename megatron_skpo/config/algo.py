@@ -128,7 +128,7 @@ class DenseMCConfig:
 class AlgoConfig:
     """The RL algorithm. ``name`` selects the sampler family; the rest are the maths' knobs."""
 
-    name: str = doc("skpo", "the algorithm (config/algorithms.py): skpo, grpo, dr_grpo, dapo, cispo, gspo, spo, rloo, "
+    name: str = doc("skpo", "the algorithm (config/algorithms.py): skpo, grpo, dr_grpo, dapo, cispo, gspo, sapo, spo, rloo, "
                     "reinforce_pp, dense_mc; the name sets its own defaults (docs/algorithm.md)")
     group_size: int = doc(8, "G: responses per prompt (downstream group for SKPO)")
     advantage: str = doc("grpo", "advantage estimator (registry name); SKPO's downstream uses it too")
@@ -146,6 +146,8 @@ class AlgoConfig:
     clip: ClipConfig = doc(factory=ClipConfig, help="ratio clipping")
     gspo_eps_low: float = doc(3e-4, "GSPO's sequence-ratio clip (much tighter than token PPO)")
     gspo_eps_high: float = doc(4e-4, "GSPO's sequence-ratio upper clip")
+    sapo_tau_pos: float = doc(1.0, "SAPO's soft-gate temperature for A > 0: loss -(4/tau) sigmoid(tau (r - 1)) A")
+    sapo_tau_neg: float = doc(1.05, "SAPO's soft-gate temperature for A <= 0 (the paper's: a little steeper)")
     kl: KLConfig = doc(factory=KLConfig, help="KL penalty")
     tis: TISConfig = doc(factory=TISConfig, help="truncated importance sampling")
     off_policy: Literal["decoupled", "behaviour"] = doc(
@@ -161,3 +163,5 @@ class AlgoConfig:
         check(self.norm_length > 0, "algo.norm_length", "must be > 0")
         check(self.adv_eps >= 0, "algo.adv_eps", "must be >= 0")
         check(self.off_policy_cap > 0, "algo.off_policy_cap", "must be > 0")
+        check(self.sapo_tau_pos > 0, "algo.sapo_tau_pos", "must be > 0")
+        check(self.sapo_tau_neg > 0, "algo.sapo_tau_neg", "must be > 0")

@@ -71,6 +71,10 @@ ALGORITHMS: dict[str, AlgorithmDef] = {
         "group", "GSPO: sequence-level ratio, tight clipping",
         {"algo.advantage": "grpo", "algo.policy_loss": "gspo", "algo.loss_agg_mode": "seq-mean-token-mean"},
         {"algo.policy_loss": ("gspo",)}),
+    "sapo": AlgorithmDef(
+        "group", "SAPO: a soft sigmoid gate on the token ratio in place of the clip",
+        {"algo.advantage": "grpo", "algo.policy_loss": "sapo", "algo.loss_agg_mode": "seq-mean-token-mean"},
+        {"algo.policy_loss": ("sapo",)}),
     "rloo": AlgorithmDef(
         "group", "RLOO: leave-one-out baseline", {"algo.advantage": "rloo", **_PPO, **_CLIP_SYMMETRIC},
         {"algo.advantage": ("rloo",)}),

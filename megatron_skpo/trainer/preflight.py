@@ -70,11 +70,29 @@ def _model_config(cfg: Config, problems: list[str]) -> Optional[dict]:
         problems += _mcore_start(cfg.model.mcore_path)
     elif not any(d.glob("*.safetensors")):
         problems.append(f"model.hf_path: {d} has no *.safetensors weights")
+    else:
+        problems += _hf_weights_fit(d)
     try:
         return json.loads((d / "config.json").read_text())
     except ValueError as e:
         problems.append(f"model.hf_path: {d / 'config.json'} is not valid JSON ({e})")
         return None
+
+
+def _hf_weights_fit(d: Path) -> list[str]:
+    """The safetensors headers (offsets, depth) and config.json's sizes against the tensors they
+    hold, read without loading a weight: a config claiming 10**9 layers is one line here instead of
+    a MemoryError in Megatron's model build."""
+    from checkpoint_convert.checks import check_config_fits
+    from checkpoint_convert.hf_io import open_hf
+    from checkpoint_convert.staging import ConvertError
+
+    try:
+        src = open_hf(d)
+        check_config_fits(src.config, {n: t.shape for n, t in src.tensors.items()}, str(d))
+    except ConvertError as e:
+        return [f"model.hf_path: {e}"]
+    return []
 
 
 def _mcore_start(path: str) -> list[str]:

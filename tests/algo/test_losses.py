@@ -93,7 +93,7 @@ def test_reinforce_hand_values():
     torch.testing.assert_close(grad_of(loss, inp)[0], torch.tensor([-2.0, 1.0], dtype=D))
 
 
-@pytest.mark.parametrize("name", ["ppo_clip", "cispo", "gspo"])
+@pytest.mark.parametrize("name", ["ppo_clip", "cispo", "gspo", "sapo"])
 def test_on_policy_gradient_equals_reinforce(name):
     """At r = 1 every clipped surrogate has REINFORCE's gradient -A per token."""
     g = torch.Generator().manual_seed(1)
@@ -161,6 +161,41 @@ def test_gspo_hand_value():
     loss, stats = POLICY_LOSSES.get("gspo")(inp, PolicyLossParams())
     torch.testing.assert_close(loss, torch.full((1, 2), -(1 + 4e-4), dtype=D))
     assert grad_of(loss, inp).abs().sum() == 0 and stats["clip_high"].sum() == 2
+
+
+def _sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_sapo_hand_values_and_gradients():
+    """loss -(4/tau) sigma(tau (r - 1)) A, tau 1.0 for A > 0 and 1.05 otherwise; d/dlogp = -A 4 sigma (1 - sigma) r."""
+    ratios, advs = [1.0, 2.0, 1.0, 0.5, 20.0, 1.3], [1.0, 1.0, -2.0, -2.0, 1.0, 0.0]
+    inp = make_input(ratios, advs)
+    loss, stats = POLICY_LOSSES.get("sapo")(inp, PolicyLossParams())
+    taus = [1.0, 1.0, 1.05, 1.05, 1.0, 1.05]
+    sig = [_sig(t * (r - 1)) for r, t in zip(ratios, taus)]
+    want = [-(4 / t) * s * a for t, s, a in zip(taus, sig, advs)]
+    assert want[0] == -2.0 and want[2] == pytest.approx(8 / 2.1) and want[1] == pytest.approx(-2.9242343)
+    torch.testing.assert_close(loss[0], torch.tensor(want, dtype=D))
+    weight = [4 * s * (1 - s) for s in sig]
+    g = grad_of(loss, inp)[0]
+    torch.testing.assert_close(g, torch.tensor([-a * w * r for a, w, r in zip(advs, weight, ratios)], dtype=D))
+    torch.testing.assert_close(stats["gate"][0], torch.tensor(weight, dtype=D))
+    assert g[0] == -1.0 and g[2] == pytest.approx(2.0)  # on-policy: REINFORCE's -A
+    assert 0 < -g[4] < 1e-6  # far off-policy: damped, not cut (PPO-clip's gradient there is exactly 0)
+    assert stats["clip_low"].sum() == 0 and stats["clip_high"].sum() == 0
+
+
+def test_sapo_temperatures_are_the_sign_of_a():
+    """A steeper tau_neg damps a negative token's gradient faster as r leaves 1."""
+    inp = make_input([1.5, 1.5], [1.0, -1.0])
+    loss, _ = POLICY_LOSSES.get("sapo")(inp, PolicyLossParams(sapo_tau_pos=1.0, sapo_tau_neg=3.0))
+    g = grad_of(loss, inp)[0]
+    w_pos, w_neg = 4 * _sig(0.5) * (1 - _sig(0.5)), 4 * _sig(1.5) * (1 - _sig(1.5))
+    torch.testing.assert_close(g, torch.tensor([-w_pos * 1.5, w_neg * 1.5], dtype=D))
+    assert abs(g[1]) < abs(g[0])
+    with pytest.raises(ValueError, match="sapo_tau_neg"):
+        PolicyLossParams(sapo_tau_neg=0.0)
 
 
 def test_input_and_params_validation():

@@ -9,6 +9,7 @@ import yaml
 
 from megatron_skpo.config import Config, ConfigError, dump_config, load_config, to_dict
 from megatron_skpo.config.base import describe, from_dict
+from fake_weights import header_only_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -108,7 +109,7 @@ def test_cli_help_dry_run_and_errors(tmp_path):
     model.mkdir()
     (model / "config.json").write_text('{"num_attention_heads": 4, "num_key_value_heads": 2, '
                                        '"intermediate_size": 64, "num_hidden_layers": 2}')
-    (model / "model.safetensors").write_bytes(b"")
+    header_only_weights(model, 2)
     import pyarrow as pa
     import pyarrow.parquet as pq
 

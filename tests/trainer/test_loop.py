@@ -23,7 +23,7 @@ from megatron_skpo.trainer.logging import read_metrics
 
 pytestmark = pytest.mark.slow
 CHILD = Path(__file__).with_name("loop_child.py")
-ALGOS = ["skpo", "grpo", "dr_grpo", "dapo", "cispo", "gspo", "spo", "rloo", "reinforce_pp", "dense_mc"]
+ALGOS = ["skpo", "grpo", "dr_grpo", "dapo", "cispo", "gspo", "sapo", "spo", "rloo", "reinforce_pp", "dense_mc"]
 # one recipe exercises the reference model and KL penalty, one TIS and the W&B-missing warning, one
 # the on-policy step (one update: no separate old-log-prob pass)
 EXTRA = {"rloo": ":algo.kl.coef=0.05", "cispo": ":algo.tis.enabled=true,algo.tis.cap=2.0,logging.wandb=true",
@@ -112,6 +112,8 @@ def test_recipe_runs_two_steps(work, algo):
     assert (work / algo / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     if algo == "rloo":
         assert all(r["loss/kl_ref"] >= 0 for r in records)
+    if algo == "sapo":  # the soft gate trained the step: its weight 4 sigma (1 - sigma) is in (0, 1]
+        assert all(0 < r["loss/gate"] <= 1 and r["loss/clip_high"] == 0 for r in records)
 
 
 def test_a_run_from_model_mcore_path_repeats_the_hf_start(work):

