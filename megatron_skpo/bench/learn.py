@@ -8,8 +8,8 @@ included), validating avg@k on the held-out set (``data.eval``) before the first
 ``--eval-every`` steps and at the end. Runs are separate ``skpo-train`` processes writing under
 ``--out/<method>/seed<s>``; a finished run is not repeated, an interrupted one resumes from its
 checkpoint. The result: ``results.json`` (every curve, final numbers per run, mean and spread
-per method), ``curves.png`` (held-out avg@k against sampled tokens: mean and the seeds' min-max
-band per method) and ``table.md``.
+per method, sampled tokens a step by phase), ``curves.png`` (held-out avg@k against sampled tokens
+and against steps: mean and the seeds' min-max band per method) and ``table.md``.
 
 Methods at equal rows per step: SKPO, GRPO and CISPO sample ``prompts_per_step`` x G rows; SPO
 samples G x as many prompts with one response each; dense MC adds K continuations from M
@@ -97,8 +97,13 @@ def summarize_run(run_dir: Path, seconds: float) -> dict:
         raise RuntimeError(f"{run_dir}: no validation metrics (does the recipe set data.eval?)")
     curve = [(r.get("sampled_tokens", 0.0), r[key], r[key.replace("avg@", "pass@")]) for r in records if key in r]
     steps = [r for r in records if r["step"] > 0]
-    return {"curve": curve, "metric": key, "steps": len(steps), "seconds": seconds,
+    mean = lambda k: statistics.mean(r.get(k, 0.0) for r in steps) if steps else 0.0  # noqa: E731
+    phases = sorted({k for r in steps for k in r if k.startswith("tokens/")})
+    return {"curve": curve, "curve_steps": [(r["step"], r[key]) for r in records if key in r],
+            "metric": key, "steps": len(steps), "seconds": seconds,
             "sampled_tokens": steps[-1]["sampled_tokens"] if steps else 0.0,
+            "tokens_per_step": mean("rollout/generated_tokens_all"),
+            "phase_tokens_per_step": {k.removeprefix("tokens/"): mean(k) for k in phases},
             "start": curve[0][1], "final": curve[-1][1], "gain": curve[-1][1] - curve[0][1],
             "train_accuracy": [r["accuracy"] for r in steps],
             "step_seconds": statistics.median(r["time/step"] for r in steps) if steps else 0.0}
@@ -115,43 +120,62 @@ def aggregate(results: dict[str, dict[int, dict]]) -> dict[str, dict]:
                        "gain_mean": statistics.mean(col("gain")), "gain_std": sd(col("gain")),
                        "gain_min": min(col("gain")), "gain_max": max(col("gain")),
                        "steps_mean": statistics.mean(col("steps")), "step_seconds": statistics.mean(col("step_seconds")),
+                       "tokens_per_step": statistics.mean(col("tokens_per_step")),
+                       "phase_tokens_per_step": _mean_dicts(col("phase_tokens_per_step")),
                        "minutes_mean": statistics.mean(col("seconds")) / 60}
     return out
+
+
+def _mean_dicts(dicts: list[dict]) -> dict[str, float]:
+    keys = sorted({k for d in dicts for k in d})
+    return {k: statistics.mean(d.get(k, 0.0) for d in dicts) for k in keys}
+
+
+def phase_line(agg: dict[str, dict]) -> str:
+    """Sampled tokens a step per phase, per method (SKPO: kept segments, discarded candidates, downstream)."""
+    parts = []
+    for m, a in agg.items():
+        ph = a["phase_tokens_per_step"]
+        if len(ph) > 1:
+            parts.append(f"{m}: " + ", ".join(f"{k} {v:,.0f}" for k, v in ph.items()))
+    return ("Sampled tokens a step by phase: " + "; ".join(parts) + ".\n") if parts else ""
 
 
 def markdown(agg: dict[str, dict], metric: str, budget: int) -> str:
     lines = [f"Held-out {metric.removeprefix('val/')} (%) after {budget:,} sampled tokens per run; mean over seeds "
              "(std); gain = final - start of the same run.", "",
-             "| method | seeds | start | final | gain | gain min..max | steps | s/step | min/run |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | seeds | start | final | gain | gain min..max | steps | tokens/step | s/step | min/run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, a in agg.items():
         lines.append(f"| {m} | {len(a['seeds'])} | {100 * a['start_mean']:.1f} | {100 * a['final_mean']:.1f} "
                      f"({100 * a['final_std']:.1f}) | {100 * a['gain_mean']:+.1f} ({100 * a['gain_std']:.1f}) | "
                      f"{100 * a['gain_min']:+.1f}..{100 * a['gain_max']:+.1f} | {a['steps_mean']:.1f} | "
-                     f"{a['step_seconds']:.0f} | {a['minutes_mean']:.1f} |")
-    return "\n".join(lines) + "\n"
+                     f"{a['tokens_per_step']:,.0f} | {a['step_seconds']:.0f} | {a['minutes_mean']:.1f} |")
+    return "\n".join(lines) + "\n" + ("\n" + phase_line(agg) if phase_line(agg) else "")
 
 
 def plot(results: dict[str, dict[int, dict]], metric: str, path: Path) -> None:
-    """Held-out metric against sampled tokens: each method's mean over seeds (interpolated onto a
-    common grid) with the seeds' min-max band."""
+    """Held-out metric against sampled tokens (left) and against steps (right; on a GPU the decode
+    steps, not the tokens, set the time): each method's mean over seeds (interpolated onto a common
+    grid) with the seeds' min-max band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, runs in results.items():
-        end = min(r["curve"][-1][0] for r in runs.values())
-        grid = np.linspace(0, end, 25)
-        ys = np.stack([np.interp(grid, [c[0] for c in r["curve"]], [c[1] for c in r["curve"]]) for r in runs.values()])
-        ax.plot(grid, 100 * ys.mean(0), label=f"{method} ({len(runs)} seeds)")
-        ax.fill_between(grid, 100 * ys.min(0), 100 * ys.max(0), alpha=0.2)
-    ax.set_xlabel("sampled tokens")
-    ax.set_ylabel(f"held-out {metric.removeprefix('val/')} (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, curve, label in ((axes[0], "curve", "sampled tokens"), (axes[1], "curve_steps", "steps")):
+        for method, runs in results.items():
+            end = min(r[curve][-1][0] for r in runs.values())
+            grid = np.linspace(0, end, 25)
+            ys = np.stack([np.interp(grid, [c[0] for c in r[curve]], [c[1] for c in r[curve]]) for r in runs.values()])
+            ax.plot(grid, 100 * ys.mean(0), label=f"{method} ({len(runs)} seeds)")
+            ax.fill_between(grid, 100 * ys.min(0), 100 * ys.max(0), alpha=0.2)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"held-out {metric.removeprefix('val/')} (%)")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -80,6 +80,9 @@ class SKPOConfig:
         "uniform", "uniform = the paper; fixed_alternating = ablation alternating min/max fraction")
     init_length: Optional[float] = doc(
         None, "initial running response length L_q (the paper's 1024); null = min(1024, rollout.max_response_tokens)")
+    unseen_length: Literal["fixed", "dataset_mean"] = doc(
+        "fixed", "L_q of a prompt not seen yet: fixed = init_length (the paper's); dataset_mean = (ours) the mean "
+        "length observed so far over all prompts (init_length until the first observation)")
     length_source: Literal["segment_plus_downstream", "downstream"] = doc(
         "segment_plus_downstream", "(ours) what the length tracker observes")
     selection: str = doc("median", "segment chosen by mean NLL (SEGMENT_SELECTORS in skpo/segment.py): median = "

@@ -145,7 +145,8 @@ def merge_shards(parts: list[tuple["RolloutBatch", list[int]]]) -> "RolloutBatch
     Returns:
         every row, ordered by step prompt (rows of a prompt in their rank's order), with ``group``
         the step prompt index and ``parent`` and the SKPO records' rows renumbered; ``stats`` holds
-        ``rollout/generated_tokens_all``, the tokens every part generated together.
+        ``rollout/generated_tokens_all``, the tokens every part generated together, and every part's
+        per-phase token counts (``rollout/tokens_<phase>``, ``rollout/tokens_upstream_generated``) summed.
     """
     keyed = []  # (step prompt, part, row)
     for p, (batch, index) in enumerate(parts):
@@ -167,7 +168,12 @@ def merge_shards(parts: list[tuple["RolloutBatch", list[int]]]) -> "RolloutBatch
                                       new_row[(p, rec.completion_row)] if rec.completion_row >= 0 else -1))
     records.sort(key=lambda rec: rec.upstream_row)
     total = sum(b.stats.get("rollout/generated_tokens", b.generated_tokens()) for b, _ in parts)
-    return RolloutBatch(samples, records, {"rollout/generated_tokens_all": float(total)})
+    stats = {"rollout/generated_tokens_all": float(total)}
+    for b, _ in parts:  # token counts add up over the parts (rates do not: tokens_per_s is left out)
+        for k, v in b.stats.items():
+            if k.startswith("rollout/tokens_") and k != "rollout/tokens_per_s":
+                stats[k] = stats.get(k, 0.0) + v
+    return RolloutBatch(samples, records, stats)
 
 
 def batch_to_state(batch: RolloutBatch) -> dict:

@@ -53,7 +53,7 @@ def skpo_credit(s: CreditSettings, lengths: LengthTracker, length_source: str, u
 def build_skpo(cfg, tokenizer) -> Method:
     k, t, r = cfg.algo.skpo, cfg.algo.tracker, cfg.rollout
     init = k.init_length if k.init_length is not None else min(1024.0, float(r.max_response_tokens))
-    lengths = LengthTracker(init, t.rho_min, t.rho_max, t.d_half)
+    lengths = LengthTracker(init, t.rho_min, t.rho_max, t.d_half, unseen=k.unseen_length)
     sampler = SKPOSampler(tokenizer, cfg.algo.group_size, r.max_response_tokens, selector=k.selection,
                           skip_mode=k.skip_mode, downstream_budget=r.downstream_budget,
                           template=k.skip_template or get_template(cfg.data.prompt_template).skip,

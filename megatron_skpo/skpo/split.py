@@ -8,6 +8,9 @@ Choices (ours):
 - the length tracker observes segment length + mean downstream length (one observation per prompt
   and step; the mean over the G downstream responses), or the mean downstream length alone;
 - like the value tracker, L starts at 1024 with N = 0, so the first observation replaces 1024;
+- ``unseen="dataset_mean"`` (ours; the paper starts every prompt at 1024): a prompt not seen yet
+  starts at the mean of every length observed so far over all prompts (1024 until the first
+  observation), so that on short answers the first epoch does not cut G whole answers upstream;
 - the integer range is [max(ceil(min_frac L), 1), max(floor(max_frac L), lower)];
 - "fixed_alternating" (ablation) uses min_frac on even training steps and max_frac on odd ones;
 - an early-EOS response is cut at max(floor(length / 2), 1) tokens.
@@ -26,18 +29,33 @@ SplitMode = Literal["uniform", "fixed_alternating"]
 _ROUND_TOL = 1e-9
 
 
+UnseenLength = Literal["fixed", "dataset_mean"]
+
+
 class LengthTracker(KeyedEMA):
-    """Per-prompt running response length L_q (KL-adaptive EMA, no reward mapping)."""
+    """Per-prompt running response length L_q (KL-adaptive EMA, no reward mapping).
+
+    ``unseen``: what a prompt not observed yet reads: ``fixed`` = ``init_length``; ``dataset_mean`` =
+    the mean of all observations so far (``init_length`` before the first), kept in the state.
+    """
 
     def __init__(self, init_length: float = 1024.0, rho_min: float = 0.875, rho_max: float = 0.96,
-                 d_half: float = 0.06):
+                 d_half: float = 0.06, unseen: UnseenLength = "fixed"):
         if init_length < 1:
             raise ValueError(f"LengthTracker: init_length must be >= 1, got {init_length}")
+        if unseen not in ("fixed", "dataset_mean"):
+            raise ValueError(f"LengthTracker: unseen must be 'fixed' or 'dataset_mean', got {unseen!r}")
         super().__init__(float(init_length), rho_min, rho_max, d_half, init_count=0.0)
+        self.unseen = unseen
+        self._obs_sum, self._obs_n = 0.0, 0  # every observation so far, over all prompts
 
     def lengths(self, keys: Sequence[Hashable]) -> Tensor:
-        """[P] float64 L_q (init_length for unseen prompts)."""
-        return self.read(keys)[0]
+        """[P] float64 L_q (unseen prompts: see ``unseen``)."""
+        value = self.read(keys)[0]
+        if self.unseen == "dataset_mean" and self._obs_n:
+            unseen = self._slots(keys, create=False) < 0
+            value[unseen] = self._obs_sum / self._obs_n
+        return value
 
     def observe(self, keys: Sequence[Hashable], obs: Tensor, kl: KLArg) -> None:
         """Observe [P] lengths (see ``length_observations``) with [P] or scalar KL D."""
@@ -45,6 +63,18 @@ class LengthTracker(KeyedEMA):
         if obs.numel() and float(obs.min()) < 0:
             raise ValueError(f"LengthTracker.observe: lengths must be >= 0, got min {float(obs.min())}")
         super().observe(keys, obs, kl)
+        self._obs_sum += float(obs.sum())
+        self._obs_n += obs.numel()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "obs_sum": torch.tensor(self._obs_sum, dtype=torch.float64),
+                "obs_n": torch.tensor(self._obs_n, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        # checkpoints from before the running mean existed hold none: it restarts from their prompts' values
+        self._obs_sum = float(state["obs_sum"]) if "obs_sum" in state else float(self._value.sum())
+        self._obs_n = int(state["obs_n"]) if "obs_n" in state else int(self._value.numel())
 
 
 def length_observations(segment_lengths: Tensor, downstream_lengths: Tensor,

@@ -338,8 +338,12 @@ class CheckpointManager:
             try:
                 part.load(ck.path / part_name)
             except Exception as e:  # any failure, named: a raw UnpicklingError says nothing about where
-                error = CheckpointError(f"checkpoint {ck.path}: part {part_name!r} failed to load: "
-                                        f"{type(e).__name__}: {e}{self._instead(ck)}")
+                refused = _config_refusal(e)
+                if refused is not None:  # the checkpoint is sound: the new config is what cannot resume it
+                    error = CheckpointError(f"cannot resume from {ck.path}: {refused}")
+                else:
+                    error = CheckpointError(f"checkpoint {ck.path}: part {part_name!r} failed to load: "
+                                            f"{type(e).__name__}: {e}{self._instead(ck)}")
                 error.__cause__ = e
             self._agree(error)
         return ck
@@ -417,3 +421,14 @@ class CheckpointManager:
         if absent:
             raise CheckpointError(f"{where}: file {absent[0]} is missing (the manifest lists it)"
                                   f"{self._instead(ck)}")
+
+
+def _config_refusal(e: BaseException) -> Optional[BaseException]:
+    """The :class:`~megatron_skpo.trainer.resume.ResumeConfigError` behind ``e``, if any."""
+    from megatron_skpo.trainer.resume import ResumeConfigError
+
+    while e is not None:
+        if isinstance(e, ResumeConfigError):
+            return e
+        e = e.__cause__
+    return None

@@ -69,10 +69,6 @@ def _merge(msgs: list, shares: list[list[int]]) -> RolloutBatch:
     batch = merge_shards(parts)
     tokens = sum(b.stats.get("rollout/tokens", 0.0) for b, _ in parts)
     seconds = max(b.stats.get("rollout/seconds", 0.0) for b, _ in parts)
-    for b, _ in parts:  # per-phase token counts add up over the workers
-        for k, v in b.stats.items():
-            if k.startswith("rollout/tokens_"):
-                batch.stats[k] = batch.stats.get(k, 0.0) + v
     batch.stats.update({"rollout/seconds": seconds, "rollout/tokens": tokens,
                         "rollout/generated_tokens": batch.stats["rollout/generated_tokens_all"],
                         "rollout/tokens_per_s": batch.stats["rollout/generated_tokens_all"] / max(seconds, 1e-9)})

@@ -69,13 +69,18 @@ def frozen_reason(key: str) -> str | None:
     return None
 
 
-def compare(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(errors, changes): one line per frozen key that differs, and per other key that differs."""
+def compare(saved: dict, current: dict, defaults: dict | None = None) -> tuple[list[str], list[str]]:
+    """(errors, changes): one line per frozen key that differs, and per other key that differs.
+
+    A key the saved config lacks (it was saved by a release without that setting) is unchanged when
+    its current value is its default in ``defaults``: that release behaved as the default does.
+    """
     a, b = _flat(saved), _flat(current)
+    known = _flat(defaults) if defaults is not None else {}
     errors, changes = [], []
     for key in sorted(set(a) | set(b)):
         old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
-        if old == new:
+        if old == new or (key not in a and key in known and new == known[key]):
             continue
         why = frozen_reason(key)
         (errors if why else changes).append(f"{key}: {old!r} -> {new!r}" + (f" ({why})" if why else ""))
@@ -90,6 +95,7 @@ class ConfigRecord:
 
     def __init__(self, cfg: Config):
         self.current = to_dict(cfg)
+        self.defaults = to_dict(type(cfg)())  # what a setting newer than the checkpoint behaved as
         self.changes: list[str] = []
 
     def state_dict(self) -> dict:
@@ -98,7 +104,7 @@ class ConfigRecord:
     def load_state_dict(self, saved: dict) -> None:
         if not isinstance(saved, dict):
             raise ValueError(f"config record: expected the saved config tree, got {type(saved).__name__}")
-        errors, self.changes = compare(saved, self.current)
+        errors, self.changes = compare(saved, self.current, self.defaults)
         if errors:
             raise ResumeConfigError("the resumed run changes what cannot change mid-run (start a new run in "
                                     "another logging.dir, or restore these values):\n  " + "\n  ".join(errors))

@@ -352,12 +352,28 @@ def batch_metrics(batch: RolloutBatch, cr: Credit) -> dict[str, float]:
             out[f"adv/{phase}/mean"], out[f"adv/{phase}/std"] = float(seq.mean()), float(seq.std(unbiased=False))
             out[f"adv/{phase}/abs_mean"] = float(seq.abs().mean())
     st = batch.stats
+    out.update(phase_tokens(batch))
     out.update({"time/rollout": st.get("rollout/seconds", 0.0), "time/rollout_cpu": st.get("rollout/cpu_seconds", 0.0),
                 "perf/rollout_tokens_per_s": st.get("rollout/tokens_per_s", 0.0),
                 "rollout/generated_tokens": st.get("rollout/generated_tokens", 0.0),
                 "rollout/generated_tokens_all": st.get("rollout/generated_tokens_all", 0.0)})
     out["dynamic_sampling/dropped_rows"] = float(len(cr.dropped_rows))
     return {**out, **cr.metrics}
+
+
+def phase_tokens(batch: RolloutBatch) -> dict[str, float]:
+    """Sampled tokens per phase (``tokens/<phase>``: the response tokens of its rows) and, for SKPO,
+    ``tokens/upstream_discarded``: what the G upstream candidates cost beyond the kept segments
+    (the candidates not selected and the tails cut at t_q). Dense MC's ``mc`` rows count only their
+    own continuation, not the prefix they copy."""
+    out: dict[str, float] = {}
+    for s in batch.samples:
+        own = len(s.response_ids) - (s.position if s.phase == "mc" else 0)
+        out[f"tokens/{s.phase}"] = out.get(f"tokens/{s.phase}", 0.0) + own
+    generated = batch.stats.get("rollout/tokens_upstream_generated")
+    if generated is not None:
+        out["tokens/upstream_discarded"] = generated - out.get("tokens/upstream", 0.0)
+    return out
 
 
 class Clock:

@@ -297,3 +297,18 @@ def test_skpo_own_completion_row(tokenizer, selector, kept_eos):
             assert ("submit", ("own", batch.skpo.index(rec))) in engine.log
             assert len(row.response_ids) == kept_len + 3  # the scripted continuation
     assert len(batch.rows("mc")) == 2
+
+
+def test_merge_shards_adds_token_counts_but_not_rates():
+    from megatron_skpo.rollout.types import merge_shards
+
+    a = RolloutBatch([Sample([1], [2, 3], [-1.0, -1.0], "stop", "p", 0, "single")],
+                     stats={"rollout/generated_tokens": 2.0, "rollout/tokens_single": 2.0,
+                            "rollout/tokens_upstream_generated": 10.0, "rollout/tokens_per_s": 5.0})
+    b = RolloutBatch([Sample([4], [5], [-1.0], "stop", "q", 0, "single")],
+                     stats={"rollout/generated_tokens": 1.0, "rollout/tokens_single": 1.0,
+                            "rollout/tokens_upstream_generated": 20.0, "rollout/tokens_per_s": 7.0})
+    merged = merge_shards([(b, [1]), (a, [0])])
+    assert [s.prompt_key for s in merged.samples] == ["p", "q"]
+    assert merged.stats == {"rollout/generated_tokens_all": 3.0, "rollout/tokens_single": 3.0,
+                            "rollout/tokens_upstream_generated": 30.0}

@@ -90,3 +90,35 @@ def test_length_tracker_updates_and_round_trip():
     assert torch.equal(back.lengths(["q", "p", "new"]), lt.lengths(["q", "p", "new"]))
     with pytest.raises(ValueError, match=">= 0"):
         lt.observe(["q"], torch.tensor([-1.0]), 0.0)
+
+
+def test_unseen_prompts_start_at_the_dataset_mean():
+    """unseen="dataset_mean": before any observation init_length; then every observation's mean
+    (300, 50, 600 -> 316.67) for a new prompt, while seen prompts keep their own EMA."""
+    lt = LengthTracker(init_length=64.0, unseen="dataset_mean")
+    assert lt.lengths(["new"]).tolist() == [64.0]
+    lt.observe(["q", "p"], torch.tensor([300.0, 50.0]), 0.0)
+    assert lt.lengths(["new", "p"]).tolist() == [175.0, 50.0]
+    lt.observe(["q"], torch.tensor([600.0]), 0.0)
+    assert lt.lengths(["new", "q", "p"]).tolist() == pytest.approx([950 / 3, 300 + 300 / 1.96, 50.0])
+    assert "new" not in lt  # reading never adds a prompt
+    buf = io.BytesIO()
+    torch.save(lt.state_dict(), buf)
+    buf.seek(0)
+    back = LengthTracker(init_length=64.0, unseen="dataset_mean")
+    back.load_state_dict(torch.load(buf, weights_only=True))
+    assert back.lengths(["new"]).tolist() == pytest.approx([950 / 3])
+    fixed = LengthTracker(init_length=64.0)
+    fixed.load_state_dict(lt.state_dict())
+    assert fixed.lengths(["new"]).tolist() == [64.0]  # the paper's: every new prompt at init_length
+    with pytest.raises(ValueError, match="unseen"):
+        LengthTracker(unseen="median")
+
+
+def test_a_checkpoint_without_the_running_mean_restarts_it_from_its_prompts():
+    lt = LengthTracker(init_length=64.0, unseen="dataset_mean")
+    lt.observe(["q", "p"], torch.tensor([30.0, 10.0]), 0.0)
+    old = {k: v for k, v in lt.state_dict().items() if k in ("keys", "value", "count")}
+    back = LengthTracker(init_length=64.0, unseen="dataset_mean")
+    back.load_state_dict(old)
+    assert back.lengths(["new"]).tolist() == [20.0]

@@ -29,13 +29,22 @@ def test_method_overrides_keep_rows_per_step_equal():
 
 
 def test_aggregate_and_table_hand_worked():
-    runs = {"grpo": {0: {"start": 0.3, "final": 0.5, "gain": 0.2, "steps": 10, "seconds": 60.0, "step_seconds": 5.0},
-                     1: {"start": 0.3, "final": 0.4, "gain": 0.1, "steps": 12, "seconds": 120.0, "step_seconds": 7.0}}}
-    agg = aggregate(runs)["grpo"]
-    assert agg["final_mean"] == pytest.approx(0.45) and agg["gain_mean"] == pytest.approx(0.15)
-    assert agg["gain_min"] == pytest.approx(0.1) and agg["minutes_mean"] == pytest.approx(1.5)
-    assert "| grpo | 2 | 30.0 | 45.0 (7.1) | +15.0 (7.1) | +10.0..+20.0 | 11.0 | 6 | 1.5 |" in markdown(
-        {"grpo": agg}, "val/avg@4", 1000)
+    one = {"start": 0.3, "steps": 10, "seconds": 60.0, "step_seconds": 5.0}
+    runs = {"grpo": {0: {**one, "final": 0.5, "gain": 0.2, "tokens_per_step": 1000.0,
+                         "phase_tokens_per_step": {"single": 1000.0}},
+                     1: {**one, "final": 0.4, "gain": 0.1, "steps": 12, "seconds": 120.0, "step_seconds": 7.0,
+                         "tokens_per_step": 1400.0, "phase_tokens_per_step": {"single": 1400.0}}},
+            "skpo": {0: {**one, "final": 0.4, "gain": 0.1, "tokens_per_step": 2000.0,
+                         "phase_tokens_per_step": {"downstream": 1000.0, "upstream": 300.0,
+                                                   "upstream_discarded": 700.0}}}}
+    agg = aggregate(runs)
+    grpo = agg["grpo"]
+    assert grpo["final_mean"] == pytest.approx(0.45) and grpo["gain_mean"] == pytest.approx(0.15)
+    assert grpo["gain_min"] == pytest.approx(0.1) and grpo["minutes_mean"] == pytest.approx(1.5)
+    assert grpo["tokens_per_step"] == 1200.0
+    table = markdown(agg, "val/avg@4", 1000)
+    assert "| grpo | 2 | 30.0 | 45.0 (7.1) | +15.0 (7.1) | +10.0..+20.0 | 11.0 | 1,200 | 6 | 1.5 |" in table
+    assert "Sampled tokens a step by phase: skpo: downstream 1,000, upstream 300, upstream_discarded 700." in table
 
 
 @pytest.mark.slow
@@ -62,6 +71,9 @@ def test_quick_bench_end_to_end(tmp_path):
     for method, runs in results["runs"].items():
         run = runs["0"]
         assert run["steps"] == 1 and run["curve"][0][0] == 0 and run["curve"][-1][0] == run["sampled_tokens"] > 0
+        assert [s for s, _ in run["curve_steps"]] == [0, 1]
+        assert sum(run["phase_tokens_per_step"].values()) == run["tokens_per_step"] == run["sampled_tokens"]
+    assert set(results["runs"]["skpo"]["0"]["phase_tokens_per_step"]) == {"upstream", "upstream_discarded", "downstream"}
     spo = [json.loads(line) for line in (out / "spo" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert spo[-1]["rollout/generated_tokens"] > 0 and spo[-1]["loss/seqs"] == 4  # 2 prompts x G=2 -> 4 x 1
     assert (out / "curves.png").stat().st_size > 10_000 and "| skpo | 1 |" in (out / "table.md").read_text()

@@ -147,6 +147,16 @@ def test_skpo_trains_both_phases(work):
             assert r[f"loss/{phase}/loss"] != 0
         assert r["length/upstream/mean"] <= r["skpo/t_q_mean"]
         assert "adv/upstream/std" in r and "adv/downstream/zero_group_rate" in r
+        # every sampled token is in one phase's count: kept segments, discarded candidates, downstream
+        assert r["tokens/upstream"] > 0 and r["tokens/upstream_discarded"] > 0 and r["tokens/downstream"] > 0
+        assert r["tokens/upstream"] + r["tokens/upstream_discarded"] + r["tokens/downstream"] == \
+            r["rollout/generated_tokens"]
+
+
+@pytest.mark.parametrize("algo, phases", [("grpo", ("single",)), ("dense_mc", ("single", "mc"))])
+def test_tokens_per_phase_add_up_to_the_sampled_tokens(work, algo, phases):
+    for r in steps(work / algo / "metrics.jsonl"):
+        assert sum(r[f"tokens/{p}"] for p in phases) == r["rollout/generated_tokens"] > 0
 
 
 def test_on_policy_step_uses_the_updates_own_log_probs(work):
@@ -273,6 +283,7 @@ def test_resume_applies_a_new_lr_and_refuses_another_group_size(work):
     assert proc.wait(timeout=300) != 0
     log = sorted(work.glob("child-*.log"))[-1].read_text()
     assert "algo.group_size: 4 -> 2 (the saved trackers and the sampler's groups were built with this G)" in log
+    assert "cannot resume from" in log and "damaged" not in log  # a sound checkpoint, a refused config
     assert [r["step"] for r in steps(work / "skpo_resume" / "metrics.jsonl")] == [1, 2, 3]  # nothing written
 
 

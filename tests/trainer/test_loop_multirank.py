@@ -80,6 +80,9 @@ def test_skpo_trains_both_phases_at_every_layout(work):
     for name in ("dp2_skpo", "tp2_skpo", "tp2dp2_skpo"):
         for r in steps(work, name):
             assert r["loss/up/tokens"] > 0 and r["loss/down/tokens"] > 0
+            # the phases' token counts are the whole step's, every engine's share added
+            phases = r["tokens/upstream"] + r["tokens/upstream_discarded"] + r["tokens/downstream"]
+            assert phases == r["rollout/generated_tokens_all"] > r["rollout/generated_tokens"]
 
 
 def test_kill_and_resume_at_dp2_repeats_the_metrics(work):

@@ -31,3 +31,31 @@ def test_record_refuses_another_algorithm_and_accepts_a_new_lr():
     assert record.changes == ["optim.lr: 1e-06 -> 3e-06"]
     with pytest.raises(ResumeConfigError, match="algo.name: 'skpo' -> 'grpo'"):
         ConfigRecord(load_config(None, ["algo.name=grpo"])).load_state_dict(saved)
+
+
+def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default():
+    """A checkpoint saved before a (frozen) setting existed resumes when the setting keeps its default
+    (the older release behaved so), and refuses when it is set to anything else."""
+    saved = ConfigRecord(load_config(None)).state_dict()
+    del saved["algo"]["skpo"]["unseen_length"]
+    record = ConfigRecord(load_config(None))
+    record.load_state_dict(saved)
+    assert record.changes == []
+    with pytest.raises(ResumeConfigError, match=r"algo.skpo.unseen_length: '<absent>' -> 'dataset_mean'"):
+        ConfigRecord(load_config(None, ["algo.skpo.unseen_length=dataset_mean"])).load_state_dict(saved)
+
+
+def test_a_refused_resume_is_not_called_a_damaged_checkpoint(tmp_path):
+    """The checkpoint is sound; the new config cannot resume it: the error says so and does not advise
+    moving the checkpoint away."""
+    from megatron_skpo.trainer.checkpoint import CheckpointError, CheckpointManager
+    from megatron_skpo.trainer.parts import JsonPart
+
+    ckpt = CheckpointManager(tmp_path, 1, 3)
+    ckpt.save(1, {"config": JsonPart(ConfigRecord(load_config(None)))})
+    ckpt.save(2, {"config": JsonPart(ConfigRecord(load_config(None)))})
+    with pytest.raises(CheckpointError) as e:
+        ckpt.restore({"config": JsonPart(ConfigRecord(load_config(None, ["algo.group_size=4"])))})
+    msg = str(e.value)
+    assert msg.startswith(f"cannot resume from {tmp_path / 'step_00000002'}: the resumed run changes what cannot")
+    assert "algo.group_size: 8 -> 4" in msg and "damaged" not in msg
