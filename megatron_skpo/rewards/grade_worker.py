@@ -75,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("usage: python -m megatron_skpo.rewards.grade_worker FD MEMORY_MB PARENT_PID", file=sys.stderr)
         return 2
     fd, memory_mb, parent = int(args[0]), int(args[1]), int(args[2])
-    from megatron_skpo.trainer.lifecycle import leave_stopping_to_the_trainer
+    from megatron_skpo.helper_signals import leave_stopping_to_the_trainer
 
     die_with_parent(parent)
     leave_stopping_to_the_trainer()  # the launcher's SIGTERM reaches us too; the trainer decides

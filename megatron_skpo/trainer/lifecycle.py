@@ -15,7 +15,7 @@ a rank that got the signal later, or not at all, stops at the same step):
 Then :class:`Stopped` carries the one-line message and the exit code 128 + signal (143 for
 SIGTERM, 130 for SIGINT). The first signal restores the default action, so a second one ends the
 process at once; its children then die by the lifeline (``trainer/lifeline.py``), as after
-``kill -9``. The trainer's helper processes ignore both signals (:func:`leave_stopping_to_the_trainer`):
+``kill -9``. The trainer's helper processes ignore both signals (``helper_signals.leave_stopping_to_the_trainer``):
 launchers signal every process, and the helpers must outlive the trainer's last checkpoint.
 A checkpoint is never half-written either way (``trainer/checkpoint.py``: temporary
 directory, rename, then the ``latest`` pointer).
@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+from megatron_skpo.helper_signals import SIGNALS
+
 _lifeline: Optional[subprocess.Popen] = None
 
 
@@ -141,17 +142,6 @@ class Stop:
             what = f"no checkpoint (the last is step {previous})" if previous is not None else \
                 "no checkpoint (none was written: a restart starts afresh)"
         return Stopped(f"skpo-train: {name} at step {self.step}: {what}", 128 + self.signum)
-
-
-def leave_stopping_to_the_trainer() -> None:
-    """In a helper process the trainer started (reward workers, a spawned rollout worker): ignore
-    SIGTERM and SIGINT. torchrun signals the trainer's whole process group and Slurm every process of
-    the job step, so the helpers get the signal too; the trainer decides when to stop, needs them
-    until its checkpoint is written, and they die with it (``PR_SET_PDEATHSIG``, the lifeline). An
-    ignored signal stays ignored across exec: what a helper starts (the code sandbox) ignores it too
-    and is ended by its own timeouts."""
-    for s in SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
 
 
 def _main_thread() -> bool:

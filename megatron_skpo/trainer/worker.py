@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     parser.add_argument("--spawned", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.spawned:  # a child of the trainer (an external worker stops on SIGTERM as usual)
-        from megatron_skpo.trainer.lifecycle import leave_stopping_to_the_trainer
+        from megatron_skpo.helper_signals import leave_stopping_to_the_trainer
 
         die_with_parent()
         leave_stopping_to_the_trainer()
