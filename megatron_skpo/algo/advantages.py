@@ -5,7 +5,7 @@ advantages, zero outside ``response_mask``), registered with ``reads``, the ``Ad
 it uses (a test checks the declaration against the function); callers use ``compute_advantages(name, inp, params)``,
 which also applies the optional batch normalisation (SKPO appendix C) to any estimator.
 
-Registered: grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, spo, dense_mc.
+Registered: grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, spo, dense_mc, prime.
 Group statistics are vectorised with ``index_add_`` over group ids (ids need not be contiguous).
 A group of size 1 or with equal rewards gives exactly 0 (checked with max == min, not float noise).
 
@@ -40,6 +40,7 @@ class AdvantageInput:
     # piecewise-constant between estimation positions; the value after the last token is the reward.
     token_values: Optional[Tensor] = None
     value_starts: Optional[Tensor] = None  # [B, T] bool (ours): where a fresh MC estimate starts (vine)
+    process_rewards: Optional[Tensor] = None  # [B, T] per-token process rewards r_t (PRIME's implicit PRM)
 
     def __post_init__(self):
         if self.rewards.dim() != 1 or not self.rewards.is_floating_point() or self.rewards.numel() == 0:
@@ -53,7 +54,8 @@ class AdvantageInput:
             raise ValueError(f"AdvantageInput.response_mask must be [{b}, T], got "
                              f"{tuple(self.response_mask.shape)}")
         shape = tuple(self.response_mask.shape)
-        for name, want in (("baseline", (b,)), ("token_values", shape), ("value_starts", shape)):
+        for name, want in (("baseline", (b,)), ("token_values", shape), ("value_starts", shape),
+                           ("process_rewards", shape)):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != want:
                 raise ValueError(f"AdvantageInput.{name} must be {list(want)}, got {tuple(t.shape)}")
@@ -76,6 +78,9 @@ class AdvantageParams:
     batch_norm: bool = setting(False, "batch_norm_advantages")  # also normalise over the batch (appendix C)
     batch_norm_level: NormLevel = setting("token", "batch_norm_level")  # over valid tokens or over sequences
     dense_mode: Literal["group_norm", "vine"] = setting("group_norm", "dense_mc.mode")
+    process_coef: float = setting(5.0, "prime.process_coef")  # PRIME: weight of the process-reward RLOO
+    outcome_coef: float = setting(5.0, "prime.outcome_coef")  # PRIME: weight of the outcome-reward RLOO
+    process_norm: Literal["batch_norm", "none"] = setting("batch_norm", "prime.process_norm")
 
     def __post_init__(self):
         if self.eps < 0:
@@ -84,6 +89,8 @@ class AdvantageParams:
             raise ValueError(f"AdvantageParams.batch_norm_level: {self.batch_norm_level!r} not in token/sequence")
         if self.dense_mode not in ("group_norm", "vine"):
             raise ValueError(f"AdvantageParams.dense_mode: {self.dense_mode!r} not in group_norm/vine")
+        if self.process_norm not in ("batch_norm", "none"):
+            raise ValueError(f"AdvantageParams.process_norm: {self.process_norm!r} not in batch_norm/none")
 
 
 class GroupStats(NamedTuple):
@@ -278,6 +285,48 @@ def dense_mc(inp: AdvantageInput, params: AdvantageParams) -> Tensor:
     rows = torch.arange(out.shape[0], device=out.device)[:, None].expand_as(valid)
     out[valid] = adv_c[rows[valid], pos[valid]]
     return out
+
+
+def process_batch_norm(r: Tensor, mask: Tensor) -> Tensor:
+    """PRIME's ``batch_norm`` of process rewards: r / (max over the batch of |sum_{s >= t} r_s| + 1e-6),
+    which keeps the rewards' relative sizes and bounds every return-to-go by 1."""
+    togo = (r * mask).flip(1).cumsum(1).flip(1)
+    return r / (togo.abs().max() + 1e-6)
+
+
+def leave_one_out(x: Tensor, group_index: Tensor) -> Tensor:
+    """[B] mean of x over each row's group *without* the row itself (0 for a group of one)."""
+    st = group_stats(x, group_index)
+    return torch.where(st.count > 1, (st.mean * st.count - x) / (st.count - 1.0).clamp(min=1.0), 0.0)
+
+
+@ADVANTAGES.register("prime", reads=("eps", "std_unbiased", "process_coef", "outcome_coef", "process_norm"))
+def prime(inp: AdvantageInput, params: AdvantageParams) -> Tensor:
+    """PRIME (Cui et al. 2025, eq. 5): leave-one-out on each reward source, returns, whitened.
+
+    With K responses per prompt, process rewards r_t (``process_rewards``, first ``batch_norm``-ed:
+    :func:`process_batch_norm`) and outcome rewards R (``rewards``)::
+
+        A_t^i = c_p sum_{s >= t} [ r_s^i - mean_{j != i} rbar^j ] + c_o [ R^i - mean_{j != i} R^j ]
+
+    where rbar^j is the mean process reward over response j's tokens (the paper's leave-one-out
+    baseline of averaged process rewards), then whitened over every valid token of the batch. The
+    outcome sits on the last token, so its return is the same on every token of the response.
+    (verl's PRIME recipe scales r_t by K / (K - 1) before subtracting sum_j rbar^j / (K - 1); per
+    response the two agree on the sum of the process terms, not token by token.)
+    """
+    if inp.process_rewards is None:
+        raise ValueError("advantage 'prime' needs AdvantageInput.process_rewards (the implicit PRM's r_t)")
+    m = inp.mask
+    r = inp.process_rewards.to(m.dtype) * m
+    if params.process_norm == "batch_norm":
+        r = process_batch_norm(r, m)
+    mean_r = r.sum(1) / m.sum(1).clamp(min=1.0)
+    process = (r - leave_one_out(mean_r, inp.group_index)[:, None]) * m
+    returns = process.flip(1).cumsum(1).flip(1)
+    outcome = inp.rewards - leave_one_out(inp.rewards, inp.group_index)
+    adv = (params.process_coef * returns + params.outcome_coef * outcome[:, None]) * m
+    return batch_normalize(adv, m, "token", params.eps, params.std_unbiased)
 
 
 BATCH_NORM_READS = ("eps", "std_unbiased", "batch_norm_level")  # what compute_advantages reads when batch_norm

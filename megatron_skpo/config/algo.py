@@ -128,11 +128,36 @@ class DenseMCConfig:
 
 
 @dataclass
+class PrimeConfig:
+    """PRIME: implicit process rewards from a second, trainable model (the PRM); docs/algorithm.md §6."""
+
+    beta: float = doc(0.05, "implicit PRM's beta: r_t = beta (log pi_prm - log pi_ref); also the CE's logit scale")
+    process_coef: float = doc(5.0, "weight of the process rewards' leave-one-out returns in the advantage")
+    outcome_coef: float = doc(5.0, "weight of the outcome reward's leave-one-out advantage")
+    process_norm: Literal["batch_norm", "none"] = doc(
+        "batch_norm", "batch_norm = r_t / max over the batch of |return-to-go| (PRIME's default); none = raw r_t")
+    update: Literal["after", "before", "none"] = doc(
+        "after", "PRM update each step by cross-entropy: after = rewards from the PRM before its update (PRIME's "
+        "single forward), before = update first, then score with the updated PRM; none = a frozen PRM")
+    accuracy_lower: float = doc(0.2, "accuracy filter: train on prompts whose group accuracy is in [lower, upper]")
+    accuracy_upper: float = doc(0.8, "see accuracy_lower")
+    lr_scale: float = doc(2.0, "the PRM's learning rate = lr_scale x optim.lr (PRIME's recipe: 1e-6 beside the "
+                          "policy's 5e-7); its schedule is the policy's")
+
+    def __post_init__(self):
+        check(self.beta > 0, "beta", "must be > 0")
+        check(self.process_coef >= 0 and self.outcome_coef >= 0, "process_coef/outcome_coef", "must be >= 0")
+        check(0 <= self.accuracy_lower <= self.accuracy_upper <= 1, "accuracy_lower/accuracy_upper",
+              "need 0 <= lower <= upper <= 1")
+        check(self.lr_scale > 0, "lr_scale", "must be > 0")
+
+
+@dataclass
 class AlgoConfig:
     """The RL algorithm. ``name`` selects the sampler family; the rest are the maths' knobs."""
 
     name: str = doc("skpo", "the algorithm (config/algorithms.py): skpo, grpo, dr_grpo, dapo, cispo, gspo, sapo, spo, rloo, "
-                    "reinforce_pp, dense_mc; the name sets its own defaults (docs/algorithm.md)")
+                    "reinforce_pp, dense_mc, prime; the name sets its own defaults (docs/algorithm.md)")
     group_size: int = doc(8, "G: responses per prompt (downstream group for SKPO)")
     advantage: str = doc("grpo", "advantage estimator (registry name); SKPO's downstream uses it too")
     policy_loss: str = doc("cispo", "policy loss (registry name) for non-SKPO algorithms")
@@ -160,6 +185,7 @@ class AlgoConfig:
     tracker: TrackerConfig = doc(factory=TrackerConfig, help="SPO value tracker")
     skpo: SKPOConfig = doc(factory=SKPOConfig, help="SKPO")
     dense_mc: DenseMCConfig = doc(factory=DenseMCConfig, help="dense Monte Carlo baseline")
+    prime: PrimeConfig = doc(factory=PrimeConfig, help="PRIME's implicit process reward model")
 
     def __post_init__(self):
         check(self.group_size >= 1, "algo.group_size", "must be >= 1")

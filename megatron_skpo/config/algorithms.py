@@ -1,10 +1,11 @@
 """The algorithm names ``algo.name`` accepts: which method family each is, the defaults its name
 sets, and which settings it cannot be trained with.
 
-A name is a configuration of one of four method families (``megatron_skpo.methods``): ``group``
+A name is a configuration of one of five method families (``megatron_skpo.methods``): ``group``
 (G responses per prompt, group-relative advantages), ``single_stream`` (SPO: one response per
-prompt, a tracked value baseline), ``skpo`` (upstream segment + skip-connected downstream group)
-and ``dense_mc`` (Monte Carlo token values). Loading a recipe applies, in order: the dataclass
+prompt, a tracked value baseline), ``skpo`` (upstream segment + skip-connected downstream group),
+``dense_mc`` (Monte Carlo token values) and ``prime`` (G responses scored by a trained implicit
+process reward model). Loading a recipe applies, in order: the dataclass
 defaults, the name's ``defaults`` (for every key the recipe and the overrides leave unset), the
 recipe (and its ``base``), the command-line overrides. Then :func:`check_algorithm` rejects what
 contradicts the name (``fixed``) and what the chosen family would silently ignore (``READ_WHEN``).
@@ -20,8 +21,8 @@ from typing import Any, Callable, Literal, Mapping
 
 from megatron_skpo.config.base import ConfigError
 
-Family = Literal["group", "single_stream", "skpo", "dense_mc"]
-FAMILIES: tuple[str, ...] = ("group", "single_stream", "skpo", "dense_mc")
+Family = Literal["group", "single_stream", "skpo", "dense_mc", "prime"]
+FAMILIES: tuple[str, ...] = ("group", "single_stream", "skpo", "dense_mc", "prime")
 # Group-relative estimators (they need G >= 2 responses of one prompt and nothing else).
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 
@@ -91,6 +92,10 @@ ALGORITHMS: dict[str, AlgorithmDef] = {
         "dense_mc", "dense token-level Monte Carlo values (the baseline SKPO shows failing)",
         {"algo.advantage": "dense_mc", **_PPO, **_CLIP_SYMMETRIC},
         {"algo.advantage": ("dense_mc",)}),
+    "prime": AlgorithmDef(
+        "prime", "PRIME: implicit process rewards from an online-trained PRM, leave-one-out returns, PPO-clip",
+        {"algo.advantage": "prime", **_PPO, **_CLIP_SYMMETRIC},
+        {"algo.advantage": ("prime",)}),
 }
 
 
@@ -126,6 +131,7 @@ READ_WHEN: dict[str, tuple[Callable[[Any], bool], str]] = {
     "algo.skpo": (lambda c: family(c) == "skpo", "read only by SKPO (algo.name: skpo)"),
     "rollout.downstream_budget": (lambda c: family(c) == "skpo", "read only by SKPO (algo.name: skpo)"),
     "algo.dense_mc": (lambda c: family(c) == "dense_mc", "read only by dense Monte Carlo (algo.name: dense_mc)"),
+    "algo.prime": (lambda c: family(c) == "prime", "read only by PRIME (algo.name: prime)"),
     "algo.policy_loss": (lambda c: family(c) != "skpo",
                          "not read by SKPO, whose phases use algo.skpo.upstream_loss / downstream_loss"),
     "algo.loss_agg_mode": (lambda c: family(c) != "skpo",
@@ -236,8 +242,11 @@ def check_algorithm(cfg, explicit: set[str]) -> None:
             hint = _other_name(key, value)
             raise ConfigError(f"{key}: {value!r} contradicts algo.name={cfg.algo.name!r}, which trains with "
                               f"{' or '.join(map(repr, allowed))}{hint}")
+    if cfg.algo.advantage == "prime" and spec.family != "prime":
+        raise ConfigError(f"algo.advantage: 'prime' needs the implicit PRM's process rewards, which only "
+                          f"algo.name=prime trains; {cfg.algo.name} has none")
     g = cfg.algo.group_size
-    if spec.family in ("group", "skpo", "dense_mc") and g < 2:
+    if spec.family in ("group", "skpo", "dense_mc", "prime") and g < 2:
         raise ConfigError(f"algo.group_size: {g}; {cfg.algo.name} normalises within a group of G >= 2 responses "
                           "(G = 1 gives every advantage 0); use algo.name=spo for one response per prompt")
     for key in sorted(explicit):

@@ -5,7 +5,9 @@ Per step the trainer calls ``method.sampler.sample(...)`` for the rollouts, then
 (:class:`~megatron_skpo.algo.objective.PhaseLoss`: which rows, which loss, which aggregation).
 ``method.state`` holds the family's own checkpointed objects (SKPO: the length tracker);
 ``method.drift_phase`` names the rows whose responses the per-prompt policy-drift store keeps for
-the value tracker (SPO: the response; SKPO: the selected segment).
+the value tracker (SPO: the response; SKPO: the selected segment). ``method.prm`` (PRIME only) asks
+the trainer for a second trainable model whose per-token process rewards reach credit through
+``CreditInput.process_rewards``.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ class CreditInput:
     rewards: Tensor  # [N] float64 graded rewards (0 for rows that are not graded: upstream)
     tracker: ValueTracker  # per-prompt value (observed by every family: prioritised sampling)
     drift: Mapping[Any, float]  # prompt key -> D, the policy drift since it was last sampled (0 if unseen)
+    correct: Optional[Tensor] = None  # [N] bool: the grader's verdict of each graded row (False elsewhere)
+    process_rewards: Mapping[int, Tensor] = field(default_factory=dict)  # row -> [R_i] r_t (PRIME's PRM)
 
     def drift_of(self, keys) -> Tensor:
         """[K] float64 D of each key (0 for keys without a measurement)."""
@@ -59,6 +63,7 @@ class Method:
     state: dict[str, Any] = field(default_factory=dict)  # name -> state_dict()/load_state_dict() object
     graded_phases: tuple[str, ...] = ("single",)  # rows the reward pool grades
     scored_phases: Optional[tuple[str, ...]] = None  # rows whose rewards make "reward"/"accuracy" (default: graded)
+    prm: Any = None  # PRIME: the implicit PRM's settings (methods.prime.PRMSettings); the trainer runs it
 
 
 MethodBuilder = Callable[..., Method]  # (cfg: Config, tokenizer) -> Method

@@ -215,6 +215,13 @@ def _is_filler(batch: PackedBatch) -> bool:
     return all(i < 0 for i in batch.seq_index)
 
 
+def padding_micro_batches(micro_batches: list[PackedBatch]) -> list[PackedBatch]:
+    """``micro_batches``, or one padding micro-batch for a rank without rows in a mini-batch that other
+    data-parallel ranks train (filtered or dropped groups): it still runs the collectives of the
+    forward, the backward and the gradient reduction, and adds nothing."""
+    return micro_batches if micro_batches else [_filler()]
+
+
 def _filler() -> PackedBatch:
     """A micro-batch of padding only (``seq_index`` ``[-1]``, no loss tokens, never given to a loss
     function), as many tokens as the TP size (sequence parallelism splits them over TP ranks)."""
@@ -277,9 +284,16 @@ def global_loss_tokens(micro_batches: list[PackedBatch]) -> float:
 
 
 def reduce_metrics(stores: list[dict]) -> dict[str, float]:
-    """Sum metrics over micro-batches and DP ranks; every PP stage gets the last stage's values."""
+    """Sum metrics over micro-batches and DP ranks; every PP stage gets the last stage's values. A rank
+    that trained only padding (no rows of this mini-batch: :func:`padding_micro_batches`) has no
+    metrics; the names are united over the data-parallel group so the all-reduce lines up."""
     names = sorted({k for d in stores for k in d})
     names = _broadcast_from_last_stage_obj(names)
+    group = ps.get_data_parallel_group()
+    if dist.get_world_size(group) > 1:
+        every: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, names, group=group)
+        names = sorted({k for n in every for k in n})
     values = torch.tensor([sum(float(d[k]) for d in stores if k in d) for k in names], dtype=torch.float64)
     dist.all_reduce(values, group=ps.get_data_parallel_group())
     values = _broadcast_from_last_stage(values)

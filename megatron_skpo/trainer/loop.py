@@ -1,7 +1,7 @@
 """The RL training loop: ``train(cfg)``, one screen, read top to bottom (stages in ``trainer.stages``).
 
 Per step: rollouts (the method's sampler; requested through the rollout queue, ``trainer.feed``)
--> drift of revisited prompts -> rewards -> advantages -> old/ref log-probs ->
+-> drift of revisited prompts -> rewards -> PRIME's process rewards (its PRM's update) -> advantages -> old/ref log-probs ->
 ``prompts_per_step / mini_batch_prompts`` PPO updates -> weight sync -> validation on ``data.eval``
 every ``validation.interval`` steps -> the next steps' prompts requested -> metrics, and a
 checkpoint every ``checkpoint.save_interval`` steps and at the end. With ``rollout.max_staleness``
@@ -83,9 +83,11 @@ def _loop(cfg: Config, run, stop: lifecycle.Stop) -> None:
                 drift_of, drift_metrics = stages.drift(run, prompts)
             with clock("rewards"):
                 rewards, counts = stages.grade(run, local)
-                batch, rewards, reward_metrics = stages.gather(run, local, rewards, mine, counts)
+                batch, rewards, correct, reward_metrics = stages.gather(run, local, rewards, mine, counts)
+            with clock("prm"):  # PRIME's process reward model (no time for other methods)
+                process, prm_metrics = stages.process_rewards(run, batch, correct, len(prompts))
             with clock("advantages"):
-                cr = stages.credit(run, batch, rewards, drift_of)
+                cr = stages.credit(run, batch, rewards, drift_of, correct, process)
             with clock("logprobs"):
                 minis = stages.prepare(run, batch, cr, len(prompts))
             with clock("train"):
@@ -98,7 +100,7 @@ def _loop(cfg: Config, run, stop: lifecycle.Stop) -> None:
                 val_metrics = stages.validation(run, step, last)
             if not last:
                 feed.request(run, step)  # the steps the staleness bound now allows, with version ``step``
-            metrics = {**reward_metrics, **drift_metrics, **stages.batch_metrics(batch, cr), **stages.parity(run, minis),
+            metrics = {**reward_metrics, **drift_metrics, **prm_metrics, **stages.batch_metrics(batch, cr), **stages.parity(run, minis),
                        **train_metrics, **sync_metrics, **val_metrics, **run.guard.metrics(), **queue_metrics,
                        **clock.times, **stages.train_rate(minis, clock.times),
                        "time/step": time.perf_counter() - t0, "sampled_tokens": float(run.progress.sampled_tokens),

@@ -4,7 +4,8 @@ checkpoint parts. The loop (``trainer.loop``) and the stages (``trainer.stages``
 Order matters: the process group first, then the vLLM engine (it joins the job's world; with
 ``rollout.placement: disaggregated`` rank 0 starts the rollout workers instead), then
 Megatron's parallel state and the policy, then the data (the engine's tokenizer renders prompts),
-then the method of ``algo.name``'s family (``megatron_skpo.catalog``).
+then the method of ``algo.name``'s family (``megatron_skpo.catalog``). PRIME adds a second trainable
+model, the implicit PRM (``trainer/prm.py``), saved as the checkpoint part ``prm``.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from megatron_skpo.algo.objective import ObjectiveSettings
 from megatron_skpo.algo.tracker import ValueTracker
-from megatron_skpo.config import Config
+from megatron_skpo.config import Config, family
 from megatron_skpo.data import EpochSampler
 from megatron_skpo.methods import Method
 from megatron_skpo.model.train_step import Policy
@@ -30,6 +31,7 @@ from megatron_skpo.trainer.model_state import ModelPart
 from megatron_skpo.trainer.objective import objective_settings
 from megatron_skpo.trainer.parts import (JsonPart, Layout, RankStateDictPart, StateDictPart, TrainProgress,
                                         training_parts)
+from megatron_skpo.trainer.prm import build_prm
 from megatron_skpo.trainer.remote import RolloutWorkers
 from megatron_skpo.trainer.resume import ConfigRecord
 from megatron_skpo.trainer.rollout_queue import RolloutQueue
@@ -43,7 +45,7 @@ class Run:
     engine: Optional[VLLMEngine]  # colocated: this rank's engine; disaggregated: None (``workers``)
     tokenizer: object  # the engine's HF tokenizer (PreTrainedTokenizerBase)
     policy: Policy
-    reference: Optional[Policy]  # frozen starting weights, only when algo.kl.coef > 0
+    reference: Optional[Policy]  # frozen starting weights, when algo.kl.coef > 0 or for PRIME's implicit PRM
     hf_config: dict
     problems: Problems
     validation: Optional[Problems]  # data.eval, validated inside the loop
@@ -58,6 +60,7 @@ class Run:
     queue: RolloutQueue = field(default_factory=lambda: RolloutQueue(0))  # requested/finished rollouts, versions
     workers: Optional[RolloutWorkers] = None  # disaggregated, rank 0: the rollout workers
     pool: Optional[RewardPool] = None  # opened by the loop
+    prm: Optional[Policy] = None  # PRIME: the implicit process reward model, trained online (trainer/prm.py)
 
     @property
     def rank(self) -> int:
@@ -81,6 +84,8 @@ class Run:
         merge = partial(DriftStore.merge_states, dp_rank=self.par.dp_rank, dp_size=self.par.dp_size)
         parts["drift"] = RankStateDictPart(self.drift, self.rank, layout, merge)
         parts["model"] = ModelPart(self.policy, self.rank)
+        if self.prm is not None:
+            parts["prm"] = ModelPart(self.prm, self.rank)
         parts["rollout_queue"] = StateDictPart(self.queue, optional=True)  # absent before the queue existed
         return parts
 
@@ -123,7 +128,10 @@ def _build(cfg: Config, engine: Optional[VLLMEngine], tokenizer, workers: Option
     hf_config, weights = build.start_state(cfg)  # no HF weights with model.mcore_path
     policy = build.build_policy_from(cfg, hf_config, weights, cfg.train.steps * (
         cfg.train.prompts_per_step // cfg.train.mini_batch_prompts))
-    reference = build.build_reference(cfg, hf_config, weights) if cfg.algo.kl.coef > 0 else None
+    prime = family(cfg) == "prime"
+    reference = build.build_reference(cfg, hf_config, weights) if cfg.algo.kl.coef > 0 or prime else None
+    prm = build_prm(cfg, hf_config, weights, cfg.train.steps * (
+        cfg.train.prompts_per_step // cfg.train.mini_batch_prompts)) if prime else None
     del weights
     problems = build.load_problems(cfg, tokenizer)
     held_out = load_validation(cfg, tokenizer)
@@ -138,4 +146,4 @@ def _build(cfg: Config, engine: Optional[VLLMEngine], tokenizer, workers: Option
                epochs=build.epoch_sampler(cfg, len(problems.items)),
                tracker=value_tracker(cfg.algo.tracker),
                drift=DriftStore(), guard=NonFiniteGuard(), progress=TrainProgress(), record=ConfigRecord(cfg),
-               queue=RolloutQueue(cfg.rollout.max_staleness), workers=workers)
+               queue=RolloutQueue(cfg.rollout.max_staleness), workers=workers, prm=prm)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -139,9 +140,9 @@ def check_rewards(run: Run, scores: list[float], stats) -> None:
 
 
 def gather(run: Run, local: RolloutBatch, rewards: torch.Tensor, mine: list[int], counts: dict[str, float]
-           ) -> tuple[RolloutBatch, torch.Tensor, dict[str, float]]:
-    """The whole step's batch and rewards on every rank (every engine's share, merged in prompt
-    order), and the reward metrics over the final answers (not SKPO's own-completion or dense MC rows).
+           ) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """The whole step's batch, rewards and [N] bool verdicts on every rank (every engine's share, merged
+    in prompt order), and the reward metrics over the final answers (not SKPO's own-completion or dense MC rows).
     Credit then runs on the whole batch on every rank (trackers and batch statistics stay identical);
     each data-parallel rank trains its prompts (``trainer.rows``)."""
     from megatron_skpo.rollout.types import merge_shards
@@ -159,7 +160,7 @@ def gather(run: Run, local: RolloutBatch, rewards: torch.Tensor, mine: list[int]
     total = {k: sum(c[k] for *_, c in parts) for k in counts if k != "correct"}
     m = run.method
     final = [i for i, s in enumerate(batch.samples) if s.phase in (m.scored_phases or m.graded_phases)]
-    return batch, merged, {"reward": float(merged[final].mean()),
+    return batch, merged, torch.tensor(correct, dtype=torch.bool), {"reward": float(merged[final].mean()),
                            "accuracy": sum(correct[i] for i in final) / len(final),
                            "reward/no_answer_rate": total["no_answer"] / max(total["graded"], 1),
                            "reward/timeouts": total["timeout"], "reward/errors": total["errors"],
@@ -182,9 +183,23 @@ def drift(run: Run, prompts: list[PromptItem]) -> tuple[dict, dict[str, float]]:
                       "spo/revisited_rate": sum(k in measured for k in keys) / len(keys)}
 
 
-def credit(run: Run, batch: RolloutBatch, rewards: torch.Tensor, drift_of: dict) -> Credit:
-    """The method's advantages; its trackers see ``drift_of`` (prompt key -> D, 0 if absent)."""
-    return run.method.credit(CreditInput(batch, rewards, run.tracker, drift_of))
+def process_rewards(run: Run, batch: RolloutBatch, correct: torch.Tensor, num_prompts: int
+                    ) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
+    """PRIME: the implicit PRM's per-token rewards of the rows that pass the accuracy filter, after its
+    update of this step (``trainer/prm.py``); ``{}`` for every other method."""
+    if run.prm is None:
+        return {}, {}
+    from megatron_skpo.methods.prime import kept_rows
+    from megatron_skpo.trainer.prm import process_rewards as score
+
+    return score(run, batch, kept_rows(batch, correct, run.method.prm), correct, num_prompts)
+
+
+def credit(run: Run, batch: RolloutBatch, rewards: torch.Tensor, drift_of: dict,
+           correct: Optional[torch.Tensor] = None, process: Optional[dict[int, torch.Tensor]] = None) -> Credit:
+    """The method's advantages; its trackers see ``drift_of`` (prompt key -> D, 0 if absent); PRIME also
+    reads the verdicts ``correct`` and the process rewards ``process``."""
+    return run.method.credit(CreditInput(batch, rewards, run.tracker, drift_of, correct, process or {}))
 
 
 @dataclass
@@ -193,6 +208,11 @@ class MiniBatch:
     micro: list[PackedBatch]
     counts: dict[str, PhaseCounts]
     on_policy: bool  # one update per step: pi_old is the update's own log-probs (no separate pass)
+
+    @property
+    def trained(self) -> bool:
+        """Some rank has a loss token in this mini-batch (``counts`` are global)."""
+        return any(c.tokens > 0 for c in self.counts.values())
 
 
 def prepare(run: Run, batch: RolloutBatch, cr: Credit, num_prompts: int) -> list[MiniBatch]:
@@ -266,15 +286,16 @@ def phase_grad_norms(run: Run, m: MiniBatch) -> dict[str, float]:
     (one extra forward/backward per phase; no optimizer step). With one phase there is nothing to split."""
     from dataclasses import replace
 
-    from megatron_skpo.model.train_step import forward_backward, zero_grads
+    from megatron_skpo.model.train_step import forward_backward, padding_micro_batches, zero_grads
 
     phases, out = run.method.phases, {}
-    if len(phases) < 2 or not m.micro:
+    if len(phases) < 2 or not m.trained:
         return out
     for p in phases:
         alone = tuple(replace(q, weight=q.weight if q is p else 0.0) for q in phases)
         zero_grads(run.policy)
-        forward_backward(run.policy, m.micro, make_loss_fn(m.rows, m.counts, alone, run.objective), normalizer=1.0)
+        forward_backward(run.policy, padding_micro_batches(m.micro), make_loss_fn(m.rows, m.counts, alone,
+                                                                                  run.objective), normalizer=1.0)
         run.policy.optimizer.prepare_grads()
         out[f"grad_norm/{p.phase}"] = float(run.policy.optimizer.get_grad_norm() or 0.0)
     zero_grads(run.policy)
@@ -284,15 +305,16 @@ def phase_grad_norms(run: Run, m: MiniBatch) -> dict[str, float]:
 def update(run: Run, minis: list[MiniBatch], step: int = 0) -> dict[str, float]:
     """One optimizer step per mini-batch; non-finite loss or gradients skip the step (counted). Every
     ``logging.phase_grad_norm_interval`` steps, each phase's gradient norm is measured first."""
-    from megatron_skpo.model.train_step import (forward_backward, moe_metrics, optimizer_step, reduce_metrics,
-                                                share_from_last_stage, zero_grads)
+    from megatron_skpo.model.train_step import (forward_backward, moe_metrics, optimizer_step, padding_micro_batches,
+                                                reduce_metrics, share_from_last_stage, zero_grads)
 
     interval = run.cfg.logging.phase_grad_norm_interval
     sums: dict[str, float] = phase_grad_norms(run, minis[0]) if interval and minis and step % interval == 0 else {}
-    for m in minis:
+    trained = [m for m in minis if m.trained]  # a mini-batch whose every group was dropped takes no step
+    for m in trained:
         zero_grads(run.policy)
         loss_fn = make_loss_fn(m.rows, m.counts, run.method.phases, run.objective)
-        stores = forward_backward(run.policy, m.micro, loss_fn, normalizer=1.0)
+        stores = forward_backward(run.policy, padding_micro_batches(m.micro), loss_fn, normalizer=1.0)
         if m.on_policy:  # the loss recorded pi_old on the last pipeline stage
             share_from_last_stage(m.micro, "old_logp")
         reduced = reduce_metrics(stores)
@@ -302,7 +324,7 @@ def update(run: Run, minis: list[MiniBatch], step: int = 0) -> dict[str, float]:
         out = {**reduce_loss_metrics(reduced), **{k: reduced[k] for k in ("grad_norm", "lr") if k in reduced},
                **moe_metrics(run.policy)}  # MoE routing statistics of this update ({} for dense models)
         for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + v / len(minis)
+            sums[k] = sums.get(k, 0.0) + v / len(trained)
     run.progress.update_kl = max(float(sums.get("loss/update_kl", 0.0)), 0.0)
     return sums
 

@@ -125,9 +125,11 @@ def test_estimator_reads_are_exactly_the_fields_it_uses(name):
     values = torch.rand(6, 5, generator=g, dtype=torch.float64)
     starts = torch.zeros(6, 5, dtype=torch.bool)
     starts[:, ::2] = True
+    process = torch.randn(6, 5, generator=g, dtype=torch.float64) * mask
     inp = AdvantageInput(rewards, torch.tensor([0, 0, 0, 1, 1, 1]), mask, torch.full((6,), 0.3, dtype=torch.float64),
-                         values, starts)
-    other = {"eps": 0.5, "std_unbiased": False, "batch_norm_level": "sequence", "dense_mode": "vine"}
+                         values, starts, process)
+    other = {"eps": 0.5, "std_unbiased": False, "batch_norm_level": "sequence", "dense_mode": "vine",
+             "process_coef": 2.0, "outcome_coef": 3.0, "process_norm": "none"}
     assert sorted(other) == sorted(f.name for f in fields(AdvantageParams) if f.name != "batch_norm")
     reads, base = ADVANTAGES.meta(name)["reads"], AdvantageParams()
     ref = compute_advantages(name, inp, base)

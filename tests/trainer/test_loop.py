@@ -23,7 +23,8 @@ from megatron_skpo.trainer.logging import read_metrics
 
 pytestmark = pytest.mark.slow
 CHILD = Path(__file__).with_name("loop_child.py")
-ALGOS = ["skpo", "grpo", "dr_grpo", "dapo", "cispo", "gspo", "sapo", "spo", "rloo", "reinforce_pp", "dense_mc"]
+ALGOS = ["skpo", "grpo", "dr_grpo", "dapo", "cispo", "gspo", "sapo", "spo", "rloo", "reinforce_pp", "dense_mc",
+         "prime"]
 # one recipe exercises the reference model and KL penalty, one TIS and the W&B-missing warning, one
 # the on-policy step (one update: no separate old-log-prob pass)
 EXTRA = {"rloo": ":algo.kl.coef=0.05", "cispo": ":algo.tis.enabled=true,algo.tis.cap=2.0,logging.wandb=true",
@@ -43,6 +44,11 @@ ASYNC4 = f"async_grpo:grpo:4:{DISAGG},rollout.max_staleness=1,rollout.workers=2,
 CUSTOM = "custom_grpo:grpo:2:reward.kind=custom,reward.custom={work}/reward_fn.py:reward"
 WEIGHTED = ("weighted_skpo:skpo:2:reward.kind=weighted;"
             "reward.terms=[{kind: math, weight: 0.8}, {kind: format, weight: 0.2}]")
+# PRIME with one mini-batch a step: its first scores come from the PRM before any update (equal to the
+# reference: r_t = 0), or after this step's update (update: before); and a 4-step reference for kill -9
+PRIME_AFTER = "prime_after:prime:1:train.mini_batch_prompts=4"
+PRIME_BEFORE = "prime_before:prime:1:train.mini_batch_prompts=4,algo.prime.update=before"
+PRIME4 = "prime4:prime:4:data.train.limit=8"
 CODE = ("code_grpo:grpo:2:reward.kind=code,reward.timeout_s=30,reward.code.wall_s=5,data.train.path={work}/code.jsonl,"
         "data.train.prompt_field=question,data.train.answer_field=null,data.train.tests_field=tests")
 
@@ -78,7 +84,7 @@ def work(tmp_path_factory):
     runs = [f"{a}:{a}:2{extra.get(a, '')}" for a in ALGOS] + [f"reference:{skpo4(work)}",
                                                                "budget:grpo:3:train.max_sampled_tokens=1",
                                                                f"dis_skpo:skpo:2:{DISAGG}", ASYNC4, CUSTOM, WEIGHTED,
-                                                               CODE]
+                                                               CODE, PRIME_AFTER, PRIME_BEFORE, PRIME4]
     finish(child(work, *runs, track=True), work, timeout=600)
     # the KL recipe again, started from a Megatron checkpoint of the same weights (model.mcore_path):
     # its own child, so that its engine starts from dummy weights as the trainer's does
@@ -114,6 +120,20 @@ def test_recipe_runs_two_steps(work, algo):
         assert all(r["loss/kl_ref"] >= 0 for r in records)
     if algo == "sapo":  # the soft gate trained the step: its weight 4 sigma (1 - sigma) is in (0, 1]
         assert all(0 < r["loss/gate"] <= 1 and r["loss/clip_high"] == 0 for r in records)
+    if algo == "prime":  # the PRM trained too, and its process rewards reached the advantages
+        assert all(r["prm/grad_norm"] > 0 and r["prm/skipped"] == 0 and 0 <= r["prm/accuracy"] <= 1
+                   and r["prime/kept_group_rate"] == 1 and r["prime/process_reward_abs_max"] > 0 for r in records)
+        assert (work / algo / "checkpoints" / "step_00000002" / "prm" / "metadata.json").is_file()
+
+
+def test_prime_scores_with_the_prm_before_or_after_its_update(work):
+    """update: after scores with the PRM before this step's update: at step 1 it is the reference's copy,
+    so every r_t is exactly 0 (and the advantage is the outcome's alone); update: before scores after it."""
+    (after,) = steps(work / "prime_after" / "metrics.jsonl")
+    (before,) = steps(work / "prime_before" / "metrics.jsonl")
+    assert after["prime/process_reward_abs_max"] == 0 and after["prm/grad_norm"] > 0
+    assert before["prime/process_reward_abs_max"] > 0
+    assert after["prm/loss"] == before["prm/loss"]  # the same update, only the scoring differs
 
 
 def test_a_run_from_model_mcore_path_repeats_the_hf_start(work):
@@ -202,12 +222,16 @@ def test_sampled_token_budget_stops_the_run(work):
     assert (work / "budget" / "checkpoints" / "latest").read_text().strip() == "step_00000001"
 
 
-def test_kill_and_resume_reproduces_metrics(work):
-    """SIGKILL at a random point of a 4-step run (saving every step), resume, compare with the reference."""
+@pytest.mark.parametrize("algo", ["skpo", "prime"])
+def test_kill_and_resume_reproduces_metrics(work, algo):
+    """SIGKILL at a random point of a 4-step run (saving every step), resume, compare with the reference.
+    PRIME's checkpoint holds its PRM (weights, optimizer): the resumed process rewards must match too."""
     rng = random.Random()
     lines = rng.randint(1, 2)
-    path = work / "killed" / "metrics.jsonl"
-    proc = child(work, f"killed:{skpo4(work)}")
+    name, spec, reference = (("killed", f"killed:{skpo4(work)}", "reference") if algo == "skpo" else
+                             ("prime_killed", PRIME4.replace("prime4:", "prime_killed:"), "prime4"))
+    path = work / name / "metrics.jsonl"
+    proc = child(work, spec)
     deadline = time.monotonic() + 300
     while not (path.is_file() and len(path.read_text().splitlines()) >= lines):
         assert proc.poll() is None and time.monotonic() < deadline, "the child ended before the kill"
@@ -216,10 +240,10 @@ def test_kill_and_resume_reproduces_metrics(work):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(read_metrics(path)) < 5, "killed too late: the run had finished"
-    finish(child(work, f"killed:{skpo4(work)}"), work, timeout=300)
+    finish(child(work, spec), work, timeout=300)
     resumed = untimed(read_metrics(path))
     assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
-    assert resumed == untimed(read_metrics(work / "reference" / "metrics.jsonl"))
+    assert resumed == untimed(read_metrics(work / reference / "metrics.jsonl"))
 
 
 def test_custom_weighted_and_code_rewards_train(work):
