@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from megatron_skpo.config import ALGORITHMS, Config
 from megatron_skpo.methods import METHODS, Method
-from megatron_skpo.methods import dense_mc, group, prime, single_stream  # noqa: F401  (register)
+from megatron_skpo.methods import critique, dense_mc, group, prime, single_stream  # noqa: F401  (register)
 from megatron_skpo.skpo import method as _skpo_method  # noqa: F401  (registers "skpo")
 
 

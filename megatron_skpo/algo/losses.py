@@ -23,6 +23,12 @@ test checks the declaration against the function), with r_t = exp(log pi_theta -
   A grad log pi_theta on-policy (r = 1), smoothly smaller as r leaves 1, never cut to zero. No clip
   flags (nothing is clipped); ``gate`` is the gradient weight 4 sigma (1 - sigma) per token.
 - ``reinforce``: -A log pi_theta (on-policy REINFORCE; no ratio).
+- ``unclipped``: -r A (the importance-weighted policy gradient without a clip; Critique-GRPO's
+  initial responses).
+- ``shaped_prob``: -A f(pi_theta) with f(p) = p / (p + gamma), p = pi_theta(y_t) itself, not a ratio
+  (Critique-GRPO's policy shaping of refinements, which another context sampled: gamma =
+  ``critique_shaping_gamma``, 0.1). Its gradient A gamma p / (p + gamma)^2 grad log pi_theta lifts
+  the weight of tokens the policy finds unlikely.
 ``stats`` holds detached per-token [B, T] float tensors: ``clip_low``/``clip_high`` (1 where that
 clip bound is active), ``dual_clip``, ``ratio`` and the approx KL to the old policy ``kl_old_k1`` /
 ``kl_old_k3`` (samples come from pi_old: p = old, q = current).
@@ -82,9 +88,10 @@ class PolicyLossParams:
     gspo_eps_high: float = setting(4e-4, "gspo_eps_high")
     sapo_tau_pos: float = setting(1.0, "sapo_tau_pos")  # sapo's gate temperature where A > 0
     sapo_tau_neg: float = setting(1.05, "sapo_tau_neg")  # ... and where A <= 0 (steeper: damps faster)
+    shaping_gamma: float = setting(0.1, "critique.shaping_gamma")  # shaped_prob's f(p) = p / (p + gamma)
 
     def __post_init__(self):
-        for name in ("sapo_tau_pos", "sapo_tau_neg"):
+        for name in ("sapo_tau_pos", "sapo_tau_neg", "shaping_gamma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"PolicyLossParams.{name} must be > 0, got {getattr(self, name)}")
         for name in ("eps_low", "gspo_eps_low"):
@@ -194,6 +201,27 @@ def reinforce_loss(inp: PolicyLossInput, params: PolicyLossParams) -> tuple[Tens
     no = torch.zeros_like(inp.mask, dtype=torch.bool)
     loss = -_advantages(inp) * inp.log_probs
     return _zero_outside(loss, inp.mask), _ratio_stats(log_ratio, torch.exp(log_ratio), no, no, no)
+
+
+@POLICY_LOSSES.register("unclipped", reads=())
+def unclipped_loss(inp: PolicyLossInput, params: PolicyLossParams) -> tuple[Tensor, Stats]:
+    """-r A, r = pi_theta / pi_old, nothing clipped; [B, T]."""
+    log_ratio = (inp.log_probs - inp.old_log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    no = torch.zeros_like(inp.mask, dtype=torch.bool)
+    return _zero_outside(-ratio * _advantages(inp), inp.mask), _ratio_stats(log_ratio, ratio, no, no, no)
+
+
+@POLICY_LOSSES.register("shaped_prob", reads=("shaping_gamma",))
+def shaped_prob_loss(inp: PolicyLossInput, params: PolicyLossParams) -> tuple[Tensor, Stats]:
+    """-A p / (p + gamma) with p = pi_theta(y_t); [B, T]. ``old_log_probs`` only feed the ratio statistics."""
+    p = torch.exp(inp.log_probs.clamp(max=0.0))
+    loss = -_advantages(inp) * p / (p + params.shaping_gamma)
+    log_ratio = (inp.log_probs - inp.old_log_probs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    no = torch.zeros_like(inp.mask, dtype=torch.bool)
+    stats = _ratio_stats(log_ratio, torch.exp(log_ratio), no, no, no)
+    stats["prob"] = p.detach()
+    return _zero_outside(loss, inp.mask), stats
 
 
 def policy_objective(

@@ -5,7 +5,9 @@ Every method family declares its phases (``PhaseLoss``): the GRPO family and SPO
 (``single``) with ``algo.policy_loss``; SKPO trains ``upstream`` (J_I, PPO-clip over the selected
 segment) and ``downstream`` (J_II, CISPO over the skip-connected group) with weights w_up, w_down.
 Because each phase is normalised by its own global counts (summed over data-parallel ranks and
-micro-batches by the trainer), the sum over ranks of this function is the global loss.
+micro-batches by the trainer), the sum over ranks of this function is the global loss. Phases of
+one ``pool`` share the sum of their counts instead: with token-mean, their sum is one token mean
+over all their tokens (Critique-GRPO's initial responses and refinements).
 
 A phase with no tokens on this rank ([0, T] tensors or an all-zero mask) contributes exactly 0,
 without NaN, and still reports every metric key (count 0), so the trainer's all-reduce of the
@@ -35,6 +37,9 @@ class PhaseLoss:
     agg_mode: str  # aggregation.AGG_MODES mode
     weight: float = 1.0
     metric_prefix: str = ""  # "up/" / "down/" for SKPO; "" keeps a one-phase loss's plain names
+    # phases with the same pool share one denominator: the sum of their counts (Critique-GRPO's token
+    # mean over a group of initial responses and a refinement); None = the phase's own counts
+    pool: Optional[str] = None
 
 
 def _tis_cap(tis) -> Optional[float]:
@@ -74,6 +79,16 @@ class PhaseCounts:
     seqs: Count  # sequences with at least one valid token
 
 
+def pooled_counts(phases: tuple[PhaseLoss, ...], counts: Mapping[str, PhaseCounts]) -> dict[str, PhaseCounts]:
+    """Each phase's denominators: its own, or the sum over every phase of its ``pool``."""
+    out = dict(counts)
+    for p in phases:
+        if p.pool is not None:
+            members = [q.phase for q in phases if q.pool == p.pool]
+            out[p.phase] = PhaseCounts(sum(counts[m].tokens for m in members), sum(counts[m].seqs for m in members))
+    return out
+
+
 def phased_objective(phases: tuple[PhaseLoss, ...], inputs: Mapping[str, PolicyLossInput],
                      counts: Mapping[str, PhaseCounts], s: ObjectiveSettings,
                      extras: Optional[Mapping[str, PhaseExtras]] = None) -> tuple[Tensor, LossMetrics]:
@@ -89,6 +104,7 @@ def phased_objective(phases: tuple[PhaseLoss, ...], inputs: Mapping[str, PolicyL
     if not phases:
         raise ValueError("phased_objective: no phases")
     metrics, total = LossMetrics(), None
+    counts = pooled_counts(phases, counts)
     for p in phases:
         x = (extras or {}).get(p.phase) or PhaseExtras()
         loss, phase_metrics = policy_objective(

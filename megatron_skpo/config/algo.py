@@ -153,11 +153,30 @@ class PrimeConfig:
 
 
 @dataclass
+class CritiqueConfig:
+    """Critique-GRPO: each initial response is critiqued and refined by the policy; docs/algorithm.md §6."""
+
+    critique: Literal["simple", "simple_gt"] = doc(
+        "simple", "the critique of a response: simple = whether it is correct; simple_gt = also the gold answer "
+        "when it is not")
+    template: Optional[str] = doc(
+        None, "(ours) the refinement request put in the prompt's problem slot, with {problem}, {response} and "
+              "{critique}; null = the prompt template's own (data/prompts.py)")
+    shaping_gamma: float = doc(0.1, "refinement tokens train on -A p / (p + gamma), p = pi_theta(token)")
+
+    def __post_init__(self):
+        for key in ("{problem}", "{response}", "{critique}"):
+            check(self.template is None or self.template.count(key) == 1, "template",
+                  f"must contain {key} exactly once")
+        check(self.shaping_gamma > 0, "shaping_gamma", "must be > 0")
+
+
+@dataclass
 class AlgoConfig:
     """The RL algorithm. ``name`` selects the sampler family; the rest are the maths' knobs."""
 
     name: str = doc("skpo", "the algorithm (config/algorithms.py): skpo, grpo, dr_grpo, dapo, cispo, gspo, sapo, spo, rloo, "
-                    "reinforce_pp, dense_mc, prime; the name sets its own defaults (docs/algorithm.md)")
+                    "reinforce_pp, dense_mc, prime, critique_grpo; the name sets its own defaults (docs/algorithm.md)")
     group_size: int = doc(8, "G: responses per prompt (downstream group for SKPO)")
     advantage: str = doc("grpo", "advantage estimator (registry name); SKPO's downstream uses it too")
     policy_loss: str = doc("cispo", "policy loss (registry name) for non-SKPO algorithms")
@@ -186,6 +205,7 @@ class AlgoConfig:
     skpo: SKPOConfig = doc(factory=SKPOConfig, help="SKPO")
     dense_mc: DenseMCConfig = doc(factory=DenseMCConfig, help="dense Monte Carlo baseline")
     prime: PrimeConfig = doc(factory=PrimeConfig, help="PRIME's implicit process reward model")
+    critique: CritiqueConfig = doc(factory=CritiqueConfig, help="Critique-GRPO's critiques and refinements")
 
     def __post_init__(self):
         check(self.group_size >= 1, "algo.group_size", "must be >= 1")

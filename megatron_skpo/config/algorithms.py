@@ -1,11 +1,11 @@
 """The algorithm names ``algo.name`` accepts: which method family each is, the defaults its name
 sets, and which settings it cannot be trained with.
 
-A name is a configuration of one of five method families (``megatron_skpo.methods``): ``group``
+A name is a configuration of one of six method families (``megatron_skpo.methods``): ``group``
 (G responses per prompt, group-relative advantages), ``single_stream`` (SPO: one response per
 prompt, a tracked value baseline), ``skpo`` (upstream segment + skip-connected downstream group),
-``dense_mc`` (Monte Carlo token values) and ``prime`` (G responses scored by a trained implicit
-process reward model). Loading a recipe applies, in order: the dataclass
+``dense_mc`` (Monte Carlo token values), ``prime`` (G responses scored by a trained implicit
+process reward model) and ``critique`` (G - 1 responses and one refinement written from a critique). Loading a recipe applies, in order: the dataclass
 defaults, the name's ``defaults`` (for every key the recipe and the overrides leave unset), the
 recipe (and its ``base``), the command-line overrides. Then :func:`check_algorithm` rejects what
 contradicts the name (``fixed``) and what the chosen family would silently ignore (``READ_WHEN``).
@@ -21,8 +21,8 @@ from typing import Any, Callable, Literal, Mapping
 
 from megatron_skpo.config.base import ConfigError
 
-Family = Literal["group", "single_stream", "skpo", "dense_mc", "prime"]
-FAMILIES: tuple[str, ...] = ("group", "single_stream", "skpo", "dense_mc", "prime")
+Family = Literal["group", "single_stream", "skpo", "dense_mc", "prime", "critique"]
+FAMILIES: tuple[str, ...] = ("group", "single_stream", "skpo", "dense_mc", "prime", "critique")
 # Group-relative estimators (they need G >= 2 responses of one prompt and nothing else).
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 
@@ -96,6 +96,11 @@ ALGORITHMS: dict[str, AlgorithmDef] = {
         "prime", "PRIME: implicit process rewards from an online-trained PRM, leave-one-out returns, PPO-clip",
         {"algo.advantage": "prime", **_PPO, **_CLIP_SYMMETRIC},
         {"algo.advantage": ("prime",)}),
+    "critique_grpo": AlgorithmDef(
+        "critique", "Critique-GRPO: G - 1 responses and one refinement from a critique, A = R - mean(R), "
+        "shaped refinement tokens",
+        {"algo.advantage": "dr_grpo", "algo.policy_loss": "unclipped", "algo.loss_agg_mode": "token-mean"},
+        {"algo.advantage": ("dr_grpo",), "algo.loss_agg_mode": ("token-mean",)}),
 }
 
 
@@ -109,6 +114,8 @@ def algorithm(name: str) -> AlgorithmDef:
 def _losses(cfg) -> tuple[str, ...]:
     """The policy losses this configuration trains with."""
     a = cfg.algo
+    if family(cfg) == "critique":  # refinements train on the shaped probability
+        return a.policy_loss, "shaped_prob"
     return (a.skpo.upstream_loss, a.skpo.downstream_loss) if family(cfg) == "skpo" else (a.policy_loss,)
 
 
@@ -132,6 +139,7 @@ READ_WHEN: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rollout.downstream_budget": (lambda c: family(c) == "skpo", "read only by SKPO (algo.name: skpo)"),
     "algo.dense_mc": (lambda c: family(c) == "dense_mc", "read only by dense Monte Carlo (algo.name: dense_mc)"),
     "algo.prime": (lambda c: family(c) == "prime", "read only by PRIME (algo.name: prime)"),
+    "algo.critique": (lambda c: family(c) == "critique", "read only by Critique-GRPO (algo.name: critique_grpo)"),
     "algo.policy_loss": (lambda c: family(c) != "skpo",
                          "not read by SKPO, whose phases use algo.skpo.upstream_loss / downstream_loss"),
     "algo.loss_agg_mode": (lambda c: family(c) != "skpo",
@@ -245,8 +253,12 @@ def check_algorithm(cfg, explicit: set[str]) -> None:
     if cfg.algo.advantage == "prime" and spec.family != "prime":
         raise ConfigError(f"algo.advantage: 'prime' needs the implicit PRM's process rewards, which only "
                           f"algo.name=prime trains; {cfg.algo.name} has none")
+    if spec.family == "critique" and cfg.rollout.placement != "colocated":
+        raise ConfigError("rollout.placement: Critique-GRPO grades its responses while it samples (the critique "
+                          "depends on the verdict), which needs the trainer's reward pool beside the engine: use "
+                          "rollout.placement=colocated")
     g = cfg.algo.group_size
-    if spec.family in ("group", "skpo", "dense_mc", "prime") and g < 2:
+    if spec.family in ("group", "skpo", "dense_mc", "prime", "critique") and g < 2:
         raise ConfigError(f"algo.group_size: {g}; {cfg.algo.name} normalises within a group of G >= 2 responses "
                           "(G = 1 gives every advantage 0); use algo.name=spo for one response per prompt")
     for key in sorted(explicit):

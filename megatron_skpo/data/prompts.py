@@ -52,6 +52,12 @@ CHAT_SKIP = "Partial reasoning:\n{segment}\n\nProblem:\n{problem}"
 # problem. Chosen by `skpo-analyze shortcut` on SmolLM2-135M + MAWPS-easy among six texts (README,
 # Results): the downstream keeps 0.87x q's accuracy and its zero-advantage rate is 0.07 above q's.
 FEWSHOT_SKIP = "(draft:{segment})\n{problem}"
+# Critique-GRPO's refinement request (ours: the paper's asks the same in its own words): the problem,
+# the response and its critique, then a request to answer again; in the few-shot prompt, the
+# previous answer and the critique follow the question.
+CHAT_REFINE = ("Problem:\n{problem}\n\nA previous solution:\n{response}\n\nCritique: {critique}\n\n"
+               "Solve the problem again, taking the critique into account.")
+FEWSHOT_REFINE = "{problem}\n(previous answer:{response}\n{critique} Answer again.)"
 
 
 @dataclass(frozen=True)
@@ -61,13 +67,14 @@ class Template:
     stop: tuple[str, ...] = ()  # generation stop strings (few-shot: do not write the next question)
     extractors: tuple[str, ...] = ("boxed", "the_answer_is")  # answer extraction that fits the format
     skip: str = CHAT_SKIP  # SKPO's skip content for the problem slot, with {segment} and {problem}
+    refine: str = CHAT_REFINE  # Critique-GRPO's refinement request, with {problem}, {response}, {critique}
 
 
 TEMPLATES = {
     "qwen_math": Template("{problem}\n" + QWEN_MATH_INSTRUCTION, chat=True),
     "fewshot_plain": Template(FEWSHOT_PLAIN_SHOTS + "Question: {problem}\nAnswer:", chat=False,
                               stop=("\nQuestion:", "\n\n"), extractors=("the_answer_is", "last_number"),
-                              skip=FEWSHOT_SKIP),
+                              skip=FEWSHOT_SKIP, refine=FEWSHOT_REFINE),
     "raw": Template("{problem}", chat=True),
     "code": Template("{problem}\n" + CODE_INSTRUCTION, chat=True, extractors=()),
     "multiple_choice": Template("{problem}\n" + CHOICE_INSTRUCTION, chat=True),

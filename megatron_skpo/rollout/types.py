@@ -9,7 +9,9 @@ Phases and their losses (docs/algorithm.md §2 and §5):
   * ``upstream``: SKPO's selected segment s, conditioned on q (PPO-clip loss J_I);
   * ``downstream``: a response to the skip prompt [s, q] (CISPO loss J_II); the segment sits
     inside the prompt (``segment_span``) and carries no loss there;
-  * ``mc``: a dense Monte-Carlo continuation of a prefix of another row; graded, never trained.
+  * ``mc``: a dense Monte-Carlo continuation of a prefix of another row; graded, never trained;
+  * ``refine``: Critique-GRPO's kept refinement, sampled from a prompt holding the critique, trained
+    on q's own prompt (``parent``: the initial response it refines; loss ``shaped_prob``).
 
 Sampler log-probs are those of the *processed* distribution the tokens were drawn from
 (temperature, top-k and top-p applied; vLLM ``logprobs_mode="processed_logprobs"``), so the
@@ -23,8 +25,8 @@ from typing import Hashable, Literal, Optional
 import torch
 from torch import Tensor
 
-Phase = Literal["single", "upstream", "downstream", "mc"]
-PHASES: tuple[Phase, ...] = ("single", "upstream", "downstream", "mc")
+Phase = Literal["single", "upstream", "downstream", "mc", "refine"]
+PHASES: tuple[Phase, ...] = ("single", "upstream", "downstream", "mc", "refine")
 # finish reasons: "stop" = EOS/stop token, "length" = max_tokens reached, "cut" = upstream segment
 FinishReason = Literal["stop", "length", "cut", "abort"]
 
@@ -40,7 +42,7 @@ class Sample:
     prompt_key: Hashable  # the dataset problem (tracker key, gold answer lookup)
     group: int  # rows with the same group share group-relative normalisation
     phase: Phase
-    parent: int = -1  # downstream: row of its upstream segment; mc: row it continues; else -1
+    parent: int = -1  # downstream: row of its upstream segment; mc: row it continues; refine: row it refines
     position: int = -1  # mc: prefix length of the parent's response it continues from
     segment_span: tuple[int, int] = (0, 0)  # downstream: [start, end) of the segment in prompt_ids
     version: int = 0  # policy version (optimizer steps taken) of the weights that generated it
@@ -146,7 +148,8 @@ def merge_shards(parts: list[tuple["RolloutBatch", list[int]]]) -> "RolloutBatch
         every row, ordered by step prompt (rows of a prompt in their rank's order), with ``group``
         the step prompt index and ``parent`` and the SKPO records' rows renumbered; ``stats`` holds
         ``rollout/generated_tokens_all``, the tokens every part generated together, and every part's
-        per-phase token counts (``rollout/tokens_<phase>``, ``rollout/tokens_upstream_generated``) summed.
+        per-phase token counts (``rollout/tokens_<phase>``, ``rollout/tokens_upstream_generated``) and
+        other counts (``rollout/count_*``) summed.
     """
     keyed = []  # (step prompt, part, row)
     for p, (batch, index) in enumerate(parts):
@@ -171,7 +174,7 @@ def merge_shards(parts: list[tuple["RolloutBatch", list[int]]]) -> "RolloutBatch
     stats = {"rollout/generated_tokens_all": float(total)}
     for b, _ in parts:  # token counts add up over the parts (rates do not: tokens_per_s is left out)
         for k, v in b.stats.items():
-            if k.startswith("rollout/tokens_") and k != "rollout/tokens_per_s":
+            if k.startswith(("rollout/tokens_", "rollout/count_")) and k != "rollout/tokens_per_s":
                 stats[k] = stats.get(k, 0.0) + v
     return RolloutBatch(samples, records, stats)
 

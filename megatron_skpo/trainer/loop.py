@@ -73,6 +73,7 @@ def _loop(cfg: Config, run, stop: lifecycle.Stop) -> None:
                           rank=run.rank) as log:
         if start == 0 and (first := stages.start_metrics(run)):
             log.log(0, first)
+        stages.bind_grader(run)  # Critique-GRPO's sampler grades its responses as it samples
         run.queue.settle(start)  # a resumed queue: in-flight steps are generated again
         feed.request(run, start)
         for step in range(start + 1, cfg.train.steps + 1):

@@ -1,6 +1,6 @@
 """From a graded rollout batch to packed training micro-batches, mini-batch by mini-batch.
 
-A trained row is a sample of phase single, upstream or downstream (``mc`` rows are only graded):
+A trained row is a sample of phase single, upstream, downstream or refine (``mc`` rows are only graded):
 its tokens are prompt + response, its loss mask covers the response tokens (minus DAPO's overlong
 filter: a response that hit the token cap, finish reason ``length``, carries no loss), and its
 per-token values (token-aligned: entry t belongs to token t) are the advantage and the sampler's
@@ -21,7 +21,7 @@ from torch import Tensor
 from megatron_skpo.model.packing import PackedBatch, pack_sequences
 from megatron_skpo.rollout.types import RolloutBatch
 
-TRAINED_PHASES = ("single", "upstream", "downstream")
+TRAINED_PHASES = ("single", "upstream", "downstream", "refine")
 
 
 @dataclass

@@ -34,6 +34,7 @@ from megatron_skpo.trainer.rows import TrainRows, mini_batches, pack
 from megatron_skpo.trainer.run import Run
 
 TIMING_PREFIXES = ("time/", "perf/")
+OTHER_CONTEXT_PHASES = ("refine",)  # sampled from a prompt with a critique, trained on q's own
 
 
 def is_timing_key(name: str) -> bool:
@@ -84,6 +85,16 @@ def validation(run: Run, step: int, last: bool) -> dict[str, float]:
     if run.validation is None or not (last or (interval and step % interval == 0)):
         return {}
     return validate(run, run.validation, stream_seed(run.cfg.train.seed, step, 3), step)
+
+
+def bind_grader(run: Run) -> None:
+    """A sampler that grades while it samples (Critique-GRPO's) gets the run's reward pool."""
+    if getattr(run.method.sampler, "needs_grader", False):
+        from megatron_skpo.rollout.samplers.critique import bind
+
+        refs = run.problems.refs
+        bind(run.method.sampler, lambda texts, keys: run.pool.evaluate(texts, [refs[k] for k in keys])[1],
+             lambda key: refs[key].answer)
 
 
 def sample_prompts(run: Run, step: int) -> list[PromptItem]:
@@ -239,18 +250,28 @@ def prepare(run: Run, batch: RolloutBatch, cr: Credit, num_prompts: int) -> list
 
 
 def parity(run: Run, minis: list[MiniBatch]) -> dict[str, float]:
-    """Trainer vs sampler log-probs of the trained tokens (pi_old against the rollout's)."""
-    micro = [mb for m in minis for mb in m.micro]
+    """Trainer vs sampler log-probs of the trained tokens (pi_old against the rollout's), over the rows
+    trained in the context they were sampled in (not Critique-GRPO's refinements)."""
+    micro = [(mb, m.rows) for m in minis for mb in m.micro]
     if not micro:
         return {}
-    cat = lambda k: torch.cat([mb.token_values[k] for mb in micro])[None]  # noqa: E731
-    mask = torch.cat([mb.loss_mask for mb in micro])[None] > 0
+    cat = lambda k: torch.cat([mb.token_values[k] for mb, _ in micro])[None]  # noqa: E731
+    mask = torch.cat([_sampled_in_context(mb, rows) for mb, rows in micro])[None] > 0
     c = run.cfg.algo.clip
     out = logprob_parity(cat("old_logp"), cat("sampler_logp"), mask, c.eps_low, c.eps_high)
     if bool(mask.any()):  # k3 KL(mu || pi_old): sampler/trainer mismatch, plus the policy's drift on stale rows
         log_r = (cat("old_logp").double() - cat("sampler_logp").double())[mask]
         out["async/mismatch_kl"] = float((log_r.exp() - 1 - log_r).mean())
     return out
+
+
+def _sampled_in_context(mb: PackedBatch, rows: TrainRows) -> torch.Tensor:
+    """The micro-batch's loss mask without the rows sampled from another prompt than they train on."""
+    mask = mb.loss_mask.clone()
+    for at, i in zip(mb.row_positions, mb.seq_index):
+        if i >= 0 and rows.phases[i] in OTHER_CONTEXT_PHASES:
+            mask[at] = 0
+    return mask
 
 
 def remember(run: Run, batch: RolloutBatch, minis: list[MiniBatch]) -> None:
@@ -361,7 +382,7 @@ def train_rate(minis: list[MiniBatch], times: dict[str, float]) -> dict[str, flo
 def batch_metrics(batch: RolloutBatch, cr: Credit) -> dict[str, float]:
     """Lengths, truncation, advantage statistics per phase; the rollout's own timing as time/perf."""
     out: dict[str, float] = {}
-    for phase in ("single", "upstream", "downstream", "mc"):
+    for phase in ("single", "upstream", "downstream", "mc", "refine"):
         rows = batch.rows(phase)
         if not rows:
             continue
@@ -396,9 +417,10 @@ def phase_tokens(batch: RolloutBatch) -> dict[str, float]:
             prefix_in_prompt = len(s.prompt_ids) == len(batch.samples[s.parent].prompt_ids) + s.position
             own -= 0 if prefix_in_prompt else s.position
         out[f"tokens/{s.phase}"] = out.get(f"tokens/{s.phase}", 0.0) + own
-    generated = batch.stats.get("rollout/tokens_upstream_generated")
-    if generated is not None:
-        out["tokens/upstream_discarded"] = generated - out.get("tokens/upstream", 0.0)
+    for phase in ("upstream", "refine"):  # SKPO's candidates, Critique-GRPO's refinements not kept
+        generated = batch.stats.get(f"rollout/tokens_{phase}_generated")
+        if generated is not None:
+            out[f"tokens/{phase}_discarded"] = generated - out.get(f"tokens/{phase}", 0.0)
     return out
 
 

@@ -14,7 +14,7 @@ from megatron_skpo.settings import config_keys
 D = torch.float64
 # a value other than the default for each field, inside its valid range
 OTHER = {"eps_low": 0.1, "eps_high": 0.5, "dual_clip_c": 1.5, "gspo_eps_low": 1e-2, "gspo_eps_high": 2e-2,
-         "sapo_tau_pos": 2.0, "sapo_tau_neg": 0.5}
+         "sapo_tau_pos": 2.0, "sapo_tau_neg": 0.5, "shaping_gamma": 0.3}
 
 
 def _input():

