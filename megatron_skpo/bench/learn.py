@@ -7,8 +7,9 @@ few-shot easy MAWPS, G = 8) with ``algo.name=<method>`` until it has sampled
 included), validating avg@k on the held-out set (``data.eval``) before the first step, every
 ``--eval-every`` steps and at the end. Runs are separate ``skpo-train`` processes writing under
 ``--out/<method>/seed<s>``; a finished run is not repeated, an interrupted one resumes from its
-checkpoint. The result: ``results.json`` (every curve, final numbers per run, mean and spread
-per method, sampled tokens a step by phase), ``curves.png`` (held-out avg@k against sampled tokens
+checkpoint; ``--report`` trains nothing and summarises the finished runs. The result: ``results.json``
+(every curve, final numbers per run, mean and spread per method, each method at the last validated
+step every run reached, sampled tokens a step by phase), ``curves.png`` (held-out avg@k against sampled tokens
 and against steps: mean and the seeds' min-max band per method) and ``table.md``.
 
 Methods at equal rows per step: SKPO, GRPO and CISPO sample ``prompts_per_step`` x G rows; SPO
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("skpo", "grpo", "cispo", "spo", "dense_mc")
@@ -41,6 +43,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-mc-k", type=int, default=2, help="dense MC continuations per prefix")
     parser.add_argument("--dense-mc-m", type=int, default=2, help="dense MC prefixes per response")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_learn"), help="run directories and results")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: summarise the runs of --methods x --seeds under --out that finished "
+                             "(others are listed as missing), e.g. while a long queue still runs")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2 steps' worth of tokens, validation k=1 on 4 problems")
     parser.add_argument("overrides", nargs="*", default=[], help="extra key=value overrides for every run")
@@ -126,6 +131,22 @@ def aggregate(results: dict[str, dict[int, dict]]) -> dict[str, dict]:
     return out
 
 
+def common_step(results: dict[str, dict[int, dict]]) -> int:
+    """The last validated step every run reached (0 if none): the equal-steps column."""
+    steps = [{s for s, _ in r["curve_steps"]} for runs in results.values() for r in runs.values()]
+    shared = set.intersection(*steps) if steps else set()
+    return max(shared) if shared else 0
+
+
+def at_step(results: dict[str, dict[int, dict]], step: int) -> dict[str, tuple[float, float]]:
+    """Per method: mean and std over seeds of the held-out metric at validated step ``step``."""
+    out = {}
+    for method, runs in results.items():
+        xs = [dict(r["curve_steps"])[step] for r in runs.values()]
+        out[method] = (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return out
+
+
 def _mean_dicts(dicts: list[dict]) -> dict[str, float]:
     keys = sorted({k for d in dicts for k in d})
     return {k: statistics.mean(d.get(k, 0.0) for d in dicts) for k in keys}
@@ -141,15 +162,21 @@ def phase_line(agg: dict[str, dict]) -> str:
     return ("Sampled tokens a step by phase: " + "; ".join(parts) + ".\n") if parts else ""
 
 
-def markdown(agg: dict[str, dict], metric: str, budget: int) -> str:
+def markdown(agg: dict[str, dict], metric: str, budget: int, step: int = 0,
+             equal_steps: Optional[dict[str, tuple[float, float]]] = None) -> str:
+    """The table: per sampled token (the final at the budget) and, with ``equal_steps``, per step (each
+    method at the last validated step every run reached)."""
+    col = f" at step {step} |" if equal_steps else ""
     lines = [f"Held-out {metric.removeprefix('val/')} (%) after {budget:,} sampled tokens per run; mean over seeds "
-             "(std); gain = final - start of the same run.", "",
-             "| method | seeds | start | final | gain | gain min..max | steps | tokens/step | s/step | min/run |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "(std); gain = final - start of the same run" + (f"; at step {step}: every run at the same number of "
+                                                              "steps" if equal_steps else "") + ".", "",
+             f"| method | seeds | start | final | gain | gain min..max |{col} steps | tokens/step | s/step | min/run |",
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if equal_steps else "") + "---:|---:|---:|---:|"]
     for m, a in agg.items():
+        cell = f" {100 * equal_steps[m][0]:.1f} ({100 * equal_steps[m][1]:.1f}) |" if equal_steps else ""
         lines.append(f"| {m} | {len(a['seeds'])} | {100 * a['start_mean']:.1f} | {100 * a['final_mean']:.1f} "
                      f"({100 * a['final_std']:.1f}) | {100 * a['gain_mean']:+.1f} ({100 * a['gain_std']:.1f}) | "
-                     f"{100 * a['gain_min']:+.1f}..{100 * a['gain_max']:+.1f} | {a['steps_mean']:.1f} | "
+                     f"{100 * a['gain_min']:+.1f}..{100 * a['gain_max']:+.1f} |{cell} {a['steps_mean']:.1f} | "
                      f"{a['tokens_per_step']:,.0f} | {a['step_seconds']:.0f} | {a['minutes_mean']:.1f} |")
     return "\n".join(lines) + "\n" + ("\n" + phase_line(agg) if phase_line(agg) else "")
 
@@ -192,15 +219,25 @@ def run(args: argparse.Namespace) -> dict:
     results: dict[str, dict[int, dict]] = {}
     for seed in seeds:  # seed-major: every method has a first seed early
         for method in methods:
-            results.setdefault(method, {})[seed] = run_one(args, method, seed, out / method / f"seed{seed}")
+            run_dir = out / method / f"seed{seed}"
+            if args.report and not (run_dir / "DONE").is_file():
+                print(f"skpo-bench learn: {method} seed {seed}: not finished, left out", file=sys.stderr, flush=True)
+                continue
+            results.setdefault(method, {})[seed] = run_one(args, method, seed, run_dir)
             print(f"skpo-bench learn: {method} seed {seed}: {results[method][seed]['start']:.3f} -> "
                   f"{results[method][seed]['final']:.3f} in {results[method][seed]['steps']} steps",
                   file=sys.stderr, flush=True)
+    if not results:
+        raise SystemExit(f"skpo-bench learn --report: no finished run of {args.methods} x seeds {args.seeds} under {out}")
     metric = next(iter(next(iter(results.values())).values()))["metric"]
     agg = aggregate(results)
+    step = common_step(results)
+    equal = at_step(results, step) if step else None
     summary = {"bench": "learn", "recipe": args.recipe, "model": args.model, "token_budget": args.token_budget,
-               "metric": metric, "methods": agg, "runs": {m: {str(s): r for s, r in rs.items()} for m, rs in results.items()}}
+               "metric": metric, "methods": agg, "equal_step": step,
+               "at_equal_step": {m: {"mean": v[0], "std": v[1]} for m, v in (equal or {}).items()},
+               "runs": {m: {str(s): r for s, r in rs.items()} for m, rs in results.items()}}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "table.md").write_text(markdown(agg, metric, args.token_budget))
+    (out / "table.md").write_text(markdown(agg, metric, args.token_budget, step, equal))
     plot(results, metric, out / "curves.png")
     return {k: v for k, v in summary.items() if k != "runs"}

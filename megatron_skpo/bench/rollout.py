@@ -19,7 +19,7 @@ import torch
 from megatron_skpo.config.rollout import RolloutConfig
 from megatron_skpo.rollout.engine import GenRequest, VLLMEngine, generate
 from megatron_skpo.rollout.samplers import GroupSampler, PromptItem
-from megatron_skpo.skpo.prompt import render_user_turn
+from megatron_skpo.data.prompts import render_user_turn
 from megatron_skpo.skpo.sampler import SKPOSampler
 from megatron_skpo.skpo.split import LengthTracker
 

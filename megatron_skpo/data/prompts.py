@@ -173,3 +173,17 @@ def render_all(problems: Sequence[Problem], template: str, tokenizer: Any, use_c
         kept.append(p)
         prompts.append(text)
     return kept, prompts, skipped
+
+
+def render_user_turn(tokenizer: Any, user: str) -> tuple[str, bool]:
+    """The text of a one-user-turn conversation plus the generation prompt (a prompt without a slot).
+
+    Returns (text, add_special_tokens): whether encoding the text should add the tokenizer's special
+    tokens: only for the plain "{user}\\n" fallback of a tokenizer without a chat template, whose
+    special tokens (e.g. BOS) no template writes.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": user}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, False
+    return f"{user}\n", True

@@ -30,7 +30,7 @@ from typing import Literal, Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from megatron_skpo.data.prompts import CHAT_SKIP, PromptSlot
+from megatron_skpo.data.prompts import CHAT_SKIP, PromptSlot, render_user_turn
 
 DEFAULT_TEMPLATE = CHAT_SKIP
 SkipMode = Literal["skip", "hard_prefix"]
@@ -63,19 +63,6 @@ def fill_template(template: str, segment: str, problem: str) -> tuple[str, tuple
         pos = match.end()
     parts.append(template[pos:])
     return "".join(parts), span
-
-
-def render_user_turn(tokenizer: PreTrainedTokenizerBase, user: str) -> tuple[str, bool]:
-    """The text of a one-user-turn conversation plus the generation prompt.
-
-    Returns (text, add_special_tokens): whether encoding the text should add the tokenizer's
-    special tokens (only for the plain fallback, see the module docstring).
-    """
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": user}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text, False
-    return f"{user}\n", True
 
 
 def _token_span(offsets: Sequence[tuple[int, int]], char_span: tuple[int, int]) -> tuple[int, int]:

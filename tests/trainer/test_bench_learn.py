@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from loop_child import build_assets  # noqa: E402
 
-from megatron_skpo.bench.learn import aggregate, markdown, method_overrides  # noqa: E402
+from megatron_skpo.bench.learn import aggregate, at_step, common_step, markdown, method_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,6 +45,22 @@ def test_aggregate_and_table_hand_worked():
     table = markdown(agg, "val/avg@4", 1000)
     assert "| grpo | 2 | 30.0 | 45.0 (7.1) | +15.0 (7.1) | +10.0..+20.0 | 11.0 | 1,200 | 6 | 1.5 |" in table
     assert "Sampled tokens a step by phase: skpo: downstream 1,000, upstream 300, upstream_discarded 700." in table
+
+
+def test_equal_steps_column_hand_worked():
+    """Validated at steps 0, 4, 8 (GRPO, two seeds) and 0, 4, 6 (SKPO, a shorter run): the last step
+    every run has is 4; GRPO's values there 0.4 and 0.5 (mean 45.0, std 7.1), SKPO's 0.3."""
+    runs = {"grpo": {0: {"curve_steps": [(0, 0.3), (4, 0.4), (8, 0.6)]}, 1: {"curve_steps": [(0, 0.3), (4, 0.5), (8, 0.5)]}},
+            "skpo": {0: {"curve_steps": [(0, 0.3), (4, 0.3), (6, 0.35)]}}}
+    assert common_step(runs) == 4
+    equal = at_step(runs, 4)
+    assert equal["grpo"][0] == pytest.approx(0.45) and equal["skpo"] == (0.3, 0.0)
+    one = {"start": 0.3, "final": 0.4, "gain": 0.1, "steps": 8, "seconds": 60.0, "step_seconds": 5.0,
+           "tokens_per_step": 1000.0, "phase_tokens_per_step": {"single": 1000.0}}
+    agg = aggregate({"grpo": {0: one, 1: one}, "skpo": {0: one}})
+    table = markdown(agg, "val/avg@4", 1000, 4, equal)
+    assert "| method | seeds | start | final | gain | gain min..max | at step 4 | steps |" in table
+    assert "| grpo | 2 | 30.0 | 40.0 (0.0) | +10.0 (0.0) | +10.0..+10.0 | 45.0 (7.1) | 8.0 |" in table
 
 
 @pytest.mark.slow
@@ -80,3 +96,9 @@ def test_quick_bench_end_to_end(tmp_path):
     # a finished run is not repeated: the second call only reads the results
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1]) == summary
+    # --report trains nothing: GRPO has no finished run, so it is listed as missing and left out
+    report = subprocess.run([*cmd[:cmd.index("--methods") + 1], "skpo,grpo", *cmd[cmd.index("--methods") + 2:],
+                             "--report"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert report.returncode == 0 and "grpo seed 0: not finished, left out" in report.stderr
+    assert set(json.loads(report.stdout.strip().splitlines()[-1])["methods"]) == {"skpo"}
+    assert not (out / "grpo").exists() and json.loads((out / "results.json").read_text())["equal_step"] == 1

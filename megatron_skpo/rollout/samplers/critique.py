@@ -27,7 +27,7 @@ from typing import Callable, Hashable, Optional, Protocol, Sequence
 
 import torch
 
-from megatron_skpo.data.prompts import CHAT_REFINE
+from megatron_skpo.data.prompts import CHAT_REFINE, render_user_turn
 from megatron_skpo.rollout.engine import Engine, GenRequest, generate
 from megatron_skpo.rollout.samplers.base import PromptItem, Timer, check_unique_keys, phase_stats, rows_from
 from megatron_skpo.rollout.types import RolloutBatch, Sample
@@ -71,8 +71,6 @@ def choose_refinement(correct: Sequence[bool], generator: torch.Generator) -> in
 
 def refine_prompt_ids(item: PromptItem, content: str, tokenizer) -> list[int]:
     """``content`` rendered in q's problem slot (a chat user turn when q has no slot)."""
-    from megatron_skpo.skpo.prompt import render_user_turn
-
     if item.slot is None:
         text, special = render_user_turn(tokenizer, content)
     else:
