@@ -252,7 +252,7 @@ def prepare(run: Run, batch: RolloutBatch, cr: Credit, num_prompts: int) -> list
 def parity(run: Run, minis: list[MiniBatch]) -> dict[str, float]:
     """Trainer vs sampler log-probs of the trained tokens (pi_old against the rollout's), over the rows
     trained in the context they were sampled in (not Critique-GRPO's refinements)."""
-    micro = [(mb, m.rows) for m in minis for mb in m.micro]
+    micro = [(mb, m.rows) for m in minis for mb in m.micro if "old_logp" in mb.token_values]  # trained ones
     if not micro:
         return {}
     cat = lambda k: torch.cat([mb.token_values[k] for mb, _ in micro])[None]  # noqa: E731
@@ -282,6 +282,8 @@ def remember(run: Run, batch: RolloutBatch, minis: list[MiniBatch]) -> None:
     kept: set = set()
     for m in minis:
         for mb in m.micro:
+            if "old_logp" not in mb.token_values:  # a mini-batch without a loss token was not trained
+                continue
             logp = unpack(mb.token_values["old_logp"], mb, len(m.rows.rows))
             for i in mb.seq_index:
                 s = batch.samples[m.rows.rows[i]] if i >= 0 else None

@@ -48,7 +48,7 @@ def fixed_batch(algo: str):
     return batch, torch.tensor(rewards, dtype=torch.float64)
 
 
-def _worker(rank, world, model_dir, algo):
+def _worker(rank, world, model_dir, algo, truncate=(), mini=2):
     from megatron_skpo.algo.tracker import ValueTracker
     from megatron_skpo.catalog import build_method
     from megatron_skpo.config import load_config
@@ -61,7 +61,7 @@ def _worker(rank, world, model_dir, algo):
     from megatron_skpo.trainer.run import Run
 
     over = [f"model.hf_path={model_dir}", "model.dtype=fp32", "parallel.tp=1", "algo.group_size=4",
-            "train.prompts_per_step=4", "train.mini_batch_prompts=2", "optim.lr=1e-3", "optim.warmup_steps=0",
+            "train.prompts_per_step=4", f"train.mini_batch_prompts={mini}", "optim.lr=1e-3", "optim.warmup_steps=0",
             "parallel.micro_batch_tokens=64", "rollout.max_response_tokens=8"]
     cfg = load_config(None, over + [f"algo.name={algo}"])
     initialize_parallel(1, 1, seed=3)
@@ -74,12 +74,18 @@ def _worker(rank, world, model_dir, algo):
               tracker=ValueTracker(t.rho_min, t.rho_max, t.d_half, t.priority_floor, t.prior), drift=DriftStore(),
               guard=NonFiniteGuard(), progress=TrainProgress(), record=None)
     batch, rewards = fixed_batch(algo)
+    for sample in batch.samples:  # responses cut at the cap: DAPO's overlong filter masks them out
+        if sample.group in truncate:
+            sample.finish_reason = "length"
     cr = stages.credit(run, batch, rewards, {})
     minis = stages.prepare(run, batch, cr, 4)
     metrics = stages.update(run, minis)
+    metrics.update(stages.parity(run, minis))
+    stages.remember(run, batch, minis)
     weights_after = {n: p.detach().clone() for n, p in policy.gpt.named_parameters()}
-    return {"loss": metrics["loss/loss"], "grad_norm": metrics["grad_norm"], "weights": weights_after,
-            "rows": sum(len(m.rows.rows) for m in minis)}
+    return {"loss": metrics.get("loss/loss"), "grad_norm": metrics.get("grad_norm"), "weights": weights_after,
+            "rows": sum(len(m.rows.rows) for m in minis), "parity_tokens": metrics.get("parity/tokens"),
+            "remembered": sorted(run.drift.state_dict()["keys"])}
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +115,27 @@ def test_dp2_equals_dp1_on_the_same_rollouts(model_dir, algo):
         assert r["grad_norm"] == pytest.approx(one["grad_norm"], rel=2e-5)
         for name, w in one["weights"].items():
             torch.testing.assert_close(r["weights"][name], w, atol=5e-6, rtol=1e-5)
+
+
+def test_a_mini_batch_without_a_loss_token_takes_no_step(model_dir):
+    """DAPO: prompt 0's rewards are constant (dropped) and prompt 1's responses all hit the cap (the
+    overlong filter masks them): the first mini-batch has rows but no loss token anywhere, so it takes
+    no optimizer step, and the parity metrics and the drift store skip it instead of failing; only the
+    second mini-batch (prompts 2, 3: prompt 3 dropped) trains, the same at DP=1 and DP=2."""
+    (one,) = spawn(_worker, 1, model_dir, "dapo", (1,))
+    two = spawn(_worker, 2, model_dir, "dapo", (1,))
+    assert one["rows"] == 8 and one["parity_tokens"] > 0
+    assert one["remembered"] == [1, 2]  # two updates: pi_old was computed for every row before the first
+    for r in two:
+        assert r["loss"] == pytest.approx(one["loss"], rel=2e-5, abs=1e-9)
+        for name, w in one["weights"].items():
+            torch.testing.assert_close(r["weights"][name], w, atol=5e-6, rtol=1e-5)
+
+
+def test_an_on_policy_step_without_a_loss_token_trains_nothing(model_dir):
+    """One mini-batch (on-policy: pi_old would come from the update's own forward) whose kept prompts 1
+    and 2 all hit the cap: no update runs (no loss, no gradient norm), and parity and the drift store
+    have nothing to read instead of failing on the missing pi_old."""
+    (one,) = spawn(_worker, 1, model_dir, "dapo", (1, 2), 4)
+    assert one["loss"] is None and one["grad_norm"] is None
+    assert one["parity_tokens"] is None and one["remembered"] == []
