@@ -23,6 +23,9 @@ from megatron_skpo.config.base import ConfigError
 
 Family = Literal["group", "single_stream", "skpo", "dense_mc", "prime", "critique"]
 FAMILIES: tuple[str, ...] = ("group", "single_stream", "skpo", "dense_mc", "prime", "critique")
+# Critique-GRPO: tokens a refinement prompt adds beyond the problem's prompt and the response (the
+# request's words, the critique, a gold answer)
+REFINE_MARGIN = 128
 # Group-relative estimators (they need G >= 2 responses of one prompt and nothing else).
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 
@@ -257,6 +260,12 @@ def check_algorithm(cfg, explicit: set[str]) -> None:
         raise ConfigError("rollout.placement: Critique-GRPO grades its responses while it samples (the critique "
                           "depends on the verdict), which needs the trainer's reward pool beside the engine: use "
                           "rollout.placement=colocated")
+    r = cfg.rollout
+    need = r.max_prompt_tokens + 2 * r.max_response_tokens + REFINE_MARGIN
+    if spec.family == "critique" and r.max_model_len is not None and r.max_model_len < need:
+        raise ConfigError(f"rollout.max_model_len: {r.max_model_len} is too short for Critique-GRPO's refinement "
+                          f"prompts (the problem's prompt, a response and its critique, then a refinement): use at "
+                          f"least max_prompt_tokens + 2 * max_response_tokens + {REFINE_MARGIN} = {need}, or null")
     g = cfg.algo.group_size
     if spec.family in ("group", "skpo", "dense_mc", "prime", "critique") and g < 2:
         raise ConfigError(f"algo.group_size: {g}; {cfg.algo.name} normalises within a group of G >= 2 responses "

