@@ -260,6 +260,9 @@ def check_algorithm(cfg, explicit: set[str]) -> None:
         raise ConfigError("rollout.placement: Critique-GRPO grades its responses while it samples (the critique "
                           "depends on the verdict), which needs the trainer's reward pool beside the engine: use "
                           "rollout.placement=colocated")
+    if spec.family == "critique" and cfg.algo.tis.enabled:
+        raise ConfigError("algo.tis.enabled: Critique-GRPO's refinements are sampled from the critique's prompt and "
+                          "trained on the problem's, so pi_old / pi_sampler compares two contexts; set it to false")
     r = cfg.rollout
     need = r.max_prompt_tokens + 2 * r.max_response_tokens + REFINE_MARGIN
     if spec.family == "critique" and r.max_model_len is not None and r.max_model_len < need:

@@ -121,6 +121,8 @@ def test_config_refuses_what_critique_grpo_cannot_train():
     with pytest.raises(ConfigError, match="max_model_len: 2000 is too short .* = 2176"):  # 1024 + 2 * 512 + 128
         load_config("configs/critique_grpo.yaml", ["rollout.max_prompt_tokens=1024", "rollout.max_response_tokens=512",
                                                    "rollout.max_model_len=2000"])
+    with pytest.raises(ConfigError, match="algo.tis.enabled: Critique-GRPO's refinements"):
+        load_config("configs/critique_grpo.yaml", ["algo.tis.enabled=true"])
     with pytest.raises(ConfigError, match="token-mean"):
         load_config("configs/critique_grpo.yaml", ["algo.loss_agg_mode=seq-mean-token-mean"])
     with pytest.raises(ConfigError, match="critique"):
