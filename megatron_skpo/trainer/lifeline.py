@@ -9,6 +9,13 @@ with the same start time, and their descendants. That covers the processes libra
 a parent-death signal of their own: megatron's checkpoint writer starts a ``multiprocessing``
 manager (a ``spawn`` process, about 280 MB) and a resource tracker on the first save; vLLM's engine
 core processes; and, as a second net, the reward graders and rollout workers (which set their own).
+
+A child younger than the last scan is not recorded. The ones that matter are megatron's write
+workers: each save ``fork``s one per write bucket, copies of the trainer (gigabytes), which block
+forever once the trainer is gone. So after the trainer's death the lifeline also kills its *forks*
+(:func:`orphaned_forks`): processes with the trainer's command line and process group, started
+during its life, whose parent is no longer the trainer's parent (they were re-parented when it
+died; other ranks of the same launcher keep theirs).
 """
 from __future__ import annotations
 
@@ -50,6 +57,35 @@ def descendants(root: int) -> dict[int, int]:
     return found
 
 
+def _cmdline(pid: int) -> bytes | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _pgrp(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def orphaned_forks(cmdline: bytes, pgrp: int, launcher: int, started: int, spare: int) -> dict[int, int]:
+    """{pid: start time} of the dead trainer's forks: its command line and process group, started
+    since ``started`` (the trainer's start), with a parent other than ``launcher`` (the trainer's)."""
+    out = {}
+    for name in os.listdir("/proc"):
+        pid = int(name) if name.isdigit() else -1
+        st = _stat(pid) if pid > 0 and pid != spare else None
+        if st is not None and st[0] != launcher and st[1] >= started and _pgrp(pid) == pgrp \
+                and _cmdline(pid) == cmdline:
+            out[pid] = st[1]
+    return out
+
+
 def kill_recorded(known: dict[int, int], spare: int) -> int:
     """SIGKILL every still-running recorded process (same start time) and its descendants; the count."""
     victims = {}
@@ -70,6 +106,8 @@ def watch(trainer: int) -> int:
     me = os.getpid()
     known: dict[int, int] = {}
     last_scan = 0.0
+    launcher, started = _stat(trainer) or (0, 0)
+    cmdline, pgrp = _cmdline(trainer), _pgrp(trainer)
     while os.getppid() == trainer and _stat(trainer) is not None:
         if time.monotonic() - last_scan >= SCAN_S:
             known.update(descendants(trainer))
@@ -79,6 +117,8 @@ def watch(trainer: int) -> int:
     deadline = time.monotonic() + EXIT_GRACE_S  # after an ordinary exit the rest are ending on their own
     while time.monotonic() < deadline and any(_stat(p) is not None and _stat(p)[1] == s for p, s in known.items()):
         time.sleep(POLL_S)
+    if cmdline and pgrp is not None:
+        known.update(orphaned_forks(cmdline, pgrp, launcher, started, spare=me))
     n = kill_recorded(known, spare=me)
     if n:
         print(f"skpo-train lifeline: the trainer (pid {trainer}) is gone; killed {n} process(es) it left",

@@ -177,6 +177,37 @@ def test_kill_9_leaves_no_child(tmp_path):
     assert not _wait_gone(kids), "children outlived the parent"
 
 
+FORKER = textwrap.dedent("""
+    import os, sys, time
+    from megatron_skpo.trainer.lifecycle import start_lifeline
+    if __name__ == "__main__":
+        start_lifeline()
+        time.sleep(1.5)  # the lifeline has scanned; the fork below is younger than its last scan
+        if os.fork() == 0:  # as megatron's checkpoint write workers: a copy that waits on its parent
+            time.sleep(600)
+            os._exit(0)
+        print("ready", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_kill_9_during_a_fork_leaves_no_fork(tmp_path):
+    """Killed right after forking (megatron forks its write workers at every save): the fork, which
+    the lifeline's scan has not seen yet, dies with the trainer all the same."""
+    import psutil
+
+    script = tmp_path / "forker.py"
+    script.write_text(FORKER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "ready"
+    kids = [p.pid for p in psutil.Process(proc.pid).children() if p.cmdline() == psutil.Process(proc.pid).cmdline()]
+    assert len(kids) == 1
+    os.kill(proc.pid, signal.SIGKILL)  # within the scan interval of the fork
+    proc.wait()
+    assert not _wait_gone(kids), "the trainer's fork outlived it"
+
+
 # ----- the real trainer, on a tiny model ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
