@@ -120,7 +120,7 @@ def process_rewards(run, batch, kept: list[int], correct: Tensor, num_prompts: i
     zeros = {r: torch.zeros(len(batch.samples[r].response_ids)) for r in kept}
     reference = replace(run.reference, temperature=1.0)
     mine: dict[int, Tensor] = {}
-    sums: dict[str, float] = {}
+    trained: list[dict[str, float]] = []
     minis = mini_batches(batch, zeros, dropped, num_prompts, run.cfg.train.mini_batch_prompts, par.dp_rank,
                          par.dp_size, overlong_filter=False)
     for rows in minis:
@@ -132,9 +132,7 @@ def process_rewards(run, batch, kept: list[int], correct: Tensor, num_prompts: i
         if s.update == "none":
             _score(run, micro)
         elif num_rows > 0:
-            metrics = _train(run, padding_micro_batches(micro), num_rows)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / len(minis)
+            trained.append(_train(run, padding_micro_batches(micro), num_rows))
             if s.update == "before":
                 _score(run, micro)
         for mb in micro:
@@ -142,7 +140,8 @@ def process_rewards(run, batch, kept: list[int], correct: Tensor, num_prompts: i
             for i, values in enumerate(unpack(r, mb, len(rows.rows))):
                 if values is not None:
                     mine[rows.rows[i]] = values[rows.prompt_lens[i]:].float()
-    return _gather(mine, par.dp_group), sums
+    means = {k: sum(m.get(k, 0.0) for m in trained) / len(trained) for k in {k for m in trained for k in m}}
+    return _gather(mine, par.dp_group), means  # the metrics: means over the mini-batches that trained
 
 
 def _gather(mine: dict[int, Tensor], group) -> dict[int, Tensor]:

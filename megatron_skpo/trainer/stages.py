@@ -89,12 +89,17 @@ def validation(run: Run, step: int, last: bool) -> dict[str, float]:
 
 def bind_grader(run: Run) -> None:
     """A sampler that grades while it samples (Critique-GRPO's) gets the run's reward pool."""
-    if getattr(run.method.sampler, "needs_grader", False):
-        from megatron_skpo.rollout.samplers.critique import bind
+    sampler = run.method.sampler
+    if getattr(sampler, "needs_grader", False):
+        from megatron_skpo.rollout.samplers.critique import Grader
 
         refs = run.problems.refs
-        bind(run.method.sampler, lambda texts, keys: run.pool.evaluate(texts, [refs[k] for k in keys])[1],
-             lambda key: refs[key].answer)
+        missing = [k for k, r in enumerate(refs) if not r.answer] if sampler.critique == "simple_gt" else []
+        if missing:  # before the first step, not hours in
+            raise ValueError(f"algo.critique.critique=simple_gt gives the gold answer in the critique, but problem "
+                             f"{missing[0]} of data.train has none (check data.train.answer_field, or use simple)")
+        sampler.grader = Grader(lambda texts, keys: run.pool.evaluate(texts, [refs[k] for k in keys])[1],
+                                lambda key: refs[key].answer)
 
 
 def sample_prompts(run: Run, step: int) -> list[PromptItem]:

@@ -129,3 +129,21 @@ def test_config_refuses_what_critique_grpo_cannot_train():
         load_config("configs/grpo.yaml", ["algo.critique.critique=simple_gt"])
     with pytest.raises(ConfigError, match=r"\{critique\}"):
         load_config("configs/critique_grpo.yaml", ['algo.critique.template="Q {problem} A {response}"'])
+
+
+def test_simple_gt_needs_every_gold_answer_before_the_first_step():
+    """The trainer binds its grader before step 1: a problem without a gold answer is refused there."""
+    from types import SimpleNamespace
+
+    from megatron_skpo.rewards.reference import Reference
+    from megatron_skpo.rollout.samplers.critique import CritiqueSampler
+    from megatron_skpo.trainer.stages import bind_grader
+
+    sampler = CritiqueSampler(None, 4, 8, critique="simple_gt")
+    run = SimpleNamespace(method=SimpleNamespace(sampler=sampler), pool=None,
+                          problems=SimpleNamespace(refs=[Reference("3"), Reference("")]))
+    with pytest.raises(ValueError, match="problem 1 of data.train has none"):
+        bind_grader(run)
+    run.problems.refs[1] = Reference("4")
+    bind_grader(run)
+    assert sampler.grader.answer(1) == "4"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Hashable, Optional, Protocol, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
@@ -35,12 +35,12 @@ from megatron_skpo.rollout.types import RolloutBatch, Sample
 _PLACEHOLDER = re.compile(r"\{(problem|response|critique)\}")
 
 
-class Grader(Protocol):
-    """What the sampler needs of the run's reward pool."""
+@dataclass(frozen=True)
+class Grader:
+    """What the sampler needs of the run's reward pool (bound by the trainer: ``stages.bind_grader``)."""
 
-    def verdicts(self, texts: Sequence[str], keys: Sequence[Hashable]) -> list[bool]: ...
-
-    def answer(self, key: Hashable) -> str: ...
+    verdicts: Callable[[Sequence[str], Sequence[Hashable]], list[bool]]  # (texts, prompt keys) -> correct?
+    answer: Callable[[Hashable], str]  # prompt key -> its gold answer (``simple_gt``)
 
 
 def critique_text(correct: bool, kind: str, answer: str = "") -> str:
@@ -147,17 +147,3 @@ class CritiqueSampler:
         batch.stats["rollout/count_refinements"] = float(len(second))
         batch.stats["rollout/count_refinements_correct"] = float(sum(second))
         return batch
-
-
-def bind(sampler, grade: Callable[[Sequence[str], Sequence[Hashable]], list[bool]],
-         answer: Callable[[Hashable], str]) -> None:
-    """Give a sampler that grades while it samples (``needs_grader``) the run's grader."""
-
-    class _Bound:
-        def verdicts(self, texts, keys):
-            return grade(texts, keys)
-
-        def answer(self, key):
-            return answer(key)
-
-    sampler.grader = _Bound()
