@@ -7,8 +7,10 @@ few-shot easy MAWPS, G = 8) with ``algo.name=<method>`` until it has sampled
 included), validating avg@k on the held-out set (``data.eval``) before the first step, every
 ``--eval-every`` steps and at the end. Runs are separate ``skpo-train`` processes writing under
 ``--out/<method>/seed<s>``; a finished run is not repeated, an interrupted one resumes from its
-checkpoint; ``--report`` trains nothing and summarises the finished runs. The result: ``results.json``
-(every curve, final numbers per run, mean and spread per method, each method at the last validated
+checkpoint; ``--report`` trains nothing and summarises the finished runs; ``--merge`` takes finished
+runs from an earlier ``results.json`` (a queue split over machines or sessions), and ``--variant`` names
+an ablation (a method with its own overrides) that ``--methods`` can list beside the plain methods.
+The result: ``results.json`` (every curve, final numbers per run, mean and spread per method, each method at the last validated
 step every run reached, sampled tokens a step by phase), ``curves.png`` (held-out avg@k against sampled tokens
 and against steps: mean and the seeds' min-max band per method) and ``table.md``.
 
@@ -21,10 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -48,7 +52,64 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "(others are listed as missing), e.g. while a long queue still runs")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2 steps' worth of tokens, validation k=1 on 4 problems")
+    parser.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="NAME=METHOD:KEY=VAL,...",
+                        help="a named ablation to list in --methods: METHOD with these overrides (repeatable), "
+                             "e.g. skpo_wup0.25=skpo:algo.skpo.w_up=0.25,algo.skpo.w_down=0.75")
+    parser.add_argument("--merge", action="append", default=[], metavar="RESULTS_JSON",
+                        help="an earlier results.json (another machine's, say): its runs count as finished for the "
+                             "(method, seed) pairs not finished under --out (repeatable; the first file wins)")
     parser.add_argument("overrides", nargs="*", default=[], help="extra key=value overrides for every run")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named run configuration: ``method`` (an algo name) with ``overrides`` applied last."""
+
+    name: str
+    method: str
+    overrides: tuple[str, ...]
+
+
+def parse_variant(text: str) -> Variant:
+    """``NAME=METHOD:KEY=VAL,KEY=VAL`` (argparse type)."""
+    name, sep, rest = text.partition("=")
+    method, colon, over = rest.partition(":")
+    overrides = tuple(o.strip() for o in over.split(",") if o.strip())
+    if not sep or not colon or not overrides or not all("=" in o for o in overrides):
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME=METHOD:KEY=VAL[,KEY=VAL...]")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in METHODS:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: NAME must be letters, digits, '_', '.', '-' (it names "
+                                         "the run directory) and not a method's own name")
+    if not re.fullmatch(r"[a-z0-9_]+", method):
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: METHOD {method!r} is not an algo name")
+    return Variant(name, method, overrides)
+
+
+def resolve_methods(methods: str, variants: list[Variant]) -> dict[str, Variant]:
+    """Each label of ``--methods`` as a Variant (a plain algo name has no extra overrides)."""
+    named = {v.name: v for v in variants}
+    if len(named) != len(variants):
+        raise SystemExit("skpo-bench learn: --variant names must be distinct")
+    return {m: named.get(m, Variant(m, m, ())) for m in methods.split(",")}
+
+
+def load_merged(paths: list[str], args) -> dict[str, dict[int, dict]]:
+    """Finished runs from earlier ``results.json`` files, checked against this bench's budget and metric."""
+    merged: dict[str, dict[int, dict]] = {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"skpo-bench learn: --merge {path}: cannot read it as results.json ({e})")
+        if data.get("bench") != "learn" or not isinstance(data.get("runs"), dict):
+            raise SystemExit(f"skpo-bench learn: --merge {path}: not a results.json of skpo-bench learn")
+        if data.get("token_budget") != args.token_budget:
+            raise SystemExit(f"skpo-bench learn: --merge {path}: token_budget is {data.get('token_budget')}, this "
+                             f"bench's --token-budget is {args.token_budget}; merge only runs of the same budget")
+        for method, runs in data["runs"].items():
+            for seed, run in runs.items():
+                merged.setdefault(method, {}).setdefault(int(seed), {**run, "merged_from": str(path)})
+    return merged
 
 
 def method_overrides(method: str, args, prompts_per_step: int, group_size: int) -> list[str]:
@@ -62,11 +123,12 @@ def method_overrides(method: str, args, prompts_per_step: int, group_size: int) 
     return out
 
 
-def run_one(args, method: str, seed: int, run_dir: Path) -> dict:
-    """Train one (method, seed) unless it already finished; returns its summary."""
+def run_one(args, variant: Variant, seed: int, run_dir: Path) -> dict:
+    """Train one (variant, seed) unless it already finished; returns its summary."""
     from megatron_skpo.config import load_config
 
-    base = load_config(args.recipe, [f"model.hf_path={args.model}", *args.overrides])
+    method = variant.method
+    base = load_config(args.recipe, [f"model.hf_path={args.model}", *args.overrides, *variant.overrides])
     # G is the group methods' knob; SPO's G is 1 by definition (it samples G x the prompts instead)
     extra = [o for o in args.overrides if not (method == "spo" and o.startswith("algo.group_size="))]
     # absolute paths: skpo-train runs in the package root, not in the caller's working directory
@@ -75,7 +137,8 @@ def run_one(args, method: str, seed: int, run_dir: Path) -> dict:
                  f"rollout.seed={seed}", f"data.shuffle_seed={seed}", f"train.steps={args.max_steps}",
                  f"train.max_sampled_tokens={args.token_budget}", f"validation.interval={args.eval_every}",
                  "logging.progress=false", "checkpoint.save_interval=5", "checkpoint.keep_last=1",
-                 *extra, *method_overrides(method, args, base.train.prompts_per_step, base.algo.group_size)]
+                 *extra, *method_overrides(method, args, base.train.prompts_per_step, base.algo.group_size),
+                 *variant.overrides]
     if args.quick:
         overrides += ["validation.k=1", "data.eval.limit=4"]
     done = run_dir / "DONE"
@@ -87,7 +150,7 @@ def run_one(args, method: str, seed: int, run_dir: Path) -> dict:
             proc = subprocess.run([sys.executable, "-m", "megatron_skpo.cli.train", args.recipe, *overrides],
                                   stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         if proc.returncode != 0:
-            raise RuntimeError(f"{method} seed {seed}: skpo-train exited {proc.returncode}; see {run_dir / 'train.log'}")
+            raise RuntimeError(f"{variant.name} seed {seed}: skpo-train exited {proc.returncode}; see {run_dir / 'train.log'}")
         done.write_text(json.dumps({"seconds": time.perf_counter() - t0}) + "\n")
     return summarize_run(run_dir, json.loads(done.read_text())["seconds"])
 
@@ -181,6 +244,16 @@ def markdown(agg: dict[str, dict], metric: str, budget: int, step: int = 0,
     return "\n".join(lines) + "\n" + ("\n" + phase_line(agg) if phase_line(agg) else "")
 
 
+def merged_line(results: dict[str, dict[int, dict]]) -> str:
+    """Which runs came from ``--merge`` files (empty if none): a note under the table."""
+    by_file: dict[str, list[str]] = {}
+    for method, runs in results.items():
+        for seed, r in sorted(runs.items()):
+            if "merged_from" in r:
+                by_file.setdefault(r["merged_from"], []).append(f"{method} seed {seed}")
+    return "".join(f"\nTaken from {f} (--merge): {', '.join(rs)}.\n" for f, rs in by_file.items())
+
+
 def plot(results: dict[str, dict[int, dict]], metric: str, path: Path) -> None:
     """Held-out metric against sampled tokens (left) and against steps (right; on a GPU the decode
     steps, not the tokens, set the time): each method's mean over seeds (interpolated onto a common
@@ -215,15 +288,19 @@ def run(args: argparse.Namespace) -> dict:
     if args.quick:
         args.token_budget, args.eval_every = min(args.token_budget, 1), 1
     out = Path(args.out)
-    methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+    methods, seeds = resolve_methods(args.methods, args.variant), [int(s) for s in args.seeds.split(",")]
+    merged = load_merged(args.merge, args)
     results: dict[str, dict[int, dict]] = {}
     for seed in seeds:  # seed-major: every method has a first seed early
-        for method in methods:
+        for method, variant in methods.items():
             run_dir = out / method / f"seed{seed}"
+            if not (run_dir / "DONE").is_file() and seed in merged.get(method, {}):
+                results.setdefault(method, {})[seed] = merged[method][seed]
+                continue
             if args.report and not (run_dir / "DONE").is_file():
                 print(f"skpo-bench learn: {method} seed {seed}: not finished, left out", file=sys.stderr, flush=True)
                 continue
-            results.setdefault(method, {})[seed] = run_one(args, method, seed, run_dir)
+            results.setdefault(method, {})[seed] = run_one(args, variant, seed, run_dir)
             print(f"skpo-bench learn: {method} seed {seed}: {results[method][seed]['start']:.3f} -> "
                   f"{results[method][seed]['final']:.3f} in {results[method][seed]['steps']} steps",
                   file=sys.stderr, flush=True)
@@ -234,10 +311,14 @@ def run(args: argparse.Namespace) -> dict:
     step = common_step(results)
     equal = at_step(results, step) if step else None
     summary = {"bench": "learn", "recipe": args.recipe, "model": args.model, "token_budget": args.token_budget,
-               "metric": metric, "methods": agg, "equal_step": step,
+               "metric": metric, "variants": {v.name: {"method": v.method, "overrides": list(v.overrides)}
+                                              for v in methods.values() if v.overrides},
+               "merged": {m: {str(s): r["merged_from"] for s, r in rs.items() if "merged_from" in r}
+                          for m, rs in results.items() if any("merged_from" in r for r in rs.values())},
+               "methods": agg, "equal_step": step,
                "at_equal_step": {m: {"mean": v[0], "std": v[1]} for m, v in (equal or {}).items()},
                "runs": {m: {str(s): r for s, r in rs.items()} for m, rs in results.items()}}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "table.md").write_text(markdown(agg, metric, args.token_budget, step, equal))
+    (out / "table.md").write_text(markdown(agg, metric, args.token_budget, step, equal) + merged_line(results))
     plot(results, metric, out / "curves.png")
     return {k: v for k, v in summary.items() if k != "runs"}

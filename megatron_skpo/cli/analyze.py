@@ -6,6 +6,7 @@
         --no-chat-template --max-tokens 64 --k 8 --k-truth 64 --out runs/sign
     skpo-analyze shortcut --model HF_DIR --dataset mawps_easy --limit 40 --prompt-template fewshot_plain \\
         --no-chat-template --group-size 8 --temperature 0.6 --max-tokens 64 --positions 6 --out runs/shortcut
+    skpo-analyze bypass-curve --run runs/skpo_seed0 --limit 40 --out runs/bypass_curve
     skpo-analyze implicit-advantage --runs skpo=runs/skpo/hf grpo=runs/grpo/hf --evaluator HF_DIR \\
         --dataset mawps_easy --limit 40 --prompt-template fewshot_plain --no-chat-template --out runs/implicit
 
@@ -111,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="new tokens after a segment: max-tokens minus its length, or max-tokens")
     _add_task_args(sh)
     _add_decoding_args(sh, "analyze_shortcut")
+
+    bc = sub.add_parser("bypass-curve", formatter_class=fmt,
+                        help="the shortcut analysis at step 0 and every checkpoint of an SKPO run")
+    bc.add_argument("--run", required=True, type=Path, help="the run's directory (its logging.dir, with config.yaml)")
+    bc.add_argument("--base", default=None, help="step 0's model (default: the run's model.hf_path)")
+    bc.add_argument("--steps", type=_ints, default=None, help="only these steps (0 = the base model)")
+    bc.add_argument("--group-size", type=int, default=8, help="G continuations per segment and condition")
+    bc.add_argument("--positions", type=int, default=3, help="relative cut positions, evenly spaced in [1/6, 1/2]")
+    bc.add_argument("--offset", type=int, default=0, help="skip the first N of the run's held-out problems")
+    bc.add_argument("--limit", type=int, default=40, help="held-out problems measured at every step")
+    bc.add_argument("--seed", type=int, default=0, help="engine seed (the same at every step)")
+    bc.add_argument("--workers", type=int, default=2, help="grading processes")
+    bc.add_argument("--grading-timeout", type=float, default=5.0, help="seconds per graded response")
+    bc.add_argument("--out", default="runs/analyze_bypass_curve", help="output directory (a rerun resumes in it)")
+    bc.add_argument("--quiet", action="store_true", help="no progress bars")
 
     ia = sub.add_parser("implicit-advantage", formatter_class=fmt,
                         help="prefixes of several runs' correct responses, scored by one evaluator model")
@@ -231,6 +247,21 @@ def _implicit(args, tmp: str) -> int:
     return _report(implicit_advantage, result, out, "implicit_advantage")
 
 
+def _bypass(args) -> int:
+    from megatron_skpo.analysis import bypass_curve
+
+    if args.limit < 1 or args.offset < 0 or args.group_size < 2 or args.positions < 1:
+        raise bypass_curve.AnalysisError("--limit and --positions must be >= 1, --offset >= 0, --group-size >= 2")
+    spec = bypass_curve.run_spec(args.run, offset=args.offset, limit=args.limit, seed=args.seed, base=args.base)
+    out = Path(args.out)
+    curve = bypass_curve.run_bypass_curve(args.run, out, spec, group_size=args.group_size, positions=args.positions,
+                                          steps=args.steps, workers=args.workers,
+                                          grading_timeout=args.grading_timeout, progress=not args.quiet)
+    print(bypass_curve.markdown(curve))
+    print(f"results in {out}/bypass_curve.json, bypass_curve.png, bypass_curve.md, step_*/")
+    return 0
+
+
 def _report(module, result, out: Path, stem: str, *extra: str) -> int:
     """Write an analysis' JSON, Markdown and PNG (``module.write``), print its table and where it went."""
     module.write(result, out)
@@ -244,10 +275,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "sign-consistency" and args.model is None:
         return _synthetic(args)
-    _check(args, parser)
     from megatron_skpo.analysis.sampling import AnalysisError
     from megatron_skpo.eval import resolve_model
 
+    if args.command == "bypass-curve":
+        from checkpoint_convert.staging import ConvertError
+
+        try:
+            return _bypass(args)
+        except (AnalysisError, FileNotFoundError, ConvertError) as e:
+            print(f"skpo-analyze bypass-curve: {e}", file=sys.stderr)
+            return 2
+    _check(args, parser)
     try:
         with tempfile.TemporaryDirectory(prefix="skpo-analyze-model-") as tmp:
             if args.command == "implicit-advantage":

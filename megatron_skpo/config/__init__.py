@@ -93,6 +93,19 @@ def load_config(recipe: Optional[str | Path] = None, overrides: tuple[str, ...] 
     return cfg
 
 
+def load_resolved(path: str | Path) -> Config:
+    """A run's ``config.yaml`` (``dump_config`` of a validated config) read back as a Config.
+
+    The dump holds every key, the ones its algorithm ignores included, so it is not a recipe: the
+    algorithm's read rules (which refuse set-but-ignored keys) do not apply; the types, ranges and
+    cross-section checks do.
+    """
+    data = read_recipe(path)
+    cfg = from_dict(Config, data)
+    validate_cross(cfg)
+    return cfg
+
+
 def validate_cross(cfg: Config) -> None:
     """Checks that span sections or need the algorithm registries."""
     from megatron_skpo.algo import registries  # late imports: the maths does not depend on config
@@ -132,7 +145,7 @@ def dump_config(cfg: Config) -> str:
 
 
 __all__ = [
-    "ALGORITHMS", "family", "read_recipe",
+    "ALGORITHMS", "family", "read_recipe", "load_resolved",
     "Config", "ConfigError", "load_config", "dump_config", "describe", "to_dict", "from_dict",
     "AlgoConfig", "DataConfig", "DatasetConfig", "RewardConfig", "ModelConfig", "ParallelConfig",
     "RolloutConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "LoggingConfig", "ValidationConfig",

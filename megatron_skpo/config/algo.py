@@ -99,6 +99,10 @@ class SKPOConfig:
     downstream_loss: str = doc("cispo", "policy loss of the downstream phase (registry name)")
     w_up: float = doc(0.5, "weight of the upstream loss J_I")
     w_down: float = doc(0.5, "weight of the downstream loss J_II")
+    phase_weighting: Literal["fixed", "token_pool"] = doc(
+        "fixed", "fixed = w_up J_I + w_down J_II, each phase normalised by its own counts (the paper's); token_pool = "
+        "(ours) one token mean over both phases' tokens, so a segment token weighs what a downstream token does "
+        "(w_up, w_down still multiply; both *_agg_mode must be token-mean)")
     upstream_agg_mode: str = doc("seq-mean-token-mean", "J_I averages over each segment's tokens")
     downstream_agg_mode: str = doc("token-mean", "J_II averages over all downstream tokens")
 
@@ -110,6 +114,9 @@ class SKPOConfig:
             check(self.skip_template is None or self.skip_template.count(key) == 1, "skip_template",
                   f"must contain {key} exactly once")
         check(self.w_up >= 0 and self.w_down >= 0, "w_up/w_down", "must be >= 0")
+        check(self.phase_weighting == "fixed" or self.upstream_agg_mode == self.downstream_agg_mode == "token-mean",
+              "phase_weighting", "token_pool pools the phases' token counts: set algo.skpo.upstream_agg_mode="
+              "token-mean and algo.skpo.downstream_agg_mode=token-mean")
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Resolve a ``--model`` argument to a Hugging Face model directory that vLLM can load.
 
 Accepted: an HF directory (has ``config.json``), a ``.gguf`` file (dequantised once into
-``<cache_dir>/<name>-hf``), or a Megatron checkpoint directory (``latest_checkpointed_iteration.txt``
-or ``iter_*``; converted once into ``<cache_dir>/<name>-hf`` by ``checkpoint_convert``).
+``<cache_dir>/<name>-hf``), or a Megatron checkpoint: a root (``latest_checkpointed_iteration.txt``
+or ``iter_*``), a dist checkpoint (``metadata.json``; skpo-train's ``step_<N>/model``) or skpo-train's
+``step_<N>`` directory itself; converted once into ``<cache_dir>/<name>-hf`` by ``checkpoint_convert``,
+with the HF config of ``like`` where the checkpoint carries none.
 """
 from __future__ import annotations
 
@@ -10,9 +12,13 @@ from pathlib import Path
 from typing import Optional
 
 
-def resolve_model(path: str | Path, cache_dir: Optional[str | Path] = None) -> Path:
-    """HF directory for ``path`` (converted on the fly if needed)."""
+def resolve_model(path: str | Path, cache_dir: Optional[str | Path] = None,
+                  like: Optional[str | Path] = None) -> Path:
+    """HF directory for ``path`` (converted on the fly if needed; ``like``: an HF directory whose
+    config and tokenizer a Megatron checkpoint without its own ``hf/`` side files takes)."""
     p = Path(path)
+    if p.is_dir() and (p / "model" / "metadata.json").is_file() and (p / "COMPLETE").is_file():
+        p = p / "model"  # skpo-train's checkpoint directory: its policy is the ``model`` part
     if p.is_dir() and (p / "config.json").is_file():
         return p
     if p.is_file() and p.suffix == ".gguf":
@@ -22,11 +28,12 @@ def resolve_model(path: str | Path, cache_dir: Optional[str | Path] = None) -> P
         if not (out / "model.safetensors").is_file():
             gguf_to_hf(p, out, "bfloat16")
         return out
-    if p.is_dir() and (any(p.glob("iter_*")) or (p / "latest_checkpointed_iteration.txt").is_file()):
+    if p.is_dir() and (any(p.glob("iter_*")) or (p / "latest_checkpointed_iteration.txt").is_file()
+                       or (p / "metadata.json").is_file()):
         from checkpoint_convert.convert import mcore_to_hf
 
         out = Path(cache_dir or p.parent) / f"{p.name}-hf"
         if not (out / "config.json").is_file():
-            mcore_to_hf(p, out)
+            mcore_to_hf(p, out, like=like)
         return out
-    raise FileNotFoundError(f"--model {p}: not an HF directory (config.json) or a .gguf file")
+    raise FileNotFoundError(f"--model {p}: not an HF directory (config.json), a .gguf file or a Megatron checkpoint")

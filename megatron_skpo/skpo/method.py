@@ -62,7 +62,7 @@ def build_skpo(cfg, tokenizer) -> Method:
                           seed=r.seed, timeout_s=r.timeout_s)
     s = CreditSettings.from_config(cfg.algo)
     phases = skpo_phases(k.upstream_loss, k.downstream_loss, k.upstream_agg_mode, k.downstream_agg_mode, k.w_up,
-                         k.w_down)
+                         k.w_down, k.phase_weighting)
     graded = ("downstream", "mc") if k.upstream_reward == "own_completion" else ("downstream",)
     source, upstream_reward = k.length_source, k.upstream_reward  # read at build time, like every setting
     return Method(sampler, lambda inp: skpo_credit(s, lengths, source, upstream_reward, inp), phases,

@@ -29,10 +29,20 @@ __all__ = ["PhaseCounts", "PhaseExtras", "skpo_phases", "skpo_objective"]
 
 def skpo_phases(upstream_loss: str = "ppo_clip", downstream_loss: str = "cispo",
                 upstream_agg_mode: str = "seq-mean-token-mean", downstream_agg_mode: str = "token-mean",
-                w_up: float = 0.5, w_down: float = 0.5) -> tuple[PhaseLoss, PhaseLoss]:
-    """SKPO's (upstream, downstream) phases; metrics are prefixed "up/" and "down/"."""
-    return (PhaseLoss("upstream", upstream_loss, upstream_agg_mode, w_up, "up/"),
-            PhaseLoss("downstream", downstream_loss, downstream_agg_mode, w_down, "down/"))
+                w_up: float = 0.5, w_down: float = 0.5, weighting: str = "fixed") -> tuple[PhaseLoss, PhaseLoss]:
+    """SKPO's (upstream, downstream) phases; metrics are prefixed "up/" and "down/".
+
+    ``weighting="token_pool"`` (ours, ``algo.skpo.phase_weighting``) gives both phases one denominator,
+    the sum of their token counts: ``(w_up sum_up l_t + w_down sum_down l_t) / (N_up + N_down)``. The
+    paper's fixed weights let ~90 segment tokens a step pull as hard as ~1,250 downstream tokens.
+    """
+    if weighting not in ("fixed", "token_pool"):
+        raise ValueError(f"skpo_phases: weighting must be fixed or token_pool, got {weighting!r}")
+    if weighting == "token_pool" and not upstream_agg_mode == downstream_agg_mode == "token-mean":
+        raise ValueError("skpo_phases: token_pool needs token-mean aggregation in both phases")
+    pool = "skpo" if weighting == "token_pool" else None
+    return (PhaseLoss("upstream", upstream_loss, upstream_agg_mode, w_up, "up/", pool),
+            PhaseLoss("downstream", downstream_loss, downstream_agg_mode, w_down, "down/", pool))
 
 
 def skpo_objective(
@@ -48,6 +58,7 @@ def skpo_objective(
     downstream_agg_mode: str = "token-mean",
     w_up: float = 0.5,
     w_down: float = 0.5,
+    weighting: str = "fixed",
     norm_length: Optional[float] = None,
     kl_estimator: str = "k3",
     kl_coef: float = 0.0,
@@ -64,12 +75,14 @@ def skpo_objective(
         up_counts, down_counts: each phase's global token and sequence counts.
         upstream_loss, downstream_loss: ``POLICY_LOSSES`` names; *_agg_mode: aggregation modes.
         w_up, w_down: phase weights.
+        weighting: "fixed" (each phase over its own counts) or "token_pool" (one token mean over both).
         kl_estimator, kl_coef, entropy_coef: as in ``policy_objective``, shared by both phases.
         up_extras, down_extras: per-phase reference log-probs, entropy and TIS weights.
     Returns:
         (scalar loss, LossMetrics with "up/..." and "down/..." keys and the total "loss").
     """
-    phases = skpo_phases(upstream_loss, downstream_loss, upstream_agg_mode, downstream_agg_mode, w_up, w_down)
+    phases = skpo_phases(upstream_loss, downstream_loss, upstream_agg_mode, downstream_agg_mode, w_up, w_down,
+                         weighting)
     settings = ObjectiveSettings(params, norm_length=norm_length, kl_coef=kl_coef, kl_estimator=kl_estimator,
                                  entropy_coef=entropy_coef)
     return phased_objective(phases, {"upstream": upstream, "downstream": downstream},

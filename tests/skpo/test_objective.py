@@ -38,6 +38,39 @@ def test_hand_values_on_policy():
     torch.testing.assert_close(down_lp.grad[0, 1:], torch.tensor([-0.5 / 3] * 2, dtype=D))
 
 
+def test_token_pool_is_one_token_mean_over_both_phases():
+    # the hand test's tensors; token_pool: (w_up sum_up l + w_down sum_down l) / (N_up + N_down)
+    up_lp = torch.tensor([[-0.3, -0.4], [-0.2, -9.0]], dtype=D, requires_grad=True)
+    up = PolicyLossInput(up_lp, up_lp.detach(), torch.tensor([[1.0, 1.0], [-2.0, -2.0]], dtype=D),
+                         torch.tensor([[1, 1], [1, 0]], dtype=torch.bool))
+    down_lp = torch.tensor([[-7.0, -0.5, -1.0], [-7.0, -2.0, -3.0]], dtype=D, requires_grad=True)
+    down = PolicyLossInput(down_lp, down_lp.detach(), torch.tensor([[1.0] * 3, [-1.0] * 3], dtype=D),
+                           torch.tensor([[0, 1, 1], [0, 1, 0]], dtype=torch.bool))
+    loss, metrics = skpo_objective(up, down, P, counts(up.mask), counts(down.mask), upstream_agg_mode="token-mean",
+                                   w_up=1.0, w_down=1.0, weighting="token_pool")
+    up_sum = -1.0 - 1.0 + 2.0  # ppo at r = 1: -A per segment token
+    down_sum = 0.5 + 1.0 - 2.0  # cispo at r = 1: -A log p per response token
+    torch.testing.assert_close(loss, torch.tensor((up_sum + down_sum) / 6, dtype=D))
+    loss.backward()
+    # every trained token's gradient is -A / 6 (upstream) or -A / 6 (cispo's d/dlogp), whatever its phase
+    torch.testing.assert_close(up_lp.grad, torch.tensor([[-1 / 6, -1 / 6], [2 / 6, 0.0]], dtype=D))
+    torch.testing.assert_close(down_lp.grad, torch.tensor([[0.0, -1 / 6, -1 / 6], [0.0, 1 / 6, 0.0]], dtype=D))
+    with pytest.raises(ValueError, match="token-mean"):
+        skpo_objective(up, down, P, counts(up.mask), counts(down.mask), weighting="token_pool")
+
+
+def test_token_pool_config_names_the_fields_to_set():
+    from megatron_skpo.config import ConfigError, load_config
+
+    cfg = load_config(None, ["algo.skpo.phase_weighting=token_pool", "algo.skpo.upstream_agg_mode=token-mean"])
+    from megatron_skpo.catalog import build_method
+
+    assert [p.pool for p in build_method(cfg, tokenizer=None).phases] == ["skpo", "skpo"]
+    assert [p.pool for p in build_method(load_config(None, []), tokenizer=None).phases] == [None, None]
+    with pytest.raises(ConfigError, match="upstream_agg_mode=token-mean"):
+        load_config(None, ["algo.skpo.phase_weighting=token_pool"])
+
+
 class TinyPolicy(torch.nn.Module):
     """A position-independent categorical policy: log pi(y) = log_softmax(theta)[y]."""
 

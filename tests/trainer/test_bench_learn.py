@@ -2,6 +2,7 @@
 prompts per step, dense MC's K and M), one seed, results JSON, table and curves."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from loop_child import build_assets  # noqa: E402
 
-from megatron_skpo.bench.learn import aggregate, at_step, common_step, markdown, method_overrides  # noqa: E402
+from megatron_skpo.bench.learn import (aggregate, at_step, common_step, markdown, method_overrides,  # noqa: E402
+                                       parse_variant, resolve_methods, run)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,6 +65,54 @@ def test_equal_steps_column_hand_worked():
     assert "| grpo | 2 | 30.0 | 40.0 (0.0) | +10.0 (0.0) | +10.0..+10.0 | 45.0 (7.1) | 8.0 |" in table
 
 
+def test_variant_names_an_ablation():
+    v = parse_variant("skpo_wup0.25=skpo:algo.skpo.w_up=0.25, algo.skpo.w_down=0.75")
+    assert (v.name, v.method, v.overrides) == ("skpo_wup0.25", "skpo", ("algo.skpo.w_up=0.25", "algo.skpo.w_down=0.75"))
+    methods = resolve_methods("grpo,skpo_wup0.25", [v])
+    assert methods["grpo"].overrides == () and methods["skpo_wup0.25"] is v
+    for bad in ("skpo:algo.skpo.w_up=0.25", "x=skpo", "x=skpo:w_up", "a/b=skpo:algo.skpo.w_up=1",
+                "grpo=skpo:algo.skpo.w_up=1", "x=Skpo!:algo.skpo.w_up=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--variant"):
+            parse_variant(bad)
+
+
+def _args(tmp_path, **kw):
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text("{}")
+    base = dict(model=str(model), recipe="configs/demo_cpu.yaml", methods="skpo,grpo", seeds="0,1",
+                token_budget=40_000, out=str(tmp_path / "out"), report=True, quick=False, variant=[], merge=[],
+                overrides=[], max_steps=200, eval_every=4, dense_mc_k=2, dense_mc_m=2)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_merge_takes_an_earlier_machines_runs(tmp_path, capsys):
+    earlier = ROOT / "docs" / "results" / "learn40k" / "results.json"
+    committed = json.loads(earlier.read_text())
+    # seed 1 of GRPO finished here: it wins over the merged file's
+    here = tmp_path / "out" / "grpo" / "seed1"
+    here.mkdir(parents=True)
+    (here / "DONE").write_text('{"seconds": 60.0}\n')
+    records = [{"step": 0, "sampled_tokens": 0.0, "val/avg@4": 0.25, "val/pass@4": 0.5},
+               {"step": 1, "sampled_tokens": 1000.0, "rollout/generated_tokens_all": 1000.0, "time/step": 2.0,
+                "accuracy": 0.5, "tokens/single": 1000.0, "val/avg@4": 0.5, "val/pass@4": 0.75}]
+    (here / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = run(_args(tmp_path, merge=[str(earlier)]))
+    assert summary["methods"]["skpo"]["final_mean"] == pytest.approx(committed["methods"]["skpo"]["final_mean"])
+    assert summary["merged"] == {"skpo": {"0": str(earlier), "1": str(earlier)}, "grpo": {"0": str(earlier)}}
+    grpo = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]["grpo"]
+    assert grpo["1"]["final"] == 0.5 and "merged_from" not in grpo["1"]
+    assert grpo["0"]["final"] == committed["runs"]["grpo"]["0"]["final"]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert f"Taken from {earlier} (--merge): skpo seed 0, skpo seed 1, grpo seed 0." in table
+    with pytest.raises(SystemExit, match="token_budget is 40000"):
+        run(_args(tmp_path, merge=[str(earlier)], token_budget=16_000))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(SystemExit, match=f"--merge {bad}: cannot read"):
+        run(_args(tmp_path, merge=[str(bad)]))
+
+
 @pytest.mark.slow
 def test_quick_bench_end_to_end(tmp_path):
     model = build_assets(tmp_path)
@@ -77,12 +127,18 @@ def test_quick_bench_end_to_end(tmp_path):
             "reward.answer_fallbacks=[last_number]", "reward.workers=1", "logging.tensorboard=false"]
     out = tmp_path / "bench"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pool = "skpo_pool=skpo:algo.skpo.phase_weighting=token_pool,algo.skpo.upstream_agg_mode=token-mean"
     cmd = [sys.executable, "-m", "megatron_skpo.cli.bench", "learn", "--quick", "--model", str(model),
-           "--methods", "skpo,spo,dense_mc", "--seeds", "0", "--out", str(out), *over]
+           "--methods", "skpo,spo,dense_mc,skpo_pool", "--variant", pool, "--seeds", "0", "--out", str(out), *over]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(summary["methods"]) == {"skpo", "spo", "dense_mc"} and summary["metric"] == "val/avg@1"
+    assert set(summary["methods"]) == {"skpo", "spo", "dense_mc", "skpo_pool"} and summary["metric"] == "val/avg@1"
+    # the variant trained SKPO with its own overrides, and only the variant did
+    pooled = (out / "skpo_pool" / "seed0" / "config.yaml").read_text()
+    assert "phase_weighting: token_pool" in pooled
+    assert "phase_weighting: fixed" in (out / "skpo" / "seed0" / "config.yaml").read_text()
+    assert summary["variants"] == {"skpo_pool": {"method": "skpo", "overrides": pool.split(":", 1)[1].split(",")}}
     results = json.loads((out / "results.json").read_text())
     for method, runs in results["runs"].items():
         run = runs["0"]
@@ -102,3 +158,24 @@ def test_quick_bench_end_to_end(tmp_path):
     assert report.returncode == 0 and "grpo seed 0: not finished, left out" in report.stderr
     assert set(json.loads(report.stdout.strip().splitlines()[-1])["methods"]) == {"skpo"}
     assert not (out / "grpo").exists() and json.loads((out / "results.json").read_text())["equal_step"] == 1
+    _bypass_curve_of_the_skpo_run(out / "skpo" / "seed0", tmp_path / "bypass", data, env)
+
+
+def _bypass_curve_of_the_skpo_run(run: Path, out: Path, data: Path, env: dict) -> None:
+    """``skpo-analyze bypass-curve`` on the SKPO run: step 0 (its base model) and its final checkpoint,
+    measured on the run's own held-out problems, template and response cap; a rerun reuses both."""
+    cmd = [sys.executable, "-m", "megatron_skpo.cli.analyze", "bypass-curve", "--run", str(run), "--limit", "3",
+           "--positions", "1", "--group-size", "2", "--workers", "1", "--quiet", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curve = json.loads((out / "bypass_curve.json").read_text())
+    assert [r["step"] for r in curve["rows"]] == [0, 1] and (out / "bypass_curve.png").stat().st_size > 10_000
+    step1 = json.loads((out / "step_00000001" / "shortcut.json").read_text())["settings"]
+    assert (step1["dataset"], step1["offset"], step1["limit"]) == (str(data), 8, 3)  # data.eval.offset=8
+    assert step1["max_tokens"] == 12 and step1["model"].endswith("step_00000001/model")
+    assert all(0 <= r[f"{c}/accuracy"] <= 1 for r in curve["rows"] for c in ("q", "skip", "hard_prefix"))
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert again.returncode == 0 and json.loads((out / "bypass_curve.json").read_text()) == curve
+    other = subprocess.run([*cmd[:-2], "--seed", "1", "--out", str(out)], capture_output=True, text=True, env=env,
+                           cwd=ROOT, timeout=120)
+    assert other.returncode == 2 and "measured with other settings (seed: 0 there, 1 now)" in other.stderr
