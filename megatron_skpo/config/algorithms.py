@@ -256,13 +256,13 @@ def check_algorithm(cfg, explicit: set[str]) -> None:
     if cfg.algo.advantage == "prime" and spec.family != "prime":
         raise ConfigError(f"algo.advantage: 'prime' needs the implicit PRM's process rewards, which only "
                           f"algo.name=prime trains; {cfg.algo.name} has none")
-    if spec.family == "critique" and cfg.rollout.placement != "colocated":
-        raise ConfigError("rollout.placement: Critique-GRPO grades its responses while it samples (the critique "
-                          "depends on the verdict), which needs the trainer's reward pool beside the engine: use "
-                          "rollout.placement=colocated")
     if spec.family == "critique" and cfg.algo.tis.enabled:
         raise ConfigError("algo.tis.enabled: Critique-GRPO's refinements are sampled from the critique's prompt and "
                           "trained on the problem's, so pi_old / pi_sampler compares two contexts; set it to false")
+    if spec.family == "critique" and cfg.rollout.max_staleness > 0:
+        raise ConfigError("rollout.max_staleness: Critique-GRPO's refinements are sampled from the critique's prompt "
+                          "and trained on the problem's, so a stale refinement has no behaviour log-probs to correct "
+                          "by; use 0 (rollout workers still generate, synchronously)")
     r = cfg.rollout
     need = r.max_prompt_tokens + 2 * r.max_response_tokens + REFINE_MARGIN
     if spec.family == "critique" and r.max_model_len is not None and r.max_model_len < need:

@@ -46,7 +46,9 @@ def _submit(run: Run, e: Entry) -> None:
         share = [prompts[i] for i in idx]
         gen = torch.Generator().manual_seed(stages.stream_seed(seed, e.step, 2))
         plan = run.method.sampler.plan(share, e.step, gen) if share else {}
-        run.workers.generate(j, step=e.step, version=e.version, prompts=share, plan=plan,
+        # a sampler that grades while it samples (Critique-GRPO's) grades in the worker: it gets the references
+        refs = {p.key: run.problems.refs[p.key] for p in share} if stages.grades_while_sampling(run) else None
+        run.workers.generate(j, step=e.step, version=e.version, prompts=share, plan=plan, refs=refs,
                              generator_state=gen.get_state(), torch_seed=stages.stream_seed(seed, e.step, 0))
     e.submitted = True
 

@@ -87,10 +87,17 @@ def validation(run: Run, step: int, last: bool) -> dict[str, float]:
     return validate(run, run.validation, stream_seed(run.cfg.train.seed, step, 3), step)
 
 
+def grades_while_sampling(run: Run) -> bool:
+    """Critique-GRPO's sampler: the critique of a response depends on its verdict."""
+    return bool(getattr(run.method.sampler, "needs_grader", False))
+
+
 def bind_grader(run: Run) -> None:
-    """A sampler that grades while it samples (Critique-GRPO's) gets the run's reward pool."""
+    """A sampler that grades while it samples (Critique-GRPO's) gets the run's reward pool. With
+    rollout workers it grades in the worker (``worker.serve``, from the references each request
+    carries); the check of the gold answers stays here, before the first step."""
     sampler = run.method.sampler
-    if getattr(sampler, "needs_grader", False):
+    if grades_while_sampling(run):
         from megatron_skpo.rollout.samplers.critique import Grader
 
         refs = run.problems.refs

@@ -4,7 +4,9 @@
 It runs the requests it receives strictly in order, one at a time:
   ``generate``  one step's share of rollouts with the method's sampler (the trainer sends the
                 prompts, the sampler's plan such as SKPO's split positions, the generator state
-                and the noise seed, so the result is what a colocated engine would have made);
+                and the noise seed, so the result is what a colocated engine would have made;
+                for Critique-GRPO, which grades while it samples, also the prompts' references,
+                graded in a reward pool of the worker's own);
                 every sample is stamped with the policy version of the weights it used;
   ``weights``   a new policy version, received by broadcast (``rollout.bridge``) bucket by bucket
                 into vLLM, then the prefix cache dropped; requests after it use it;
@@ -20,12 +22,14 @@ closing ends it too); any failure is reported to the trainer with its traceback 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import signal
 import sys
 import time
 import traceback
+from typing import Optional
 
 KEY_ENV = "SKPO_BRIDGE_KEY"  # hex key for spawned workers; external ones read --key-file
 CPUS_ENV = "SKPO_WORKER_CPUS"
@@ -55,8 +59,9 @@ def pin_cpus(spec: str) -> None:
     torch.set_num_threads(len(cpus))
 
 
-def serve(conn, engine, sampler, pg, cfg) -> None:
-    """Answer the trainer's requests until ``close`` (see the module docstring)."""
+def serve(conn, engine, sampler, pg, cfg, refs: Optional[dict] = None) -> None:
+    """Answer the trainer's requests until ``close`` (see the module docstring). ``refs``: the
+    references a grading sampler's grader reads, replaced by each ``generate`` request's."""
     import torch
 
     from megatron_skpo.rollout.bridge import recv_buckets, recv_msg, send_msg
@@ -83,6 +88,9 @@ def serve(conn, engine, sampler, pg, cfg) -> None:
             torch.manual_seed(msg["torch_seed"])  # vLLM's sampling noise on CPU
             gen = torch.Generator()
             gen.set_state(msg["generator_state"])
+            if refs is not None:
+                refs.clear()
+                refs.update(msg.get("refs") or {})
             batch = sampler.sample(engine, msg["prompts"], msg["step"], gen, **msg["plan"])
             for s in batch.samples:
                 s.version = version
@@ -132,6 +140,21 @@ def read_key(path: str, wait_s: float) -> bytes:
         return bytes.fromhex(f.read().strip())
 
 
+def _bind_local_grader(sampler, cfg, stack: contextlib.ExitStack) -> Optional[dict]:
+    """Critique-GRPO's sampler grades as it samples: here with a reward pool of this worker's own
+    (``reward.*`` as the trainer's), on the references each request carries. None for other samplers."""
+    if not getattr(sampler, "needs_grader", False):
+        return None
+    from megatron_skpo.rewards import RewardPool
+    from megatron_skpo.rollout.samplers.critique import Grader
+
+    pool = stack.enter_context(RewardPool.from_config(cfg.reward))
+    refs: dict = {}
+    sampler.grader = Grader(lambda texts, keys: pool.evaluate(texts, [refs[k] for k in keys])[1],
+                            lambda key: refs[key].answer)
+    return refs
+
+
 def run_worker(host: str, port: int, key, wait_s: float = 0.0) -> int:
     """Connect, build the engine and the method's sampler, then serve."""
     from megatron_skpo.rollout.bridge import recv_msg, send_msg
@@ -149,8 +172,10 @@ def run_worker(host: str, port: int, key, wait_s: float = 0.0) -> int:
                           cfg.rollout.transport_timeout_s, hello["backend"])
         engine = build_engine(cfg, template_stop(cfg), launcher="local")
         sampler = build_method(cfg, engine.tokenizer).sampler
-        send_msg(conn, "ready", {"pid": os.getpid(), "host": os.uname().nodename})
-        serve(conn, engine, sampler, pg, cfg)
+        with contextlib.ExitStack() as stack:
+            refs = _bind_local_grader(sampler, cfg, stack)
+            send_msg(conn, "ready", {"pid": os.getpid(), "host": os.uname().nodename})
+            serve(conn, engine, sampler, pg, cfg, refs)
         engine.close()
         return 0
     except (EOFError, OSError):  # the trainer went away: nothing to report to

@@ -116,8 +116,11 @@ def test_credit_is_reward_minus_the_group_mean_over_initial_and_refinement():
 def test_config_refuses_what_critique_grpo_cannot_train():
     cfg = load_config("configs/critique_grpo.yaml", [])
     assert (cfg.algo.advantage, cfg.algo.policy_loss, cfg.algo.loss_agg_mode) == ("dr_grpo", "unclipped", "token-mean")
-    with pytest.raises(ConfigError, match="rollout.placement=colocated"):
-        load_config("configs/critique_grpo.yaml", ["rollout.placement=disaggregated"])
+    # rollout workers grade in their own reward pool (tests/trainer/test_loop.py runs it)
+    assert load_config("configs/critique_grpo.yaml", ["rollout.placement=disaggregated"]).rollout.placement == \
+        "disaggregated"
+    with pytest.raises(ConfigError, match="rollout.max_staleness: Critique-GRPO's refinements"):
+        load_config("configs/critique_grpo.yaml", ["rollout.placement=disaggregated", "rollout.max_staleness=1"])
     with pytest.raises(ConfigError, match="max_model_len: 2000 is too short .* = 2176"):  # 1024 + 2 * 512 + 128
         load_config("configs/critique_grpo.yaml", ["rollout.max_prompt_tokens=1024", "rollout.max_response_tokens=512",
                                                    "rollout.max_model_len=2000"])

@@ -86,7 +86,8 @@ def work(tmp_path_factory):
     runs = [f"{a}:{a}:2{extra.get(a, '')}" for a in ALGOS] + [f"reference:{skpo4(work)}",
                                                                "budget:grpo:3:train.max_sampled_tokens=1",
                                                                f"dis_skpo:skpo:2:{DISAGG}", ASYNC4, CUSTOM, WEIGHTED,
-                                                               CODE, PRIME_AFTER, PRIME_BEFORE, PRIME4, CRITIQUE4]
+                                                               CODE, PRIME_AFTER, PRIME_BEFORE, PRIME4, CRITIQUE4,
+                                                               f"dis_critique:critique_grpo:2:{DISAGG}"]
     finish(child(work, *runs, track=True), work, timeout=600)
     # the KL recipe again, started from a Megatron checkpoint of the same weights (model.mcore_path):
     # its own child, so that its engine starts from dummy weights as the trainer's does
@@ -331,6 +332,14 @@ def test_disaggregated_synchronous_equals_colocated(work):
                                                                                                "metrics.jsonl"))
     for r in steps(work / "dis_skpo" / "metrics.jsonl"):
         assert r["async/staleness_max"] == 0 and r["time/trainer_idle"] > 0  # it waited for every rollout
+
+
+def test_disaggregated_critique_grpo_equals_colocated(work):
+    """Critique-GRPO's sampler grades while it samples: in a rollout worker it grades with the worker's
+    own reward pool on the references each request carries, and every metric equals the colocated run's."""
+    dis = untimed(read_metrics(work / "dis_critique" / "metrics.jsonl"))
+    assert dis == untimed(read_metrics(work / "critique_grpo" / "metrics.jsonl"))
+    assert all(r["tokens/refine"] > 0 for r in dis if r["step"] > 0)
 
 
 def test_one_step_off_bookkeeping(work):

@@ -4,8 +4,8 @@ each, a refinement of each written by the policy, one refinement kept per prompt
 Per prompt q (docs/algorithm.md §6):
 
 1. G - 1 initial responses from q's prompt (rows ``single``);
-2. each is graded by the run's reward pool (the grader is bound by the trainer: the sampler runs
-   beside it, ``rollout.placement: colocated``) and critiqued (:func:`critique_text`): ``simple``
+2. each is graded by a reward pool (the grader is bound by the trainer, ``stages.bind_grader``, or
+   in a rollout worker by the worker, with its own pool: ``worker._bind_local_grader``) and critiqued (:func:`critique_text`): ``simple``
    says whether it is correct, ``simple_gt`` also gives the gold answer when it is not;
 3. one refinement per initial response, sampled from the refinement prompt: the template's request
    (:data:`~megatron_skpo.data.prompts.CHAT_REFINE`, or ``algo.critique.template``) with the problem,
@@ -108,8 +108,8 @@ class CritiqueSampler:
     def sample(self, engine: Engine, prompts: Sequence[PromptItem], step: int = 0,
                generator: Optional[torch.Generator] = None) -> RolloutBatch:
         if self.grader is None:
-            raise RuntimeError("Critique-GRPO's sampler has no grader: the trainer binds its reward pool before the "
-                               "first rollout (rollout.placement: colocated)")
+            raise RuntimeError("Critique-GRPO's sampler has no grader: the trainer (or the rollout worker) binds a "
+                               "reward pool before the first rollout")
         check_unique_keys(prompts)
         generator = generator if generator is not None else torch.Generator().manual_seed(step)
         timer, n = Timer(), self.group_size - 1
