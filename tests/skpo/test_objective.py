@@ -15,15 +15,20 @@ def counts(mask):
     return PhaseCounts(tokens=count_tokens(mask), seqs=count_seqs(mask))
 
 
-def test_hand_values_on_policy():
-    # upstream: segment 0 = 2 tokens with A~ = 1, segment 1 = 1 token with A~ = -2; r = 1
+def hand_inputs():
+    """On-policy phases (r = 1). Upstream: segment 0 = 2 tokens with A~ = 1, segment 1 = 1 token with
+    A~ = -2. Downstream: position 0 is a prompt token (segment of q~), not in the mask: no loss."""
     up_lp = torch.tensor([[-0.3, -0.4], [-0.2, -9.0]], dtype=D, requires_grad=True)
     up = PolicyLossInput(up_lp, up_lp.detach(), torch.tensor([[1.0, 1.0], [-2.0, -2.0]], dtype=D),
                          torch.tensor([[1, 1], [1, 0]], dtype=torch.bool))
-    # downstream: position 0 is a prompt token (segment of q~): not in the mask, carries no loss
     down_lp = torch.tensor([[-7.0, -0.5, -1.0], [-7.0, -2.0, -3.0]], dtype=D, requires_grad=True)
     down = PolicyLossInput(down_lp, down_lp.detach(), torch.tensor([[1.0] * 3, [-1.0] * 3], dtype=D),
                            torch.tensor([[0, 1, 1], [0, 1, 0]], dtype=torch.bool))
+    return up_lp, up, down_lp, down
+
+
+def test_hand_values_on_policy():
+    up_lp, up, down_lp, down = hand_inputs()
     loss, metrics = skpo_objective(up, down, P, counts(up.mask), counts(down.mask))
     j1 = ((-1.0 - 1.0) / 2 + 2.0) / 2  # ppo at r=1 is -A per token; seq-mean-token-mean
     j2 = (0.5 + 1.0 - 2.0) / 3  # cispo at r=1 is -A log p; token-mean over 3 response tokens
@@ -39,13 +44,8 @@ def test_hand_values_on_policy():
 
 
 def test_token_pool_is_one_token_mean_over_both_phases():
-    # the hand test's tensors; token_pool: (w_up sum_up l + w_down sum_down l) / (N_up + N_down)
-    up_lp = torch.tensor([[-0.3, -0.4], [-0.2, -9.0]], dtype=D, requires_grad=True)
-    up = PolicyLossInput(up_lp, up_lp.detach(), torch.tensor([[1.0, 1.0], [-2.0, -2.0]], dtype=D),
-                         torch.tensor([[1, 1], [1, 0]], dtype=torch.bool))
-    down_lp = torch.tensor([[-7.0, -0.5, -1.0], [-7.0, -2.0, -3.0]], dtype=D, requires_grad=True)
-    down = PolicyLossInput(down_lp, down_lp.detach(), torch.tensor([[1.0] * 3, [-1.0] * 3], dtype=D),
-                           torch.tensor([[0, 1, 1], [0, 1, 0]], dtype=torch.bool))
+    # token_pool: (w_up sum_up l + w_down sum_down l) / (N_up + N_down)
+    up_lp, up, down_lp, down = hand_inputs()
     loss, metrics = skpo_objective(up, down, P, counts(up.mask), counts(down.mask), upstream_agg_mode="token-mean",
                                    w_up=1.0, w_down=1.0, weighting="token_pool")
     up_sum = -1.0 - 1.0 + 2.0  # ppo at r = 1: -A per segment token

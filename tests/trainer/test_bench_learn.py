@@ -179,3 +179,8 @@ def _bypass_curve_of_the_skpo_run(run: Path, out: Path, data: Path, env: dict) -
     other = subprocess.run([*cmd[:-2], "--seed", "1", "--out", str(out)], capture_output=True, text=True, env=env,
                            cwd=ROOT, timeout=120)
     assert other.returncode == 2 and "measured with other settings (seed: 0 there, 1 now)" in other.stderr
+    # the run's checkpoint root names its latest checkpoint, which exports with the config it started from
+    from megatron_skpo.eval import resolve_model
+
+    hf = resolve_model(run / "checkpoints", cache_dir=out / "export")
+    assert json.loads((hf / "config.json").read_text())["vocab_size"] > 0 and (hf / "tokenizer.json").is_file()
