@@ -10,9 +10,10 @@ included), validating avg@k on the held-out set (``data.eval``) before the first
 checkpoint; ``--report`` trains nothing and summarises the finished runs; ``--merge`` takes finished
 runs from an earlier ``results.json`` (a queue split over machines or sessions), and ``--variant`` names
 an ablation (a method with its own overrides) that ``--methods`` can list beside the plain methods.
-The result: ``results.json`` (every curve, final numbers per run, mean and spread per method, each method at the last validated
-step every run reached, sampled tokens a step by phase), ``curves.png`` (held-out avg@k against sampled tokens
-and against steps: mean and the seeds' min-max band per method) and ``table.md``.
+The result: ``results.json`` (every curve, final numbers per run, mean and spread per method, each
+method at the last validated step every run reached, sampled tokens a step by phase), ``curves.png``
+(held-out avg@k against sampled tokens and against steps: mean and the seeds' min-max band per
+method) and ``table.md``.
 
 Methods at equal rows per step: SKPO, GRPO and CISPO sample ``prompts_per_step`` x G rows; SPO
 samples G x as many prompts with one response each; dense MC adds K continuations from M
@@ -94,7 +95,8 @@ def resolve_methods(methods: str, variants: list[Variant]) -> dict[str, Variant]
 
 
 def load_merged(paths: list[str], args) -> dict[str, dict[int, dict]]:
-    """Finished runs from earlier ``results.json`` files, checked against this bench's budget and metric."""
+    """Finished runs from earlier ``results.json`` files, checked against this bench's budget (the
+    validation metric is checked once every run is in, ``run``)."""
     merged: dict[str, dict[int, dict]] = {}
     for path in paths:
         try:
@@ -150,7 +152,8 @@ def run_one(args, variant: Variant, seed: int, run_dir: Path) -> dict:
             proc = subprocess.run([sys.executable, "-m", "megatron_skpo.cli.train", args.recipe, *overrides],
                                   stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         if proc.returncode != 0:
-            raise RuntimeError(f"{variant.name} seed {seed}: skpo-train exited {proc.returncode}; see {run_dir / 'train.log'}")
+            raise RuntimeError(f"{variant.name} seed {seed}: skpo-train exited {proc.returncode}; "
+                               f"see {run_dir / 'train.log'}")
         done.write_text(json.dumps({"seconds": time.perf_counter() - t0}) + "\n")
     return summarize_run(run_dir, json.loads(done.read_text())["seconds"])
 
@@ -306,7 +309,11 @@ def run(args: argparse.Namespace) -> dict:
                   file=sys.stderr, flush=True)
     if not results:
         raise SystemExit(f"skpo-bench learn --report: no finished run of {args.methods} x seeds {args.seeds} under {out}")
-    metric = next(iter(next(iter(results.values())).values()))["metric"]
+    metrics = {r["metric"] for runs in results.values() for r in runs.values()}
+    if len(metrics) > 1:  # a merged file validated with another k
+        raise SystemExit(f"skpo-bench learn: the runs were validated with different metrics {sorted(metrics)}; "
+                         "merge only runs of the same validation.k")
+    metric = metrics.pop()
     agg = aggregate(results)
     step = common_step(results)
     equal = at_step(results, step) if step else None

@@ -105,6 +105,11 @@ def test_merge_takes_an_earlier_machines_runs(tmp_path, capsys):
     assert grpo["0"]["final"] == committed["runs"]["grpo"]["0"]["final"]
     table = (tmp_path / "out" / "table.md").read_text()
     assert f"Taken from {earlier} (--merge): skpo seed 0, skpo seed 1, grpo seed 0." in table
+    other_k = tmp_path / "avg16.json"
+    other_k.write_text(json.dumps({**committed, "runs": {"grpo": {"0": {**committed["runs"]["grpo"]["0"],
+                                                                      "metric": "val/avg@16"}}}}))
+    with pytest.raises(SystemExit, match="different metrics"):  # its seed 0 beside this machine's seed 1
+        run(_args(tmp_path, merge=[str(other_k)], methods="grpo", seeds="0,1"))
     with pytest.raises(SystemExit, match="token_budget is 40000"):
         run(_args(tmp_path, merge=[str(earlier)], token_budget=16_000))
     bad = tmp_path / "bad.json"

@@ -5,8 +5,9 @@ Per prompt q (docs/algorithm.md §6):
 
 1. G - 1 initial responses from q's prompt (rows ``single``);
 2. each is graded by a reward pool (the grader is bound by the trainer, ``stages.bind_grader``, or
-   in a rollout worker by the worker, with its own pool: ``worker._bind_local_grader``) and critiqued (:func:`critique_text`): ``simple``
-   says whether it is correct, ``simple_gt`` also gives the gold answer when it is not;
+   in a rollout worker by the worker, with its own pool: ``worker._bind_local_grader``) and
+   critiqued (:func:`critique_text`): ``simple`` says whether it is correct, ``simple_gt`` also
+   gives the gold answer when it is not;
 3. one refinement per initial response, sampled from the refinement prompt: the template's request
    (:data:`~megatron_skpo.data.prompts.CHAT_REFINE`, or ``algo.critique.template``) with the problem,
    the response and the critique, in the prompt's problem slot;
