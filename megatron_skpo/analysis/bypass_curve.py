@@ -115,16 +115,17 @@ def run_bypass_curve(run_dir: Path, out: Path, spec: RunSpec, *, group_size: int
     from megatron_skpo.eval import resolve_model
 
     shortcut_fn = shortcut_fn or shortcut.run_shortcut
-    points = [(0, Path(spec.base_model))] + checkpoints(spec.checkpoint_root)
+    saved = checkpoints(spec.checkpoint_root)
+    if not saved:
+        raise AnalysisError(f"--run {run_dir}: no complete checkpoint under {spec.checkpoint_root}; train with "
+                            "checkpoint.save_interval > 0 and checkpoint.keep_last large enough to keep them")
+    points = [(0, Path(spec.base_model))] + saved
     if steps is not None:
         unknown = sorted(set(steps) - {s for s, _ in points})
         if unknown:
             raise AnalysisError(f"--steps {unknown}: no such checkpoint under {spec.checkpoint_root} "
                                 f"(have {[s for s, _ in points]})")
         points = [(s, p) for s, p in points if s in steps]
-    if len(points) < 2:
-        raise AnalysisError(f"--run {run_dir}: no complete checkpoint under {spec.checkpoint_root}; train with "
-                            "checkpoint.save_interval > 0 and checkpoint.keep_last large enough to keep them")
     settings = {"group_size": group_size, "positions": positions, "skip_text": spec.skip_text,
                 "extractors": list(spec.extractors), "base_model": spec.base_model}
     curve = BypassCurve(str(run_dir), settings)

@@ -44,3 +44,12 @@ def test_wrong_runs_are_named(tmp_path):
     (bare / "checkpoints" / "step_00000004").mkdir(parents=True)  # partial: no COMPLETE marker
     with pytest.raises(AnalysisError, match="no complete checkpoint"):
         run_bypass_curve(bare, tmp_path / "out", run_spec(bare))
+
+
+def test_steps_must_name_saved_checkpoints(tmp_path):
+    run = write_run(tmp_path / "run", "configs/demo_cpu.yaml")
+    step = run / "checkpoints" / "step_00000004"
+    (step / "model").mkdir(parents=True)
+    (step / "COMPLETE").write_text("{}")
+    with pytest.raises(AnalysisError, match=r"--steps \[8\]: no such checkpoint .*have \[0, 4\]"):
+        run_bypass_curve(run, tmp_path / "out", run_spec(run), steps=[4, 8])
