@@ -247,6 +247,21 @@ def markdown(agg: dict[str, dict], metric: str, budget: int, step: int = 0,
     return "\n".join(lines) + "\n" + ("\n" + phase_line(agg) if phase_line(agg) else "")
 
 
+def run_table(results: dict[str, dict[int, dict]], step: int = 0) -> str:
+    """One row per run: start, the value at the equal step (if any), final, steps, tokens a step, and
+    where a merged run came from."""
+    col, sep = (f" at step {step} |", "---:|") if step else ("", "")
+    lines = ["", "Per run (%; from: this --out, or the --merge file the run came from):", "",
+             f"| method | seed | start |{col} final | steps | tokens/step | from |",
+             f"|---|---:|---:|{sep}---:|---:|---:|---|"]
+    for method, runs in results.items():
+        for seed, r in sorted(runs.items()):
+            at = f" {100 * dict(map(tuple, r['curve_steps']))[step]:.1f} |" if step else ""
+            lines.append(f"| {method} | {seed} | {100 * r['start']:.1f} |{at} {100 * r['final']:.1f} | {r['steps']} | "
+                         f"{r['tokens_per_step']:,.0f} | {Path(r['merged_from']).name if 'merged_from' in r else 'this'} |")
+    return "\n".join(lines) + "\n"
+
+
 def merged_line(results: dict[str, dict[int, dict]]) -> str:
     """Which runs came from ``--merge`` files (empty if none): a note under the table."""
     by_file: dict[str, list[str]] = {}
@@ -326,6 +341,7 @@ def run(args: argparse.Namespace) -> dict:
                "at_equal_step": {m: {"mean": v[0], "std": v[1]} for m, v in (equal or {}).items()},
                "runs": {m: {str(s): r for s, r in rs.items()} for m, rs in results.items()}}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "table.md").write_text(markdown(agg, metric, args.token_budget, step, equal) + merged_line(results))
+    (out / "table.md").write_text(markdown(agg, metric, args.token_budget, step, equal) + run_table(results, step)
+                                  + merged_line(results))
     plot(results, metric, out / "curves.png")
     return {k: v for k, v in summary.items() if k != "runs"}
