@@ -87,7 +87,7 @@ def _args(tmp_path, **kw):
 
 
 def test_merge_takes_an_earlier_machines_runs(tmp_path, capsys):
-    earlier = ROOT / "docs" / "results" / "learn40k" / "results.json"
+    earlier = ROOT / "docs" / "results" / "learn40k" / "results_xeon.json"  # seeds 0, 1 of the first machine
     committed = json.loads(earlier.read_text())
     # seed 1 of GRPO finished here: it wins over the merged file's
     here = tmp_path / "out" / "grpo" / "seed1"
@@ -105,7 +105,7 @@ def test_merge_takes_an_earlier_machines_runs(tmp_path, capsys):
     assert grpo["0"]["final"] == committed["runs"]["grpo"]["0"]["final"]
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| grpo | 1 | 25.0 | 50.0 | 1 | 1,000 | this |" in table and "| skpo | 0 | 35.4 | 37.9 | 19 | 2,123 | " \
-        "results.json |" in table  # no equal step here: seed 1 of GRPO validated at steps 0 and 1 only
+        "results_xeon.json |" in table  # no equal step here: seed 1 of GRPO validated at steps 0 and 1 only
     assert f"Taken from {earlier} (--merge): skpo seed 0, skpo seed 1, grpo seed 0." in table
     other_k = tmp_path / "avg16.json"
     other_k.write_text(json.dumps({**committed, "runs": {"grpo": {"0": {**committed["runs"]["grpo"]["0"],
