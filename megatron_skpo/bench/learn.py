@@ -114,6 +114,25 @@ def load_merged(paths: list[str], args) -> dict[str, dict[int, dict]]:
     return merged
 
 
+def shared_overrides(args, method: str) -> list[str]:
+    """The overrides for every run that apply to ``method``: G is the group methods' knob; SPO's G is 1
+    by definition (it samples G x the prompts instead)."""
+    return [o for o in args.overrides if not (method == "spo" and o.startswith("algo.group_size="))]
+
+
+def check_configs(args, variants) -> None:
+    """Every method's and variant's config loads, before the first run: a bad override or algo name
+    fails now, not after the hours of runs queued before it."""
+    from megatron_skpo.config import ConfigError, load_config
+
+    for v in variants:
+        try:
+            load_config(args.recipe, [f"model.hf_path={args.model}", *shared_overrides(args, v.method),
+                                      f"algo.name={v.method}", *v.overrides])
+        except ConfigError as e:
+            raise SystemExit(f"skpo-bench learn: {v.name}: {e}") from None
+
+
 def method_overrides(method: str, args, prompts_per_step: int, group_size: int) -> list[str]:
     """``algo.name`` and what equal rows per step need for ``method``."""
     out = [f"algo.name={method}"]
@@ -131,8 +150,7 @@ def run_one(args, variant: Variant, seed: int, run_dir: Path) -> dict:
 
     method = variant.method
     base = load_config(args.recipe, [f"model.hf_path={args.model}", *args.overrides, *variant.overrides])
-    # G is the group methods' knob; SPO's G is 1 by definition (it samples G x the prompts instead)
-    extra = [o for o in args.overrides if not (method == "spo" and o.startswith("algo.group_size="))]
+    extra = shared_overrides(args, method)
     # absolute paths: skpo-train runs in the package root, not in the caller's working directory
     run_dir, model = run_dir.resolve(), Path(args.model).resolve()
     overrides = [f"model.hf_path={model}", f"logging.dir={run_dir}", f"train.seed={seed}",
@@ -308,6 +326,7 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     methods, seeds = resolve_methods(args.methods, args.variant), [int(s) for s in args.seeds.split(",")]
     merged = load_merged(args.merge, args)
+    check_configs(args, methods.values())
     results: dict[str, dict[int, dict]] = {}
     for seed in seeds:  # seed-major: every method has a first seed early
         for method, variant in methods.items():

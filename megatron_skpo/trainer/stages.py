@@ -105,8 +105,7 @@ def bind_grader(run: Run) -> None:
         if missing:  # before the first step, not hours in
             raise ValueError(f"algo.critique.critique=simple_gt gives the gold answer in the critique, but problem "
                              f"{missing[0]} of data.train has none (check data.train.answer_field, or use simple)")
-        sampler.grader = Grader(lambda texts, keys: run.pool.evaluate(texts, [refs[k] for k in keys])[1],
-                                lambda key: refs[key].answer)
+        sampler.grader = Grader.over(run.pool, refs)
 
 
 def sample_prompts(run: Run, step: int) -> list[PromptItem]:

@@ -150,8 +150,7 @@ def _bind_local_grader(sampler, cfg, stack: contextlib.ExitStack) -> Optional[di
 
     pool = stack.enter_context(RewardPool.from_config(cfg.reward))
     refs: dict = {}
-    sampler.grader = Grader(lambda texts, keys: pool.evaluate(texts, [refs[k] for k in keys])[1],
-                            lambda key: refs[key].answer)
+    sampler.grader = Grader.over(pool, refs)
     return refs
 
 

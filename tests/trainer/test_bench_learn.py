@@ -76,6 +76,13 @@ def test_variant_names_an_ablation():
             parse_variant(bad)
 
 
+def test_a_bad_variant_fails_before_the_first_run(tmp_path):
+    bad = parse_variant("skpo_bad=skpo:algo.skpo.w_up=-1")
+    with pytest.raises(SystemExit, match="skpo_bad: .*w_up"):
+        run(_args(tmp_path, methods="grpo,skpo_bad", variant=[bad], report=False))
+    assert not (tmp_path / "out" / "grpo").exists()  # nothing trained
+
+
 def _args(tmp_path, **kw):
     model = tmp_path / "model"
     model.mkdir(exist_ok=True)

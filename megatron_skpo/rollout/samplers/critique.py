@@ -43,6 +43,11 @@ class Grader:
     verdicts: Callable[[Sequence[str], Sequence[Hashable]], list[bool]]  # (texts, prompt keys) -> correct?
     answer: Callable[[Hashable], str]  # prompt key -> its gold answer (``simple_gt``)
 
+    @classmethod
+    def over(cls, pool, refs) -> "Grader":
+        """Grading through a reward pool, with ``refs[key]`` the prompt's reference (read at each call)."""
+        return cls(lambda texts, keys: pool.evaluate(texts, [refs[k] for k in keys])[1], lambda key: refs[key].answer)
+
 
 def critique_text(correct: bool, kind: str, answer: str = "") -> str:
     """The critique of one response: ``simple`` (correct / incorrect) or ``simple_gt`` (with the gold answer)."""
